@@ -1,0 +1,272 @@
+"""Readers of the CoOp benchmark datasets (and ImageNet's shifted test sets) in CoOp's layout under data.root."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+from promptlearn.data.base import DatasetSplits, Item
+from promptlearn.data.generic_readers import (
+    CLASSNAMES_FILE,
+    SPLITS,
+    ClassFolder,
+    absolute,
+    check_images_exist,
+    classnames_from_labels,
+    present_classes,
+    read_class_folders,
+    read_text_lines,
+    readable_classname,
+)
+from promptlearn.data.registry import register_dataset
+from promptlearn.errors import DataError
+
+if TYPE_CHECKING:
+    from promptlearn.config import DataConfig
+
+# (path relative to the image folder, label, class name)
+SplitEntry = tuple[str, int, str]
+
+
+def require_layout(data_root: str, folder: str, parts: Sequence[str], dataset: str) -> str:
+    """The absolute dataset folder `data_root/folder`, after checking that it and each of its `parts` exist."""
+    root = absolute(data_root)
+    base = os.path.join(root, folder)
+    expected = ", ".join(os.path.join(base, part) for part in parts)
+    if not os.path.isdir(root):
+        raise DataError(
+            f"{dataset}: data root {root} does not exist; set data.root to the folder that holds the "
+            f"dataset folders (expected {expected})"
+        )
+    for path in [base, *(os.path.join(base, part) for part in parts)]:
+        if not os.path.exists(path):
+            raise DataError(f"{dataset}: {path} does not exist; expected CoOp's layout: {expected}")
+    return base
+
+
+def read_wnid_classnames(path: str) -> dict[str, str]:
+    """{wnid: class name} in file order from lines "<wnid> <class name>"."""
+    names: dict[str, str] = {}
+    for number, line in read_text_lines(path):
+        parts = line.split(maxsplit=1)
+        if len(parts) < 2:
+            raise DataError(f"{path}, line {number}: expected '<wnid> <class name>', got {line!r}")
+        wnid, name = parts
+        if wnid in names:
+            raise DataError(f"{path}, line {number}: {wnid} is listed twice; list each class once")
+        names[wnid] = name
+    if not names:
+        raise DataError(f"{path} lists no classes; copy ImageNet's classnames.txt ('<wnid> <class name>' lines) there")
+    return names
+
+
+# ----------------------------------------------------------------------------- split_zhou_*.json datasets
+
+EUROSAT_CLASSNAMES = {
+    "AnnualCrop": "Annual Crop Land",
+    "Forest": "Forest",
+    "HerbaceousVegetation": "Herbaceous Vegetation Land",
+    "Highway": "Highway or Road",
+    "Industrial": "Industrial Buildings",
+    "Pasture": "Pasture Land",
+    "PermanentCrop": "Permanent Crop Land",
+    "Residential": "Residential Buildings",
+    "River": "River",
+    "SeaLake": "Sea or Lake",
+}
+
+
+@dataclass(frozen=True)
+class SplitFileDataset:
+    """A dataset whose train/val/test items CoOp lists in a split_zhou_*.json file."""
+
+    name: str  # registry name
+    folder: str  # dataset folder under data.root
+    image_dir: str  # folder the split's paths are relative to, inside `folder` ("": `folder` itself)
+    split_file: str  # inside `folder`
+    rename: Mapping[str, str] = field(default_factory=dict)  # raw class name -> readable one
+
+
+SPLIT_FILE_DATASETS = (
+    SplitFileDataset("caltech101", "caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json"),
+    SplitFileDataset("oxford_pets", "oxford_pets", "images", "split_zhou_OxfordPets.json"),
+    SplitFileDataset("stanford_cars", "stanford_cars", "", "split_zhou_StanfordCars.json"),
+    SplitFileDataset("oxford_flowers", "oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json"),
+    SplitFileDataset("food101", "food-101", "images", "split_zhou_Food101.json"),
+    SplitFileDataset("sun397", "sun397", "SUN397", "split_zhou_SUN397.json"),
+    SplitFileDataset("dtd", "dtd", "images", "split_zhou_DescribableTextures.json"),
+    SplitFileDataset("eurosat", "eurosat", "2750", "split_zhou_EuroSAT.json", EUROSAT_CLASSNAMES),
+    SplitFileDataset("ucf101", "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json"),
+)
+
+
+def read_split_file_dataset(spec: SplitFileDataset, cfg: "DataConfig") -> DatasetSplits:
+    """One of CoOp's datasets from its image folder and split_zhou_*.json file."""
+    base = require_layout(cfg.root, spec.folder, [p for p in (spec.image_dir, spec.split_file) if p], spec.name)
+    split_path = os.path.join(base, spec.split_file)
+    image_dir = os.path.join(base, spec.image_dir)
+    entries = {
+        split: [(path, label, readable_classname(spec.rename.get(name, name))) for path, label, name in rows]
+        for split, rows in read_split_file(split_path).items()
+    }
+    classnames = classnames_from_labels(
+        ((label, name, f"{split}[{index}]") for split, rows in entries.items()
+         for index, (_, label, name) in enumerate(rows)),
+        split_path,
+    )
+    splits = {
+        split: [Item(os.path.normpath(os.path.join(image_dir, path)), label, name) for path, label, name in rows]
+        for split, rows in entries.items()
+    }
+    check_images_exist(
+        [item.path for items in splits.values() for item in items], split_path,
+        f"its paths are relative to {image_dir}; check that the dataset's images were extracted there",
+    )
+    return DatasetSplits(spec.name, classnames, **splits)
+
+
+def read_split_file(path: str) -> dict[str, list[SplitEntry]]:
+    """The entries of a split_zhou_*.json file by split; "val" may be absent."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"split file {path} is not valid JSON ({e.msg} at line {e.lineno}); download it again"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read split file {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"split file {path} must hold a JSON object with train, val and test lists")
+    for split in ("train", "test"):
+        if split not in data:
+            raise DataError(f"split file {path} has no {split!r} key; expected keys train, val, test")
+    return {split: split_entries(data.get(split, []), split, path) for split in SPLITS}
+
+
+def split_entries(rows: object, split: str, path: str) -> list[SplitEntry]:
+    """The checked [relative_path, label, classname] entries of one split."""
+    if not isinstance(rows, list):
+        raise DataError(f"split file {path}: {split!r} must be a list of [relative_path, label, classname]")
+    for index, row in enumerate(rows):
+        valid = (
+            isinstance(row, list) and len(row) == 3 and isinstance(row[0], str)
+            and isinstance(row[1], int) and not isinstance(row[1], bool) and isinstance(row[2], str)
+        )
+        if not valid:
+            raise DataError(
+                f"split file {path}: {split}[{index}] is {row!r}; expected [relative_path, integer label, classname]"
+            )
+    return [tuple(row) for row in rows]
+
+
+for _spec in SPLIT_FILE_DATASETS:
+    register_dataset(_spec.name)(partial(read_split_file_dataset, _spec))
+
+
+# ----------------------------------------------------------------------------- ImageNet
+
+@register_dataset("imagenet")
+def read_imagenet(cfg: "DataConfig") -> DatasetSplits:
+    """ImageNet: images/train/<wnid>/ and images/val/<wnid>/ (the test set); labels in classnames.txt order."""
+    base = require_layout(cfg.root, "imagenet", ["images/train", "images/val", CLASSNAMES_FILE], "imagenet")
+    listing = os.path.join(base, CLASSNAMES_FILE)
+    classes = [(wnid, label, name) for label, (wnid, name) in enumerate(read_wnid_classnames(listing).items())]
+    return DatasetSplits(
+        "imagenet",
+        [name for _, _, name in classes],
+        train=read_class_folders(os.path.join(base, "images", "train"), classes, listing),
+        test=read_class_folders(os.path.join(base, "images", "val"), classes, listing),
+    )
+
+
+@dataclass(frozen=True)
+class ImageNetVariant:
+    """A test-only shifted ImageNet set with a copy of ImageNet's classnames.txt in its folder."""
+
+    name: str  # registry name
+    folder: str  # dataset folder under data.root
+    image_dir: str  # the folder of class folders, inside `folder`
+    folders_by_label: bool = False  # class folders named 0..999 instead of by wnid
+    present_classes_only: bool = False  # 200-class subsets: only the wnids that have a folder
+
+
+IMAGENET_VARIANTS = (
+    ImageNetVariant("imagenet_v2", "imagenetv2", "imagenetv2-matched-frequency-format-val", folders_by_label=True),
+    ImageNetVariant("imagenet_sketch", "imagenet-sketch", "images"),
+    ImageNetVariant("imagenet_a", "imagenet-adversarial", "imagenet-a", present_classes_only=True),
+    ImageNetVariant("imagenet_r", "imagenet-rendition", "imagenet-r", present_classes_only=True),
+)
+
+
+def read_imagenet_variant(spec: ImageNetVariant, cfg: "DataConfig") -> DatasetSplits:
+    base = require_layout(cfg.root, spec.folder, [spec.image_dir, CLASSNAMES_FILE], spec.name)
+    listing = os.path.join(base, CLASSNAMES_FILE)
+    image_dir = os.path.join(base, spec.image_dir)
+    classes = variant_classes(spec, read_wnid_classnames(listing), image_dir)
+    test = read_class_folders(image_dir, classes, listing)
+    return DatasetSplits(spec.name, [name for _, _, name in classes], test=test)
+
+
+def variant_classes(spec: ImageNetVariant, wnid_names: dict[str, str], image_dir: str) -> list[ClassFolder]:
+    """The variant's classes, labelled in classnames.txt order (restricted to the present ones for -A and -R)."""
+    if spec.folders_by_label:
+        return [(str(label), label, name) for label, name in enumerate(wnid_names.values())]
+    classes = [(wnid, label, name) for label, (wnid, name) in enumerate(wnid_names.items())]
+    if spec.present_classes_only:  # relabel the present classes 0..n-1, keeping classnames.txt order
+        classes = [(wnid, label, name) for label, (wnid, _, name) in enumerate(present_classes(image_dir, classes))]
+    return classes
+
+
+for _variant in IMAGENET_VARIANTS:
+    register_dataset(_variant.name)(partial(read_imagenet_variant, _variant))
+
+
+# ----------------------------------------------------------------------------- FGVCAircraft
+
+@register_dataset("fgvc_aircraft")
+def read_fgvc_aircraft(cfg: "DataConfig") -> DatasetSplits:
+    """FGVCAircraft: images/<id>.jpg, variants.txt (labels in line order), images_variant_<split>.txt."""
+    split_files = {split: f"images_variant_{split}.txt" for split in SPLITS}
+    base = require_layout(cfg.root, "fgvc_aircraft", ["images", "variants.txt", *split_files.values()], "fgvc_aircraft")
+    classnames = read_variants(os.path.join(base, "variants.txt"))
+    image_dir = os.path.join(base, "images")
+    splits = {
+        split: read_fgvc_split(os.path.join(base, file), image_dir, classnames)
+        for split, file in split_files.items()
+    }
+    return DatasetSplits("fgvc_aircraft", classnames, **splits)
+
+
+def read_variants(path: str) -> list[str]:
+    """The class names of variants.txt, one a line."""
+    classnames: list[str] = []
+    for number, name in read_text_lines(path):
+        if name in classnames:
+            raise DataError(f"{path}, line {number}: variant {name!r} is listed twice; list each variant once")
+        classnames.append(name)
+    if not classnames:
+        raise DataError(f"{path} lists no variants; expected one class name a line")
+    return classnames
+
+
+def read_fgvc_split(path: str, image_dir: str, classnames: list[str]) -> list[Item]:
+    """Items of an images_variant_<split>.txt file, lines "<image id> <variant name>"."""
+    label_of = {name: label for label, name in enumerate(classnames)}
+    variants_file = os.path.join(os.path.dirname(path), "variants.txt")
+    items: list[Item] = []
+    for number, line in read_text_lines(path):
+        image_id, _, variant = line.partition(" ")
+        variant = variant.strip()
+        if variant not in label_of:
+            raise DataError(
+                f"{path}, line {number}: variant {variant!r} is not in {variants_file}; "
+                f"expected '<image id> <variant name>' with a listed variant"
+            )
+        items.append(Item(os.path.join(image_dir, f"{image_id}.jpg"), label_of[variant], variant))
+    check_images_exist(
+        [item.path for item in items], path, f"expected the images as {image_dir}/<image id>.jpg"
+    )
+    return items
