@@ -45,7 +45,7 @@ class DataConfig:
 
 @dataclass
 class CoOpConfig:
-    n_ctx: Optional[int] = 16  # context length M; with ctx_init it is the phrase's token count
+    n_ctx: Optional[int] = None  # context length M (16 when unset); with ctx_init, the phrase's token count
     ctx_init: str = ""  # e.g. "a photo of a"; empty: random normal init, std 0.02
     class_specific: bool = False  # one context per class (CSC)
     class_position: str = "end"  # end | middle | front
@@ -82,6 +82,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     methods: list[str] = field(default_factory=lambda: ["zeroshot", "linear_probe", "coop"])
     output_dir: str = "output/run"
+    cache_dir: str = "~/.cache/promptlearn/features"  # frozen-feature cache shared by runs; "none" disables
 
 
 PROTOCOL_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}

@@ -1,0 +1,157 @@
+"""A frozen CLIP backbone from any open_clip model: features, tokenizer, preprocessing, logit scale."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from promptlearn.config import BackboneConfig
+from promptlearn.errors import PromptlearnError, unknown_name_message
+from promptlearn.text_tower import TextTower
+from promptlearn.tokens import PromptTokenizer
+
+log = logging.getLogger("promptlearn")
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(MODEL_CONFIG_DIR)  # the tiny test models: tiny-clip, tiny-rn-clip, ...
+
+EVA_LOGIT_SCALE = 100.0  # EVA-CLIP convention for checkpoints with a missing or infinite scale
+RANDOM_WEIGHTS_WARNING = (
+    "\n" + "!" * 78 + "\n"
+    "!! backbone {model!r} has RANDOM weights (pretrained=none): every accuracy it gives is\n"
+    "!! meaningless. Use an open_clip tag (e.g. --pretrained openai) or a checkpoint path for real numbers.\n"
+    + "!" * 78
+)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PromptlearnError(f"backbone.device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PromptlearnError(f"backbone.device is {name!r} but no CUDA GPU is available; use auto or cpu")
+    return device
+
+
+class FrozenCLIP:
+    """An open_clip model in eval mode with no gradients, and what the methods need from it."""
+
+    def __init__(self, model, tokenizer, preprocess, cfg: BackboneConfig, device: torch.device):
+        self.model = model.eval().requires_grad_(False)
+        self.cfg = cfg
+        self.name, self.pretrained = cfg.model, cfg.pretrained
+        self.device = device
+        self.preprocess = preprocess  # the backbone's own evaluation transform
+        self.text = TextTower(model)
+        self.tokenizer = PromptTokenizer(tokenizer, self.text.context_length)
+        pp = model.visual.preprocess_cfg
+        size = pp["size"]
+        self.image_size: int = size if isinstance(size, int) else size[0]
+        self.image_mean: tuple = tuple(pp["mean"])
+        self.image_std: tuple = tuple(pp["std"])
+        self.logit_scale = self._logit_scale(model, cfg)
+        bias = getattr(model, "logit_bias", None)
+        self.logit_bias = float(bias.item()) if bias is not None else 0.0  # SigLIP; ranking unchanged
+        self.precision = cfg.precision if device.type == "cuda" else "fp32"
+        if cfg.precision != "fp32" and device.type != "cuda":
+            log.warning("backbone.precision=%s needs a GPU; running fp32 on the CPU", cfg.precision)
+
+    @staticmethod
+    def _logit_scale(model, cfg: BackboneConfig) -> float:
+        if cfg.logit_scale is not None:
+            return float(cfg.logit_scale)
+        param = getattr(model, "logit_scale", None)
+        scale = float(param.exp().item()) if param is not None else float("nan")
+        if not math.isfinite(scale):
+            log.warning("logit scale of %s is %s; using %g (EVA-CLIP convention). Set "
+                        "backbone.logit_scale to override.", cfg.model, scale, EVA_LOGIT_SCALE)
+            return EVA_LOGIT_SCALE
+        return scale
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.visual.output_dim)
+
+    def autocast(self):
+        """bf16 / fp16 autocast on GPU; a no-op in fp32 and on the CPU."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type="cuda", dtype=dtype)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised fp32 image features."""
+        with self.autocast():
+            features = self.model.encode_image(images.to(self.device, non_blocking=True))
+        return F.normalize(features.float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """L2-normalised fp32 text features of sentences, through open_clip's own encode_text."""
+        out = []
+        for i in range(0, len(texts), batch_size):
+            ids = self.tokenizer(texts[i:i + batch_size]).to(self.device)
+            with self.autocast():
+                out.append(self.model.encode_text(ids).float())
+        return F.normalize(torch.cat(out), dim=-1)
+
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale * image_features @ text_features.t() + self.logit_bias
+
+
+def _resolve_pretrained(cfg: BackboneConfig) -> str | None:
+    tag = cfg.pretrained.strip()
+    if tag.lower() in ("", "none", "null", "random"):
+        log.warning(RANDOM_WEIGHTS_WARNING.format(model=cfg.model))
+        return None
+    if Path(tag).expanduser().is_file():
+        return str(Path(tag).expanduser())
+    tags = open_clip.list_pretrained_tags_by_model(cfg.model)
+    if tag not in tags:
+        looks_like_path = "/" in tag or tag.endswith((".pt", ".pth", ".bin", ".safetensors"))
+        what = f"the checkpoint file {tag} does not exist" if looks_like_path else \
+            f"{tag!r} is not an open_clip pretrained tag for {cfg.model}"
+        known = f" Known tags: {', '.join(tags)}." if tags else f" open_clip has no pretrained tags for {cfg.model}."
+        raise PromptlearnError(f"{what}.{known} Pass a tag, a local checkpoint path, or none (random weights).")
+    return tag
+
+
+def check_model_name(name: str) -> None:
+    if name.startswith(("hf-hub:", "local-dir:")) or name in open_clip.list_models():
+        return
+    raise PromptlearnError(unknown_name_message("open_clip model", name, open_clip.list_models()))
+
+
+def load_backbone(cfg: BackboneConfig) -> FrozenCLIP:
+    check_model_name(cfg.model)
+    pretrained = _resolve_pretrained(cfg)
+    device = resolve_device(cfg.device)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            cfg.model, pretrained=pretrained, device=device, cache_dir=cfg.cache_dir)
+    except Exception as e:  # open_clip raises RuntimeError/OSError/HF errors for download and load faults
+        if pretrained and Path(pretrained).is_file():
+            raise PromptlearnError(
+                f"could not load the checkpoint {pretrained} into {cfg.model}: {e}. Check that the file is "
+                "an open_clip/OpenAI CLIP checkpoint of this architecture and not truncated.") from None
+        raise PromptlearnError(
+            f"could not load {cfg.model} with pretrained={cfg.pretrained!r}: {e}. If this machine is offline, "
+            "download the weights elsewhere and pass the file with --pretrained PATH, point "
+            "backbone.cache_dir at a cache that holds them, or use --pretrained none for random weights.") from None
+    try:
+        tokenizer = open_clip.get_tokenizer(cfg.model, cache_dir=cfg.cache_dir)
+    except Exception as e:
+        raise PromptlearnError(
+            f"the tokenizer of {cfg.model} could not be loaded ({type(e).__name__}: {e}). SigLIP and other "
+            "Hugging Face tokenizers need the model hub or its local cache (set HF_HOME); the open_clip BPE "
+            "models work offline.") from None
+    return FrozenCLIP(model, tokenizer, preprocess, cfg, device)
