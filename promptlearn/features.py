@@ -1,0 +1,171 @@
+"""Frozen image features: extracted once per (backbone, weights, dataset split, transform, pass),
+cached on disk, and shared by every method that trains or fits on top of a frozen image encoder."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from promptlearn.backbone import FrozenCLIP
+from promptlearn.data.base import DatasetSplits, Item
+from promptlearn.data.fewshot import FewShotSplit
+from promptlearn.data.loader import ImageItems, image_loader
+from promptlearn.data.transforms import eval_transform, train_transform
+from promptlearn.errors import DataError
+from promptlearn.io import atomic_write_bytes
+
+log = logging.getLogger("promptlearn")
+
+
+@dataclass
+class SplitFeatures:
+    features: torch.Tensor  # [N, D] L2-normalised, fp32, CPU
+    labels: torch.Tensor  # [N]
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def extract_features(backbone: FrozenCLIP, items: list[Item], transform, *, batch_size: int,
+                     num_workers: int, skip_bad: bool, aug_seed: tuple[int, int] | None = None,
+                     desc: str = "features") -> SplitFeatures:
+    loader = image_loader(ImageItems(items, transform, aug_seed), batch_size, num_workers, backbone.device)
+    features, indices, skipped = [], [], []
+    for images, _, batch_indices, bad in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        if bad and not skip_bad:
+            raise DataError(bad[0].message)
+        skipped.extend(bad)
+        if images is not None:
+            features.append(backbone.encode_images(images).cpu())
+            indices.append(batch_indices)
+    if skipped:
+        log.warning("%s: skipped %d unreadable images (data.skip_bad_images=true), e.g. %s",
+                    desc, len(skipped), skipped[0].message)
+    if not features:
+        raise DataError(f"{desc}: none of the {len(items)} images could be read")
+    kept = torch.cat(indices).tolist()
+    return SplitFeatures(torch.cat(features), torch.tensor([items[i].label for i in kept]),
+                         [items[i].path for i in kept])
+
+
+class FeatureCache:
+    """Feature files keyed by everything that changes them; written atomically with a checksum."""
+
+    def __init__(self, folder: str | Path | None):
+        self.folder = Path(folder).expanduser() if folder else None
+
+    @classmethod
+    def from_setting(cls, setting: str) -> "FeatureCache":
+        return cls(None if setting.strip().lower() in ("", "none") else setting)
+
+    @staticmethod
+    def key(backbone: FrozenCLIP, items: list[Item], transform, aug_seed, skip_bad: bool) -> str:
+        weights = backbone.pretrained
+        if os.path.isfile(weights):  # a local file: its identity is its path, size and time
+            st = os.stat(weights)
+            weights = f"{os.path.abspath(weights)}:{st.st_size}:{st.st_mtime_ns}"
+        listing = hashlib.sha256("\n".join(f"{it.path}\t{it.label}" for it in items).encode()).hexdigest()
+        desc = {"model": backbone.name, "weights": weights, "items": listing, "transform": repr(transform),
+                "aug_seed": aug_seed, "skip_bad": skip_bad, "precision": backbone.precision}
+        return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32]
+
+    def get_or_compute(self, key: str, compute: Callable[[], SplitFeatures]) -> SplitFeatures:
+        if self.folder is None:
+            return compute()
+        path = self.folder / f"{key}.pt"
+        if path.is_file():
+            cached = self._read(path)
+            if cached is not None:
+                return cached
+        result = compute()
+        payload = {"features": result.features, "labels": result.labels, "paths": result.paths,
+                   "checksum": _checksum(result.features)}
+        atomic_write_bytes(path, lambda f: torch.save(payload, f))
+        return result
+
+    @staticmethod
+    def _read(path: Path) -> SplitFeatures | None:
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            if payload["checksum"] == _checksum(payload["features"]):
+                return SplitFeatures(payload["features"], payload["labels"], list(payload["paths"]))
+        except Exception:  # any unreadable cache file is recomputed, never trusted
+            pass
+        log.warning("feature cache %s is damaged; extracting again", path)
+        return None
+
+
+def _checksum(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+class FeatureBank:
+    """Features of one few-shot draw: plain train / val / test, and augmented training passes."""
+
+    def __init__(self, backbone: FrozenCLIP, dataset: DatasetSplits, fewshot: FewShotSplit, *,
+                 cache: FeatureCache, batch_size: int, num_workers: int, skip_bad: bool, seed: int):
+        self.backbone, self.dataset, self.fewshot, self.cache = backbone, dataset, fewshot, cache
+        self.batch_size, self.num_workers, self.skip_bad, self.seed = batch_size, num_workers, skip_bad, seed
+        self._passes: dict[tuple[int, bool], SplitFeatures] = {}
+
+    def _features(self, items: list[Item], transform, aug_seed, desc: str, cached: bool = True) -> SplitFeatures:
+        def compute() -> SplitFeatures:
+            return extract_features(self.backbone, items, transform, batch_size=self.batch_size,
+                                    num_workers=self.num_workers, skip_bad=self.skip_bad,
+                                    aug_seed=aug_seed, desc=desc)
+        if not cached:
+            return compute()
+        return self.cache.get_or_compute(FeatureCache.key(self.backbone, items, transform, aug_seed,
+                                                          self.skip_bad), compute)
+
+    @cached_property
+    def train(self) -> SplitFeatures:
+        return self._features(self.fewshot.train, eval_transform(self.backbone), None, "train features")
+
+    @cached_property
+    def val(self) -> SplitFeatures:
+        return self._features(self.fewshot.val, eval_transform(self.backbone), None, "val features")
+
+    @cached_property
+    def test(self) -> SplitFeatures:
+        return self._features(self.dataset.test, eval_transform(self.backbone), None, "test features")
+
+    def train_pass(self, index: int, augment: bool, cached: bool = True) -> SplitFeatures:
+        """Training features of augmented pass `index` (a fresh seeded crop and flip per image)."""
+        if not augment:
+            return self.train
+        if not cached:
+            return self._features(self.fewshot.train, train_transform(self.backbone), (self.seed, index),
+                                  f"train pass {index}", cached=False)
+        if (index, augment) not in self._passes:
+            self._passes[(index, augment)] = self._features(
+                self.fewshot.train, train_transform(self.backbone), (self.seed, index), f"train pass {index}")
+        return self._passes[(index, augment)]
+
+
+class TrainingFeatures:
+    """What the trainer draws batches from: epoch e uses cached pass e mod P, or (P = 0) encodes
+    the training images afresh every epoch as the reference implementation does."""
+
+    def __init__(self, bank: FeatureBank, passes: int, augment: bool):
+        self.bank, self.passes, self.augment = bank, passes, augment
+
+    def epoch(self, epoch: int) -> SplitFeatures:
+        if self.passes == 0:
+            return self.bank.train_pass(epoch, self.augment, cached=False)
+        return self.bank.train_pass(epoch % self.passes, self.augment)
+
+    def mean_over_passes(self) -> torch.Tensor:
+        """Features averaged over the cached passes, re-normalised (Tip-Adapter's cache keys)."""
+        passes = max(self.passes, 1) if self.augment else 1
+        stack = torch.stack([self.bank.train_pass(p, self.augment).features for p in range(passes)])
+        return torch.nn.functional.normalize(stack.mean(0), dim=-1)

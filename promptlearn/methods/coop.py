@@ -1,0 +1,149 @@
+"""CoOp: learnable context vectors in the text prompt of a frozen CLIP.
+
+A prompt is [SOS] [ctx_1 .. ctx_M] [class name] [.] [EOS] (class at the end; also middle and front),
+laid out with the backbone's own tokenizer and run through its own text tower.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from promptlearn.backbone import FrozenCLIP
+from promptlearn.config import CoOpConfig
+from promptlearn.errors import ConfigError, PromptlearnError
+from promptlearn.features import TrainingFeatures
+from promptlearn.methods import register_method
+from promptlearn.methods.base import Method
+
+DEFAULT_N_CTX = 16
+RANDOM_CTX_STD = 0.02
+
+
+def context_length_and_init(backbone: FrozenCLIP, cfg: CoOpConfig) -> tuple[int, list[int] | None]:
+    """M and the phrase's token ids (None for random init)."""
+    if not cfg.ctx_init.strip():
+        return cfg.n_ctx or DEFAULT_N_CTX, None
+    ids = backbone.tokenizer.encode(cfg.ctx_init)
+    if not ids:
+        raise ConfigError(f"coop.ctx_init {cfg.ctx_init!r} has no tokens; give a phrase or leave it empty")
+    if cfg.n_ctx is not None and cfg.n_ctx != len(ids):
+        raise ConfigError(f"coop.n_ctx={cfg.n_ctx} conflicts with coop.ctx_init {cfg.ctx_init!r}, which is "
+                          f"{len(ids)} tokens; drop n_ctx or set it to {len(ids)}")
+    return len(ids), ids
+
+
+class PromptLearner(nn.Module):
+    """The learnable context and the frozen embeddings of everything else in the prompts."""
+
+    def __init__(self, backbone: FrozenCLIP, classnames: list[str], cfg: CoOpConfig, class_specific: bool):
+        super().__init__()
+        tok, tower = backbone.tokenizer, backbone.text
+        n_ctx, init_ids = context_length_and_init(backbone, cfg)
+        self.n_ctx, self.class_specific, self.position = n_ctx, class_specific, cfg.class_position
+        n_cls = len(classnames)
+        with torch.no_grad():
+            if init_ids is not None:  # every class starts from the phrase, class-specific or not
+                ctx = tower.embed(torch.tensor(init_ids, device=backbone.device)).float()
+                ctx = ctx.expand(n_cls, -1, -1).clone() if class_specific else ctx.clone()
+            else:
+                shape = (n_cls, n_ctx, tower.width) if class_specific else (n_ctx, tower.width)
+                ctx = torch.empty(shape, device=backbone.device).normal_(std=RANDOM_CTX_STD)
+        self.ctx = nn.Parameter(ctx)
+
+        placeholder = init_ids or tok.encode("X") * n_ctx  # any ordinary token: it is replaced
+        dot = tok.encode(".")
+        rows, positions = [], []
+        for name in classnames:
+            ids, pos = self._layout(tok, placeholder, name, dot, cfg.class_position)
+            if len(ids) > tower.context_length:
+                raise PromptlearnError(
+                    f"the prompt for class {name!r} is {len(ids)} tokens, more than the text tower's "
+                    f"context length {tower.context_length}; shorten the class name or use a smaller coop.n_ctx")
+            rows.append(ids)
+            positions.append(pos)
+        length = max(map(len, rows)) if cfg.truncate_prompts and tower.can_truncate else tower.context_length
+        token_ids = torch.full((n_cls, length), tok.pad_id, dtype=torch.long)
+        for i, ids in enumerate(rows):
+            token_ids[i, :len(ids)] = torch.tensor(ids)
+        token_ids = token_ids.to(backbone.device)
+        self.register_buffer("token_ids", token_ids, persistent=False)
+        with torch.no_grad():
+            self.register_buffer("token_embeds", tower.embed(token_ids).float(), persistent=False)
+        self.register_buffer("ctx_positions", torch.tensor(positions, device=backbone.device), persistent=False)
+
+    @staticmethod
+    def _layout(tok, ctx_ids, name, dot, position):
+        name_ids = tok.encode(name)
+        half = len(ctx_ids) // 2
+        pieces = {"end": [("s", tok.start_ids), ("c", ctx_ids), ("n", name_ids), ("d", dot), ("e", tok.end_ids)],
+                  "middle": [("s", tok.start_ids), ("c", ctx_ids[:half]), ("n", name_ids),
+                             ("c", ctx_ids[half:]), ("d", dot), ("e", tok.end_ids)],
+                  "front": [("s", tok.start_ids), ("n", name_ids), ("c", ctx_ids), ("d", dot), ("e", tok.end_ids)]}
+        ids, pos = [], []
+        for kind, part in pieces[position]:
+            if kind == "c":
+                pos.extend(range(len(ids), len(ids) + len(part)))
+            ids.extend(part)
+        return ids, pos
+
+    def forward(self) -> torch.Tensor:
+        """Prompt embeddings [C, L, D]: the frozen token embeddings with the context put in place."""
+        n_cls = self.token_embeds.shape[0]
+        ctx = self.ctx if self.class_specific else self.ctx.expand(n_cls, -1, -1)
+        rows = torch.arange(n_cls, device=ctx.device)[:, None].expand_as(self.ctx_positions)
+        return self.token_embeds.index_put((rows, self.ctx_positions), ctx.to(self.token_embeds.dtype))
+
+
+@register_method("coop")
+class CoOp(Method):
+    trains = True
+    force_class_specific: bool | None = None
+
+    def __init__(self, cfg, backbone, classnames):
+        super().__init__(cfg, backbone, classnames)
+        specific = cfg.coop.class_specific if self.force_class_specific is None else self.force_class_specific
+        self.prompts = PromptLearner(backbone, classnames, cfg.coop, specific)
+
+    def _encode(self, embeds: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.backbone.text.encode(embeds, ids)
+
+    def text_features(self) -> torch.Tensor:
+        """[C, D] L2-normalised class features; chunks of classes under activation checkpointing
+        bound the memory of a training step by the chunk size instead of the class count."""
+        embeds, ids = self.prompts(), self.prompts.token_ids
+        chunk = self.cfg.coop.class_chunk or len(ids)
+        if chunk >= len(ids):
+            return F.normalize(self._encode(embeds, ids).float(), dim=-1)
+        parts = []
+        for s in range(0, len(ids), chunk):
+            args = (embeds[s:s + chunk], ids[s:s + chunk])
+            parts.append(checkpoint(self._encode, *args, use_reentrant=False) if torch.is_grad_enabled()
+                         else self._encode(*args))
+        return F.normalize(torch.cat(parts).float(), dim=-1)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.backbone.logits(image_features, self.text_features())
+
+    @torch.no_grad()
+    def predict(self, image_features: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+        self.eval()
+        with self.backbone.autocast():
+            text = self.text_features().float()
+        return torch.cat([self.backbone.logits(x.to(self.device), text).cpu() for x in image_features.split(batch_size)])
+
+    def fit(self, bank, trainer, checkpoint, resume) -> dict:
+        data = TrainingFeatures(bank, self.cfg.train.feature_passes, self.cfg.train.augment)
+        return trainer.fit(self, data, checkpoint, resume)
+
+    def checkpoint_meta(self) -> dict:
+        return {**super().checkpoint_meta(), "n_ctx": self.prompts.n_ctx,
+                "class_specific": self.prompts.class_specific, "class_position": self.prompts.position,
+                "ctx_init": self.cfg.coop.ctx_init}
+
+
+@register_method("coop_csc")
+class CoOpClassSpecific(CoOp):
+    """CoOp with one context per class, whatever coop.class_specific says (for sweeps)."""
+    force_class_specific = True

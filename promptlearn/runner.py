@@ -1,0 +1,86 @@
+"""The whole pipeline on one screen: data -> frozen backbone -> method -> trainer -> evaluation -> report."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from promptlearn.backbone import load_backbone
+from promptlearn.checkpoint import load_checkpoint
+from promptlearn.config import RunConfig, dump_yaml, protocol_epochs
+from promptlearn.data import build_dataset
+from promptlearn.data.fewshot import load_or_draw
+from promptlearn.evaluation import evaluate
+from promptlearn.features import FeatureBank, FeatureCache
+from promptlearn.io import RunLock, atomic_write_json, atomic_write_text, check_writable
+from promptlearn.methods import build_method
+from promptlearn.report import comparison_table
+from promptlearn.trainer import Trainer
+
+log = logging.getLogger("promptlearn")
+BACKBONE_INIT_SEED = 0  # random (pretrained=none) backbones are the same in every run
+
+
+def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None = None) -> dict:
+    out = check_writable(cfg.output_dir)
+    with RunLock(out), log_to_file(out / "log.txt"):
+        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+        dataset = build_dataset(cfg.data)                                               # data
+        fewshot = load_or_draw(dataset, cfg.data.shots, cfg.data.seed, cfg.data.fewshot_dir or out / "fewshot")
+        torch.manual_seed(BACKBONE_INIT_SEED)
+        backbone = load_backbone(cfg.backbone)                                          # frozen backbone
+        bank = FeatureBank(backbone, dataset, fewshot, cache=FeatureCache.from_setting(cfg.cache_dir),
+                           batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
+                           skip_bad=cfg.data.skip_bad_images, seed=cfg.data.seed)
+        epochs = protocol_epochs(cfg.data.shots, dataset.name) if cfg.train.epochs is None else cfg.train.epochs
+        trainer = Trainer(cfg.train, epochs, cfg.data.seed, backbone.precision)         # trainer
+        log.info("%s: %d classes, %d-shot draw (seed %d): %d train, %d val, %d test images; %d epochs",
+                 dataset.name, dataset.num_classes, cfg.data.shots, cfg.data.seed, len(fewshot.train),
+                 len(fewshot.val), len(dataset.test), epochs)
+        metrics = {}
+        for name in cfg.methods:
+            torch.manual_seed(cfg.data.seed)  # a method's random init depends only on the seed
+            method = build_method(name, cfg, backbone, dataset.classnames)             # method
+            folder = out / name
+            began = time.perf_counter()
+            if eval_only and method.trains:
+                method.load_trainable_state(load_checkpoint(eval_only)["state"], eval_only)
+                info = {"checkpoint": str(eval_only)}
+            else:
+                info = method.fit(bank, trainer, folder / "checkpoint.pt", resume)
+            seconds = time.perf_counter() - began
+            history = info.pop("history", None)
+            if history is not None:
+                atomic_write_json(folder / "history.json", history)
+            test = bank.test
+            result = evaluate(method.predict(test.features), test.labels, test.paths,   # evaluation
+                              dataset.classnames, folder, cfg.eval.ece_bins)
+            result.update(info, train_seconds=info.get("train_seconds", seconds))
+            if method.trains and hasattr(method, "decoded_prompt"):
+                result["decoded_prompt"] = method.decoded_prompt(folder, cfg.eval.decode_topk)
+            metrics[name] = result
+            atomic_write_json(out / "metrics.json", metrics)
+        table = comparison_table(metrics, f"{dataset.name}, {cfg.data.shots} shots, seed {cfg.data.seed}, "
+                                          f"{backbone.name} ({backbone.pretrained})")
+        atomic_write_text(out / "summary.md", table + "\n")                             # report
+        print(table)
+        return metrics
+
+
+class log_to_file:
+    """Send promptlearn's log to the console and a plain file for the duration of a run."""
+
+    def __init__(self, path: Path):
+        self.handler = logging.FileHandler(path, encoding="utf-8")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+
+    def __enter__(self):
+        log.setLevel(logging.INFO)
+        log.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        log.removeHandler(self.handler)
+        self.handler.close()

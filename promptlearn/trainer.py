@@ -1,0 +1,120 @@
+"""One trainer for every method that learns: SGD with a constant warm-up and a cosine schedule,
+mixed precision on GPU, deterministic batches, atomic checkpoints, resume, Ctrl-C safe."""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from promptlearn.checkpoint import check_meta, load_checkpoint, save_checkpoint
+from promptlearn.config import TrainConfig
+from promptlearn.errors import PromptlearnError
+
+if TYPE_CHECKING:
+    from promptlearn.features import TrainingFeatures
+    from promptlearn.methods.base import Method
+
+log = logging.getLogger("promptlearn")
+
+
+class NonFiniteLoss(PromptlearnError):
+    pass
+
+
+def lr_factor(epoch: int, cfg: TrainConfig, epochs: int) -> float:
+    """CoOp's schedule: constant warm-up lr for the first epochs, then cosine over all epochs."""
+    if epoch < cfg.warmup_epochs:
+        return cfg.warmup_lr / cfg.lr
+    return 0.5 * (1.0 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / max(epochs, 1)))
+
+
+def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """Shuffled batches that depend only on (seed, epoch); the last short batch is dropped as CoOp does."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g)
+    full = n - n % batch_size if n >= batch_size else n
+    return list(order[:full].split(batch_size))
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, epochs: int, seed: int, precision: str = "fp32"):
+        self.cfg, self.epochs, self.seed, self.precision = cfg, epochs, seed, precision
+
+    def fit(self, method: "Method", data: "TrainingFeatures", checkpoint: Path, resume: bool = False) -> dict:
+        cfg, device = self.cfg, method.device
+        params = [p for p in method.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg, self.epochs))
+        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and self.precision == "fp16")
+        meta = method.checkpoint_meta()
+        start, history = 0, []
+        if resume and checkpoint.is_file():
+            saved = load_checkpoint(checkpoint)
+            check_meta(checkpoint, saved.get("meta", {}), meta)
+            method.load_trainable_state(saved["state"], checkpoint)
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            start, history = int(saved["epoch"]), list(saved.get("history", []))
+            log.info("%s: resumed from %s at epoch %d", method.name, checkpoint, start)
+
+        def snapshot(epoch: int) -> dict:
+            return {"method": method.name, "meta": meta, "epoch": epoch, "epochs": self.epochs,
+                    "state": method.trainable_state(), "optimizer": copy.deepcopy(optimizer.state_dict()),
+                    "scheduler": scheduler.state_dict(), "history": list(history)}
+
+        last_done = snapshot(start)
+        began = time.perf_counter()
+        try:
+            for epoch in range(start, self.epochs):
+                history.append(self._epoch(method, data, optimizer, scaler, epoch, last_done["epoch"]))
+                scheduler.step()
+                last_done = snapshot(epoch + 1)
+                log.info("%s epoch %d/%d: loss %.4f, train accuracy %.2f%%, lr %.2e", method.name, epoch + 1,
+                         self.epochs, history[-1]["loss"], history[-1]["accuracy"], history[-1]["lr"])
+                if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == self.epochs:
+                    save_checkpoint(checkpoint, last_done)
+        except KeyboardInterrupt:
+            save_checkpoint(checkpoint, last_done)
+            raise PromptlearnError(f"interrupted; saved the state after epoch {last_done['epoch']} to "
+                                   f"{checkpoint}. Rerun with --resume to continue.") from None
+        if self.epochs == 0 or start == self.epochs:
+            save_checkpoint(checkpoint, last_done)
+        return {"epochs": self.epochs, "train_seconds": time.perf_counter() - began, "history": history}
+
+    def _epoch(self, method, data, optimizer, scaler, epoch: int, checkpoint_epoch: int) -> dict:
+        device = method.device
+        split = data.epoch(epoch)
+        features, labels = split.features, split.labels
+        batches = batch_order(len(labels), self.cfg.batch_size, self.seed, epoch)
+        method.train()
+        total_loss, correct, seen = 0.0, 0, 0
+        bar = tqdm(batches, desc=f"{method.name} epoch {epoch + 1}/{self.epochs}", leave=False, dynamic_ncols=True)
+        for step, idx in enumerate(bar):
+            x, y = features[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
+            with method.backbone.autocast():
+                logits = method(x)
+                loss = F.cross_entropy(logits.float(), y)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(
+                    f"{method.name}: the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                    f"training stopped before the parameters were updated. The last checkpoint (epoch "
+                    f"{checkpoint_epoch}) is kept. Try a lower train.lr or backbone.precision=fp32.")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total_loss += loss.item() * len(y)
+            correct += int((logits.argmax(-1) == y).sum())
+            seen += len(y)
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
+                            lr=f"{optimizer.param_groups[0]['lr']:.1e}")
+        method.eval()
+        return {"epoch": epoch + 1, "loss": total_loss / max(seen, 1), "accuracy": 100.0 * correct / max(seen, 1),
+                "lr": optimizer.param_groups[0]["lr"]}
