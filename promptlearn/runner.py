@@ -20,12 +20,14 @@ from promptlearn.report import comparison_table
 from promptlearn.trainer import Trainer
 
 log = logging.getLogger("promptlearn")
+COMPLETE_MARKER = "run_complete.json"
 BACKBONE_INIT_SEED = 0  # random (pretrained=none) backbones are the same in every run
 
 
 def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None = None) -> dict:
     out = check_writable(cfg.output_dir)
     with RunLock(out), log_to_file(out / "log.txt"):
+        (out / COMPLETE_MARKER).unlink(missing_ok=True)
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
         dataset = build_dataset(cfg.data)                                               # data
         fewshot = load_or_draw(dataset, cfg.data.shots, cfg.data.seed, cfg.data.fewshot_dir or out / "fewshot")
@@ -65,8 +67,14 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
         table = comparison_table(metrics, f"{dataset.name}, {cfg.data.shots} shots, seed {cfg.data.seed}, "
                                           f"{backbone.name} ({backbone.pretrained})")
         atomic_write_text(out / "summary.md", table + "\n")                             # report
+        atomic_write_json(out / COMPLETE_MARKER, {"methods": list(metrics)})
         print(table)
         return metrics
+
+
+def is_complete(folder: str | Path) -> bool:
+    """A run folder whose every method finished (the marker is written last, atomically)."""
+    return (Path(folder) / COMPLETE_MARKER).is_file()
 
 
 class log_to_file:
