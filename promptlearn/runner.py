@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from promptlearn.backbone import load_backbone
-from promptlearn.checkpoint import load_checkpoint
 from promptlearn.config import RunConfig, dump_yaml, protocol_epochs
 from promptlearn.data import build_dataset
 from promptlearn.data.fewshot import load_or_draw
@@ -48,7 +47,7 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
             folder = out / name
             began = time.perf_counter()
             if eval_only and method.trains:
-                method.load_trainable_state(load_checkpoint(eval_only)["state"], eval_only)
+                method.restore(eval_only)
                 info = {"checkpoint": str(eval_only)}
             else:
                 info = method.fit(bank, trainer, folder / "checkpoint.pt", resume)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from promptlearn.checkpoint import check_meta, load_checkpoint, save_checkpoint
+from promptlearn.checkpoint import save_checkpoint
 from promptlearn.config import TrainConfig
 from promptlearn.errors import PromptlearnError
 
@@ -56,9 +56,7 @@ class Trainer:
         meta = method.checkpoint_meta()
         start, history = 0, []
         if resume and checkpoint.is_file():
-            saved = load_checkpoint(checkpoint)
-            check_meta(checkpoint, saved.get("meta", {}), meta)
-            method.load_trainable_state(saved["state"], checkpoint)
+            saved = method.restore(checkpoint)
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             start, history = int(saved["epoch"]), list(saved.get("history", []))

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from promptlearn.checkpoint import check_meta, load_checkpoint
 from promptlearn.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -48,6 +49,13 @@ class Method(nn.Module):
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+    def restore(self, path: str | Path) -> dict:
+        """Load a checkpoint written for this setup (a mismatch is named) and return its payload."""
+        payload = load_checkpoint(path)
+        check_meta(path, payload.get("meta", {}), self.checkpoint_meta())
+        self.load_trainable_state(payload.get("state", {}), path)
+        return payload
 
     def load_trainable_state(self, state: dict[str, torch.Tensor], source: str | Path) -> None:
         own = dict(self.named_parameters())

@@ -1,0 +1,53 @@
+"""Shared test helpers: tiny random backbones and quick run configs on the embedded sample."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+import torch
+
+from promptlearn.backbone import FrozenCLIP, load_backbone
+from promptlearn.config import BackboneConfig, RunConfig, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "datasets" / "fashion_mnist_sample"
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+FAMILIES = ["tiny-clip", "tiny-custom-clip", "tiny-bidir-clip", "tiny-rn-clip"]
+
+
+def tiny_backbone(model: str = "tiny-clip") -> FrozenCLIP:
+    torch.manual_seed(0)
+    return load_backbone(BackboneConfig(model=model, pretrained="none", device="cpu"))
+
+
+class NoStartTokenizer:
+    """A SigLIP-like test double: open_clip's BPE vocabulary with no start token, EOS then padding."""
+
+    def __init__(self, context_length: int):
+        self.inner = open_clip.SimpleTokenizer(context_length=context_length)
+        self.context_length = context_length
+
+    def encode(self, text: str) -> list[int]:
+        return self.inner.encode(text)
+
+    def __call__(self, texts, context_length=None) -> torch.Tensor:
+        length = context_length or self.context_length
+        texts = [texts] if isinstance(texts, str) else texts
+        out = torch.zeros(len(texts), length, dtype=torch.long)
+        for i, t in enumerate(texts):
+            ids = (self.encode(t) + [self.inner.eot_token_id])[:length]
+            out[i, :len(ids)] = torch.tensor(ids)
+        return out
+
+
+def no_start_backbone() -> FrozenCLIP:
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms("tiny-bidir-clip", pretrained=None)
+    cfg = BackboneConfig(model="tiny-bidir-clip", pretrained="none", device="cpu")
+    return FrozenCLIP(model, NoStartTokenizer(32), preprocess, cfg, torch.device("cpu"))
+
+
+def quick_config(tmp_path: Path, *overrides: str) -> RunConfig:
+    """The quickstart config, writing into tmp_path, with few epochs unless overridden."""
+    return load_config([QUICKSTART], [f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
+                                      f"data.path={SAMPLE}", "train.epochs=5", *overrides])
