@@ -58,3 +58,14 @@ def test_dataset_flag_resolves_shipped_yaml():
     cfg = load_config(files)
     assert cfg.data.name == "oxford_pets" and cfg.data.template == "a photo of a {}, a type of pet."
     assert dataset_config("image_folder") == ([], ["data.name=image_folder"])
+
+
+def test_every_shipped_run_config_loads():
+    from helpers import REPO
+
+    base = REPO / "configs" / "coop" / "rn50.yaml"
+    files = sorted((REPO / "configs" / "coop").glob("*.yaml")) + [REPO / "configs" / "quickstart.yaml"]
+    assert len(files) >= 12
+    for f in files:
+        cfg = load_config([base, f])
+        assert cfg.backbone.model and cfg.methods, f
