@@ -28,8 +28,9 @@ def evaluate(logits: torch.Tensor, labels: torch.Tensor, paths: list[str], class
              out_dir: str | Path, ece_bins: int = 15) -> dict:
     """Compute the metrics and write `predictions.csv` and `confusion_matrix.csv` into `out_dir`."""
     out_dir = Path(out_dir)
-    probs = torch.softmax(logits.float(), dim=-1)
-    confidence, predicted = probs.max(dim=-1)
+    # the prediction comes from the logits: tiny logit gaps can round to equal probabilities
+    predicted = logits.argmax(dim=-1)
+    confidence = torch.softmax(logits.float(), dim=-1).gather(1, predicted[:, None])[:, 0]
     y_true, y_pred = labels.numpy(), predicted.numpy()
     correct = y_true == y_pred
     n_classes = len(classnames)

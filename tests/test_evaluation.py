@@ -1,0 +1,37 @@
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from promptlearn.evaluation import evaluate, expected_calibration_error
+
+
+def test_metrics_and_files(tmp_path):
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 5.0]])
+    labels = torch.tensor([0, 1, 2, 2])
+    m = evaluate(logits, labels, ["a", "b", "c", "d"], ["x", "y", "z"], tmp_path)
+    assert m["accuracy"] == 75.0
+    assert m["per_class_accuracy"] == {"x": 100.0, "y": 100.0, "z": 50.0}
+    # F1: x 1, y 2/3 (precision 1/2, recall 1), z 2/3 (precision 1, recall 1/2)
+    assert m["macro_f1"] == pytest.approx(100 * (1 + 2 / 3 + 2 / 3) / 3)
+    with open(m["predictions"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["predicted_label"] for r in rows] == ["0", "1", "1", "2"]
+    assert float(rows[1]["probability"]) == pytest.approx(torch.softmax(logits[1], 0)[1].item(), abs=1e-6)
+    with open(m["confusion_matrix"], newline="") as f:
+        confusion = list(csv.reader(f))
+    assert confusion[3] == ["z", "0", "1", "1"]
+
+
+def test_prediction_follows_logits_even_when_probabilities_tie(tmp_path):
+    logits = torch.tensor([[0.0, 1e-9, 0.0]])
+    m = evaluate(logits, torch.tensor([1]), ["a"], ["x", "y", "z"], tmp_path)
+    assert m["accuracy"] == 100.0
+
+
+def test_ece_by_hand():
+    confidence = np.array([0.9, 0.9, 0.6, 0.6])
+    correct = np.array([True, False, True, True])
+    # two occupied bins: {0.9, 0.9} with accuracy 0.5 (gap 0.4), {0.6, 0.6} with accuracy 1 (gap 0.4)
+    assert expected_calibration_error(confidence, correct, bins=10) == pytest.approx(40.0)
