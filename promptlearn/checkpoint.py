@@ -1,7 +1,9 @@
-"""Checkpoints: written atomically, read with `weights_only=True` (no pickled code ever runs),
-and checked against the current setup before use."""
+"""Checkpoints: written atomically with a checksum of their contents, read with `weights_only=True`
+(no pickled code ever runs), and checked against the current setup before use."""
 from __future__ import annotations
 
+import hashlib
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -14,8 +16,40 @@ from promptlearn.io import atomic_write_bytes
 FORMAT = "promptlearn-checkpoint-v1"
 
 
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint that is truncated, unreadable or fails its checksum: never used as if complete."""
+
+
+def content_digest(obj: Any) -> str:
+    """SHA-256 of nested dicts / lists of tensors (dtype, shape and bytes) and plain values, keys in order."""
+    h = hashlib.sha256()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            h.update(b"{")
+            for key in sorted(x, key=repr):
+                h.update(repr(key).encode())
+                walk(x[key])
+            h.update(b"}")
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for v in x:
+                walk(v)
+            h.update(b"]")
+        else:
+            h.update(repr(x).encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     payload = {"format": FORMAT, **payload}
+    payload["checksum"] = content_digest(payload)
     atomic_write_bytes(path, lambda f: torch.save(payload, f))
 
 
@@ -26,16 +60,29 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise DamagedCheckpoint(f"checkpoint {path} cannot be read ({e}); it is truncated or damaged") from None
+        reason = next((line.strip() for line in str(e).splitlines() if "global" in line.lower()), "")
         raise CheckpointError(
-            f"checkpoint {path} was refused: it holds pickled objects or code that a weights-only load "
-            f"does not run ({str(e).splitlines()[0]}). Only load checkpoints you trust, re-saved as plain "
-            "tensors and Python values.") from None
+            f"checkpoint {path} was refused: it holds pickled objects or code, which a weights-only load "
+            f"never runs ({reason or 'unsupported pickle content'}). Only load checkpoints you trust, "
+            "re-saved as plain tensors and Python values.") from None
     except Exception as e:  # truncated or not a torch file
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it may be "
-                              "truncated or not a checkpoint") from None
-    if not isinstance(payload, dict):
-        raise CheckpointError(f"checkpoint {path} is not a promptlearn checkpoint (no dict inside)")
+        raise DamagedCheckpoint(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is "
+                                "truncated, damaged or not a checkpoint") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or "checksum" not in payload:
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (format and checksum missing); "
+                              "use a checkpoint that promptlearn wrote")
+    if payload.pop("checksum") != content_digest(payload):
+        raise DamagedCheckpoint(f"checkpoint {path} fails its checksum; it is damaged")
     return payload
+
+
+def set_aside(path: Path) -> Path:
+    """Move a damaged checkpoint out of the way, kept for inspection, so that training starts afresh."""
+    aside = path.with_name(path.name + ".damaged")
+    os.replace(path, aside)
+    return aside
 
 
 def check_meta(path: str | Path, saved: dict[str, Any], current: dict[str, Any]) -> None:

@@ -62,7 +62,8 @@ def run_tool(main: Callable[[list[str] | None], int]) -> None:
     try:
         code = main(None)
     except PromptlearnError as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line, e.g. YAML errors
+        print(f"error: {message}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Typed run configuration. A YAML file mirrors these dataclasses; `key=value` overrides it.
 
-Sections: backbone, data, coop, train, eval, plus top-level `methods` and `output_dir`.
+Sections: backbone, data, coop, train, clip_adapter, tip_adapter, eval, plus top-level `methods` and `output_dir`.
 Unknown keys and wrongly typed values are errors that name the key and the nearest valid one.
 """
 from __future__ import annotations
@@ -50,6 +50,7 @@ class CoOpConfig:
     class_specific: bool = False  # one context per class (CSC)
     class_position: str = "end"  # end | middle | front
     truncate_prompts: bool = True  # run prompts at the longest real length where exact
+    share_prefix: bool = True  # unified context, class at the end: run the shared prompt start once
     class_chunk: int = 0  # classes per text-tower pass (0: all at once); bounds memory
 
 
@@ -62,9 +63,34 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
+    optimizer: str = "sgd"  # sgd | adamw (AdamW: Tip-Adapter-F's recipe)
+    eps: float = 1e-8  # AdamW's epsilon
     augment: bool = True  # random resized crop + flip on training images
     feature_passes: int = 10  # augmented passes cached for training (0: encode images every step)
     checkpoint_every: int = 1  # epochs between checkpoints
+
+
+@dataclass
+class ClipAdapterConfig:
+    alpha: float = 0.2  # residual ratio: alpha * adapter(f) + (1 - alpha) * f
+    reduction: int = 4  # bottleneck width: feature width // reduction
+    lr: Optional[float] = None  # None: train.lr (the official code runs in CoOp's trainer and recipe)
+    epochs: Optional[int] = None  # None: the same epochs as CoOp
+
+
+@dataclass
+class TipAdapterConfig:
+    alpha_range: list[float] = field(default_factory=lambda: [0.1, 10.0])  # searched on the validation set
+    alpha_steps: int = 20
+    beta_range: list[float] = field(default_factory=lambda: [0.1, 12.0])
+    beta_steps: int = 200
+    init_alpha: float = 1.0  # alpha and beta while Tip-Adapter-F fine-tunes the keys
+    init_beta: float = 1.0
+    epochs: int = 20  # Tip-Adapter-F's recipe: AdamW, cosine, batch 256
+    lr: float = 0.001
+    batch_size: int = 256
+    eps: float = 1e-4
+    weight_decay: float = 0.01
 
 
 @dataclass
@@ -79,6 +105,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     coop: CoOpConfig = field(default_factory=CoOpConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    clip_adapter: ClipAdapterConfig = field(default_factory=ClipAdapterConfig)
+    tip_adapter: TipAdapterConfig = field(default_factory=TipAdapterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     methods: list[str] = field(default_factory=lambda: ["zeroshot", "linear_probe", "coop"])
     output_dir: str = "output/run"
@@ -88,6 +116,7 @@ class RunConfig:
 PROTOCOL_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
 CLASS_POSITIONS = ("end", "middle", "front")
 PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("sgd", "adamw")
 
 
 def protocol_epochs(shots: int, dataset: str) -> int:
@@ -244,8 +273,31 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.train.warmup_epochs >= 0, f"train.warmup_epochs must be 0 or more, got {cfg.train.warmup_epochs}")
     need(cfg.train.checkpoint_every >= 1, f"train.checkpoint_every must be at least 1, got {cfg.train.checkpoint_every}")
     need(cfg.data.num_workers >= 0, f"data.num_workers must be 0 or more, got {cfg.data.num_workers}")
+    need(cfg.data.eval_batch_size >= 1, f"data.eval_batch_size must be at least 1, got {cfg.data.eval_batch_size}")
+    for key in ("momentum", "weight_decay", "warmup_lr"):
+        need(getattr(cfg.train, key) >= 0, f"train.{key} must be 0 or more, got {getattr(cfg.train, key)}")
+    need(cfg.backbone.logit_scale is None or 0 < cfg.backbone.logit_scale < float("inf"),
+         f"backbone.logit_scale must be a positive number (or unset), got {cfg.backbone.logit_scale}")
+    need(cfg.eval.ece_bins >= 1, f"eval.ece_bins must be at least 1, got {cfg.eval.ece_bins}")
+    need(cfg.eval.decode_topk >= 1, f"eval.decode_topk must be at least 1, got {cfg.eval.decode_topk}")
     need(cfg.coop.class_chunk >= 0, f"coop.class_chunk must be 0 or more, got {cfg.coop.class_chunk}")
     need(bool(cfg.methods), "methods must name at least one method")
+    need(cfg.train.optimizer in OPTIMIZERS,
+         f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.train.optimizer!r}")
+    need(cfg.train.eps > 0 and cfg.tip_adapter.eps > 0, "train.eps and tip_adapter.eps must be positive")
+    need(0 <= cfg.clip_adapter.alpha <= 1, f"clip_adapter.alpha must be in [0, 1], got {cfg.clip_adapter.alpha}")
+    need(cfg.clip_adapter.lr is None or cfg.clip_adapter.lr > 0,
+         f"clip_adapter.lr must be positive (or unset for train.lr), got {cfg.clip_adapter.lr}")
+    need(cfg.clip_adapter.reduction >= 1,
+         f"clip_adapter.reduction must be at least 1, got {cfg.clip_adapter.reduction}")
+    tip = cfg.tip_adapter
+    for name in ("alpha", "beta"):
+        lo_hi, steps = getattr(tip, f"{name}_range"), getattr(tip, f"{name}_steps")
+        need(len(lo_hi) == 2 and 0 <= lo_hi[0] <= lo_hi[1],
+             f"tip_adapter.{name}_range must be [low, high] with 0 <= low <= high, got {lo_hi}")
+        need(steps >= 1, f"tip_adapter.{name}_steps must be at least 1, got {steps}")
+    need(tip.epochs >= 0 and tip.batch_size >= 1 and tip.lr > 0,
+         "tip_adapter.epochs must be 0 or more, tip_adapter.batch_size at least 1 and tip_adapter.lr positive")
     for t in [cfg.data.template, *cfg.data.templates]:
         need("{}" in t, f"data.template {t!r} must contain {{}} where the class name goes")
 

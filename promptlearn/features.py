@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from promptlearn.backbone import FrozenCLIP
+from promptlearn.checkpoint import content_digest
 from promptlearn.data.base import DatasetSplits, Item
 from promptlearn.data.fewshot import FewShotSplit
 from promptlearn.data.loader import ImageItems, image_loader
@@ -87,8 +88,8 @@ class FeatureCache:
             if cached is not None:
                 return cached
         result = compute()
-        payload = {"features": result.features, "labels": result.labels, "paths": result.paths,
-                   "checksum": _checksum(result.features)}
+        payload = {"features": result.features, "labels": result.labels, "paths": result.paths}
+        payload["checksum"] = content_digest(payload)
         atomic_write_bytes(path, lambda f: torch.save(payload, f))
         return result
 
@@ -96,16 +97,12 @@ class FeatureCache:
     def _read(path: Path) -> SplitFeatures | None:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
-            if payload["checksum"] == _checksum(payload["features"]):
+            if payload.pop("checksum") == content_digest(payload):
                 return SplitFeatures(payload["features"], payload["labels"], list(payload["paths"]))
         except Exception:  # any unreadable cache file is recomputed, never trusted
             pass
         log.warning("feature cache %s is damaged; extracting again", path)
         return None
-
-
-def _checksum(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
 
 
 class FeatureBank:

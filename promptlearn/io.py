@@ -2,22 +2,27 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 from promptlearn.errors import PromptlearnError
 
+TEMP_SUFFIX = ".tmp"  # `.<name>.<random>.tmp`: a write in progress, or one a killed process left behind
+MIN_FREE_BYTES = 64 * 2**20  # refuse to start a run on a disk with less room than this
+
 
 def _atomic_write(path: str | Path, write: Callable[[Any], None], mode: str) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -47,60 +52,70 @@ def atomic_write_bytes(path: str | Path, write: Callable[[Any], None]) -> None:
 
 
 def check_writable(folder: str | Path) -> Path:
-    """Create `folder` and prove a file can be written there, before any long work starts."""
+    """Create `folder` and prove a file can be written there and the disk has room, before any long work starts."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
+        probe = folder / f".write-test-{os.getpid()}"  # per process: two runs starting at once don't collide
         probe.write_text("ok")
         probe.unlink()
+        free = shutil.disk_usage(folder).free
     except OSError as e:
         raise PromptlearnError(f"output folder {folder} cannot be written ({e.strerror or e}); "
                                "choose another with --output-dir") from None
+    if free < MIN_FREE_BYTES:
+        raise PromptlearnError(f"the disk holding {folder} has only {free / 2**20:.0f} MiB free, less than the "
+                               f"{MIN_FREE_BYTES // 2**20} MiB a run needs; free space or choose another --output-dir")
     return folder
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def remove_stale_temps(folder: Path) -> None:
+    """Delete the temp files of writes that never finished in `folder` and its subfolders (one level)."""
+    for tmp in [*folder.glob(f".*{TEMP_SUFFIX}"), *folder.glob(f"*/.*{TEMP_SUFFIX}")]:
+        tmp.unlink(missing_ok=True)
 
 
 class RunLock:
-    """`<folder>/.lock` holding the owner's pid; a lock left by a dead process is taken over."""
+    """An exclusive `flock` on `<folder>/.lock`, which also names the holder's pid. The kernel drops
+    the lock when its process ends, however it ends, so a killed run never blocks the next one."""
 
     def __init__(self, folder: str | Path):
         self.path = Path(folder) / ".lock"
-        self.held = False
+        self.fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
 
     def acquire(self) -> "RunLock":
         while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and pid != os.getpid() and _pid_alive(pid):
-                    raise PromptlearnError(
-                        f"another promptlearn process (pid {pid}) is using {self.path.parent}; wait for it "
-                        "or choose another --output-dir") from None
-                self.path.unlink(missing_ok=True)  # stale: its owner is gone
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            self.held = True
-            return self
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise PromptlearnError(
+                    f"another promptlearn process (pid {holder}) is using {self.path.parent}; wait for it "
+                    "or choose another --output-dir") from None
+            try:  # the previous holder may have removed the file between our open and flock
+                current = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        remove_stale_temps(self.path.parent)  # the folder is ours now: leftovers of killed writers go
+        return self
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # before unlocking, so no one locks a file that is gone
+            os.close(self.fd)
+            self.fd = None
 
     def __enter__(self) -> "RunLock":
         return self.acquire()

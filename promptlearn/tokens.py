@@ -30,6 +30,12 @@ class PromptTokenizer:
         return list(self.tokenizer.encode(text))
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
+        for text in texts:  # the tokenizer would cut a long text short without a word
+            length = len(self.start_ids) + len(self.encode(text)) + len(self.end_ids)
+            if length > self.context_length:
+                raise PromptlearnError(
+                    f"the prompt {text!r} is {length} tokens, more than the text tower's context length "
+                    f"{self.context_length}; shorten the class name in it or the template")
         return self.tokenizer(texts, context_length=self.context_length)
 
     @property

@@ -1,4 +1,4 @@
-"""One trainer for every method that learns: SGD with a constant warm-up and a cosine schedule,
+"""One trainer for every method that learns: SGD (or AdamW) with a constant warm-up and a cosine schedule,
 mixed precision on GPU, deterministic batches, atomic checkpoints, resume, Ctrl-C safe."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from promptlearn.checkpoint import save_checkpoint
+from promptlearn.checkpoint import DamagedCheckpoint, save_checkpoint, set_aside
 from promptlearn.config import TrainConfig
 from promptlearn.errors import PromptlearnError
 
@@ -43,20 +43,40 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Te
     return list(order[:full].split(batch_size))
 
 
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def restore_unless_damaged(method: "Method", checkpoint: Path) -> dict | None:
+    """The checkpoint's payload, loaded into `method`. A damaged file (writes are atomic, so only outside
+    damage does that) is never trusted: it is moved aside and training starts afresh (None)."""
+    try:
+        return method.restore(checkpoint)
+    except DamagedCheckpoint as e:
+        log.warning("%s; moved it to %s and %s starts again from epoch 0", e, set_aside(checkpoint), method.name)
+        return None
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, epochs: int, seed: int, precision: str = "fp32"):
         self.cfg, self.epochs, self.seed, self.precision = cfg, epochs, seed, precision
 
+    def with_recipe(self, cfg: TrainConfig, epochs: int) -> "Trainer":
+        """This trainer (seed, precision) under a method's own recipe: optimiser, lr, batch size, epochs."""
+        return Trainer(cfg, epochs, self.seed, self.precision)
+
     def fit(self, method: "Method", data: "TrainingFeatures", checkpoint: Path, resume: bool = False) -> dict:
         cfg, device = self.cfg, method.device
         params = [p for p in method.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        optimizer = build_optimizer(params, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg, self.epochs))
         scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and self.precision == "fp16")
         meta = method.checkpoint_meta()
         start, history = 0, []
-        if resume and checkpoint.is_file():
-            saved = method.restore(checkpoint)
+        saved = restore_unless_damaged(method, checkpoint) if resume and checkpoint.is_file() else None
+        if saved is not None:
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             start, history = int(saved["epoch"]), list(saved.get("history", []))
@@ -82,6 +102,9 @@ class Trainer:
             save_checkpoint(checkpoint, last_done)
             raise PromptlearnError(f"interrupted; saved the state after epoch {last_done['epoch']} to "
                                    f"{checkpoint}. Rerun with --resume to continue.") from None
+        except NonFiniteLoss:
+            save_checkpoint(checkpoint, last_done)  # the last good state, whatever checkpoint_every is
+            raise
         if self.epochs == 0 or start == self.epochs:
             save_checkpoint(checkpoint, last_done)
         return {"epochs": self.epochs, "train_seconds": time.perf_counter() - began, "history": history}
@@ -102,8 +125,8 @@ class Trainer:
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(
                     f"{method.name}: the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                    f"training stopped before the parameters were updated. The last checkpoint (epoch "
-                    f"{checkpoint_epoch}) is kept. Try a lower train.lr or backbone.precision=fp32.")
+                    f"training stopped before the parameters were updated; the checkpoint keeps the state "
+                    f"after epoch {checkpoint_epoch}. Try a lower train.lr or backbone.precision=fp32.")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
