@@ -28,7 +28,7 @@ def build_method(name: str, cfg, backbone, classnames: list[str]) -> Method:
 
 
 def _import_methods() -> None:
-    from promptlearn.methods import coop, linear_probe, zeroshot  # noqa: F401
+    from promptlearn.methods import clip_adapter, coop, linear_probe, tip_adapter, zeroshot  # noqa: F401
 
 
 __all__ = ["METHODS", "Method", "build_method", "register_method"]

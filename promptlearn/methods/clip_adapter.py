@@ -1,0 +1,51 @@
+"""CLIP-Adapter (visual): a bottleneck MLP on the frozen image feature, blended with the feature itself
+at residual ratio alpha, classified by the zero-shot text weights of the dataset's template(s).
+
+The reference applies the adapter to the unnormalised feature and normalises afterwards. The adapter
+(bias-free linear layers and ReLUs) is positively homogeneous, so feeding it the L2-normalised cached
+feature gives the same normalised blend: one cache serves every method.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from promptlearn.features import TrainingFeatures
+from promptlearn.methods import register_method
+from promptlearn.methods.base import Method
+from promptlearn.methods.zeroshot import dataset_templates, text_classifier
+
+
+def bottleneck(width: int, reduction: int) -> nn.Sequential:
+    """Linear d -> d/r, ReLU, Linear d/r -> d, ReLU, no biases; any feature width d."""
+    hidden = max(1, width // reduction)
+    return nn.Sequential(nn.Linear(width, hidden, bias=False), nn.ReLU(),
+                         nn.Linear(hidden, width, bias=False), nn.ReLU())
+
+
+@register_method("clip_adapter")
+class ClipAdapter(Method):
+    trains = True
+
+    def __init__(self, cfg, backbone, classnames):
+        super().__init__(cfg, backbone, classnames)
+        self.alpha = cfg.clip_adapter.alpha
+        self.adapter = bottleneck(backbone.embed_dim, cfg.clip_adapter.reduction)
+        self.register_buffer("weights", text_classifier(backbone, classnames, dataset_templates(cfg)))
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        mixed = self.alpha * self.adapter(image_features) + (1 - self.alpha) * image_features
+        return self.backbone.logits(F.normalize(mixed, dim=-1), self.weights)
+
+    def fit(self, bank, trainer, checkpoint, resume) -> dict:
+        own = self.cfg.clip_adapter
+        recipe = dataclasses.replace(self.cfg.train, lr=self.cfg.train.lr if own.lr is None else own.lr)
+        trainer = trainer.with_recipe(recipe, trainer.epochs if own.epochs is None else own.epochs)
+        data = TrainingFeatures(bank, self.cfg.train.feature_passes, self.cfg.train.augment)
+        return trainer.fit(self, data, checkpoint, resume)
+
+    def checkpoint_meta(self) -> dict:
+        return {**super().checkpoint_meta(), "alpha": self.alpha, "reduction": self.cfg.clip_adapter.reduction}

@@ -1,0 +1,302 @@
+"""Few-shot sweeps: methods x datasets x shots x seeds, one run folder per (dataset, shots, seed)
+holding every method of the sweep (they share the draw and the cached features), then one table
+(results.csv), a Markdown summary (mean +- std over seeds) and plots of accuracy against shots.
+
+A sweep YAML has a `sweep:` section (SweepConfig) beside the ordinary run keys, which every run
+starts from. Per run the layers are: defaults, the sweep file's run keys, the dataset's YAML,
+command-line overrides, then the run's shots, seed and folder.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import logging
+import statistics
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm.auto import tqdm
+
+from promptlearn.cli import dataset_config
+from promptlearn.config import RunConfig, _coerce, _flatten, apply, load_config, parse_override, read_yaml, to_dict
+from promptlearn.data import build_dataset
+from promptlearn.errors import ConfigError, PromptlearnError, nearest
+from promptlearn.io import atomic_write_text
+from promptlearn.runner import is_complete, run_experiment
+
+log = logging.getLogger("promptlearn")
+
+CSV_COLUMNS = ["method", "dataset", "backbone", "pretrained", "shots", "seed", "accuracy", "macro_f1", "ece",
+               "train_seconds", "run_dir"]
+# settings that do not change a run's results: a finished run made under other values is still reused
+NEUTRAL_KEYS = {"methods", "output_dir", "cache_dir", "data.num_workers", "data.eval_batch_size",
+                "data.fewshot_dir", "backbone.device", "backbone.cache_dir", "train.checkpoint_every",
+                "coop.class_chunk", "coop.truncate_prompts", "coop.share_prefix"}
+# run keys the sweep itself sets for every run
+SWEEP_SET_KEYS = {"data.shots": "sweep.shots", "data.seed": "sweep.seeds", "output_dir": "sweep.output_dir"}
+
+
+@dataclass
+class SweepConfig:
+    datasets: list[str] = field(default_factory=list)  # names (configs/datasets/NAME.yaml or a reader) or YAML paths
+    shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    output_dir: str = "output/sweep"
+    plots: bool = True  # PNG plots (needs matplotlib: pip install 'promptlearn[plot]')
+
+
+@dataclass
+class PlannedRun:
+    dataset: str  # the dataset's own name, as its reader gives it
+    shots: int
+    seed: int
+    cfg: RunConfig
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+def _set_sweep_keys(sweep: SweepConfig, flat: dict[str, Any], source: str) -> None:
+    hints = typing.get_type_hints(SweepConfig)
+    for key, value in flat.items():
+        name = key.removeprefix("sweep.")
+        if name not in hints:
+            close = nearest(name, hints, n=1)
+            hint = f"; did you mean 'sweep.{close[0]}'?" if close else ""
+            raise ConfigError(f"{source}: unknown sweep key {f'sweep.{name}'!r}{hint}")
+        setattr(sweep, name, _coerce(f"sweep.{name}", value, hints[name], source))
+
+
+def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepConfig, RunConfig, list[str]]:
+    """The sweep settings, the run config every run starts from, and the run-key overrides
+    (applied after each dataset's YAML so that the command line wins)."""
+    file_keys = read_yaml(path)
+    tree = file_keys.pop("sweep", None)
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a sweep file needs a `sweep:` section with datasets, shots, seeds and output_dir")
+    sweep = SweepConfig()
+    _set_sweep_keys(sweep, {f"sweep.{k}": v for k, v in tree.items()}, str(path))
+    run_overrides = []
+    for text in overrides:
+        key, value = parse_override(text)
+        if key.startswith("sweep."):
+            _set_sweep_keys(sweep, {key: value}, "command line")
+        else:
+            run_overrides.append(text)
+    given = set(file_keys) | {parse_override(text)[0] for text in run_overrides}
+    for key, sweep_key in SWEEP_SET_KEYS.items():
+        if key in given:
+            raise ConfigError(f"{path}: {key} is set by the sweep for each run; use {sweep_key} instead")
+    base = apply(RunConfig(), file_keys, str(path))
+    load_config([], run_overrides, base=copy.deepcopy(base))  # names, types and values, before any work
+    check_sweep(sweep, str(path))
+    return sweep, base, run_overrides
+
+
+def check_sweep(sweep: SweepConfig, source: str) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"{source}: {message}")
+
+    need(bool(sweep.datasets), "sweep.datasets must list at least one dataset name or dataset YAML")
+    need(bool(sweep.shots) and min(sweep.shots) >= 1, f"sweep.shots must be positive integers, got {sweep.shots}")
+    need(bool(sweep.seeds), "sweep.seeds must list at least one seed")
+    for key in ("datasets", "shots", "seeds"):
+        values = getattr(sweep, key)
+        need(len(set(values)) == len(values), f"sweep.{key} lists a value twice: {values}")
+
+
+def plan_runs(sweep: SweepConfig, base: RunConfig, run_overrides: list[str]) -> list[PlannedRun]:
+    """Every (dataset, shots, seed) run with its full config. Each dataset is read once here, so a
+    missing dataset stops the sweep before any long work."""
+    out = Path(sweep.output_dir)
+    runs, seen = [], {}
+    for entry in tqdm(sweep.datasets, desc="checking datasets", leave=False, dynamic_ncols=True):
+        files, extra = dataset_config(entry)
+        dataset_cfg = load_config(files, extra + list(run_overrides), base=copy.deepcopy(base))
+        name = build_dataset(dataset_cfg.data).name
+        if name in seen:
+            raise ConfigError(f"sweep.datasets: {entry!r} and {seen[name]!r} are both the dataset {name!r}; "
+                              "list each dataset once")
+        seen[name] = entry
+        for shots in sweep.shots:
+            for seed in sweep.seeds:
+                folder = out / name / f"{shots}-shot" / f"seed-{seed}"
+                cfg = load_config([], [f"data.shots={shots}", f"data.seed={seed}", f"output_dir={folder}"],
+                                  base=copy.deepcopy(dataset_cfg))
+                runs.append(PlannedRun(name, shots, seed, cfg))
+    return runs
+
+
+# ----------------------------------------------------------------------------- running
+
+def setup_changes(run: PlannedRun) -> list[str]:
+    """Settings in which the run folder's saved config differs from the planned run (result-changing keys only)."""
+    saved_file = run.folder / "config.yaml"
+    if not saved_file.is_file():
+        return []
+    saved = _flatten(yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}, str(saved_file))
+    now = _flatten(to_dict(run.cfg), "sweep")
+    return [f"{key}: {saved[key]!r} there, {value!r} now" for key, value in now.items()
+            if key in saved and key not in NEUTRAL_KEYS and saved[key] != value]
+
+
+def saved_metrics(folder: Path) -> dict:
+    path = folder / "metrics.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def is_finished(run: PlannedRun) -> bool:
+    """Complete, and holding every method of the sweep (methods added later make it unfinished)."""
+    return is_complete(run.folder) and set(run.cfg.methods) <= set(saved_metrics(run.folder))
+
+
+def run_sweep(sweep: SweepConfig, runs: list[PlannedRun], report_only: bool = False) -> list[dict]:
+    """Run what is not finished (resuming unfinished runs), then write the CSV, summary and plots."""
+    if sweep.plots:
+        from promptlearn.plots import require_matplotlib
+        require_matplotlib()  # before hours of runs, not after
+    conflicts = [(run, setup_changes(run)) for run in runs]
+    conflicts = [(run, changes) for run, changes in conflicts if changes]
+    if conflicts:
+        run, changes = conflicts[0]
+        raise ConfigError(f"{len(conflicts)} run folder(s) hold runs made with other settings, e.g. {run.folder} "
+                          f"({'; '.join(changes[:3])}); use another sweep.output_dir, or delete those folders "
+                          "to redo them")
+    if not report_only:
+        todo = [run for run in runs if not is_finished(run)]
+        log.info("sweep: %d runs, %d finished, %d to run", len(runs), len(runs) - len(todo), len(todo))
+        for run in tqdm(todo, desc="sweep", dynamic_ncols=True):
+            log.info("sweep: %s, %d shots, seed %d -> %s", run.dataset, run.shots, run.seed, run.folder)
+            try:
+                run_experiment(run.cfg, resume=True)
+            except PromptlearnError as e:
+                raise PromptlearnError(f"sweep run {run.dataset}, {run.shots} shots, seed {run.seed}: {e} Running the "
+                                       "same sweep command again skips finished runs and resumes this one.") from None
+    rows = collect_rows(runs)
+    write_report(sweep, runs, rows)
+    return rows
+
+
+# ----------------------------------------------------------------------------- results
+
+def collect_rows(runs: list[PlannedRun]) -> list[dict]:
+    """One row per method of every finished run; unfinished runs are left out (with a warning)."""
+    rows, missing = [], 0
+    for run in runs:
+        if not is_complete(run.folder):
+            missing += 1
+            continue
+        metrics = saved_metrics(run.folder)
+        for method in run.cfg.methods:
+            if method not in metrics:
+                continue
+            m = metrics[method]
+            rows.append({"method": method, "dataset": run.dataset, "backbone": run.cfg.backbone.model,
+                         "pretrained": run.cfg.backbone.pretrained, "shots": run.shots, "seed": run.seed,
+                         "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "ece": m["ece"],
+                         "train_seconds": m.get("train_seconds", 0.0), "run_dir": str(run.folder)})
+    if missing:
+        log.warning("sweep: %d of %d runs are not finished and are left out of the report", missing, len(runs))
+    return rows
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+# (method, shots) -> (mean, std, number of seeds)
+Curve = dict[tuple[str, int], tuple[float, float, int]]
+
+
+def dataset_curves(rows: list[dict]) -> dict[str, Curve]:
+    """Per dataset: accuracy mean +- std over seeds for each method and shot count."""
+    by_key: dict[tuple[str, str, int], list[float]] = {}
+    for r in rows:
+        by_key.setdefault((r["dataset"], r["method"], r["shots"]), []).append(r["accuracy"])
+    curves: dict[str, Curve] = {}
+    for (dataset, method, shots), values in by_key.items():
+        curves.setdefault(dataset, {})[(method, shots)] = (*mean_std(values), len(values))
+    return curves
+
+
+def average_curve(rows: list[dict], datasets: list[str]) -> Curve:
+    """Accuracy averaged over the datasets per seed, then mean +- std over the seeds that every dataset has."""
+    per_seed: dict[tuple[str, int, int], dict[str, float]] = {}
+    for r in rows:
+        per_seed.setdefault((r["method"], r["shots"], r["seed"]), {})[r["dataset"]] = r["accuracy"]
+    averages: dict[tuple[str, int], list[float]] = {}
+    for (method, shots, _), accs in per_seed.items():
+        if all(d in accs for d in datasets):
+            averages.setdefault((method, shots), []).append(statistics.fmean(accs[d] for d in datasets))
+    return {key: (*mean_std(values), len(values)) for key, values in averages.items()}
+
+
+def results_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items()})
+    return buf.getvalue()
+
+
+def curve_table(curve: Curve, methods: list[str], shots: list[int]) -> str:
+    lines = ["| method | " + " | ".join(f"{k} shot{'s' * (k > 1)}" for k in shots) + " |",
+             "|---|" + "---:|" * len(shots)]
+    for method in methods:
+        cells = [f"{curve[(method, k)][0]:.2f} ± {curve[(method, k)][1]:.2f}" if (method, k) in curve else "–"
+                 for k in shots]
+        if any(c != "–" for c in cells):
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary_markdown(sweep: SweepConfig, runs: list[PlannedRun], rows: list[dict]) -> str:
+    methods = list(dict.fromkeys(m for run in runs for m in run.cfg.methods))
+    datasets = list(dict.fromkeys(run.dataset for run in runs))
+    shots = sorted(sweep.shots)
+    backbones = sorted({f"{r['backbone']} ({r['pretrained']})" for r in rows}) or ["-"]
+    finished = len({r["run_dir"] for r in rows})
+    lines = ["# Few-shot sweep: test accuracy (%)", "",
+             f"Backbone {', '.join(backbones)}; mean ± sample standard deviation over seeds "
+             f"{', '.join(map(str, sweep.seeds))}; {finished} of {len(runs)} runs finished. "
+             "Hyperparameters (linear-probe C, Tip-Adapter alpha and beta) are chosen on the few-shot "
+             "validation set; the test split is used only for these numbers.", ""]
+    lines += [f"## Average over {len(datasets)} dataset{'s' * (len(datasets) > 1)}", "",
+              "Per seed, the accuracy averaged over the datasets; then mean ± std over seeds.", "",
+              curve_table(average_curve(rows, datasets), methods, shots), ""]
+    curves = dataset_curves(rows)
+    for dataset in datasets:
+        lines += [f"## {dataset}", "", curve_table(curves.get(dataset, {}), methods, shots), ""]
+    return "\n".join(lines)
+
+
+def write_report(sweep: SweepConfig, runs: list[PlannedRun], rows: list[dict]) -> None:
+    out = Path(sweep.output_dir)
+    atomic_write_text(out / "results.csv", results_csv(rows))
+    atomic_write_text(out / "summary.md", summary_markdown(sweep, runs, rows))
+    written = [out / "results.csv", out / "summary.md"]
+    if sweep.plots and rows:
+        from promptlearn.plots import accuracy_plot
+        methods = list(dict.fromkeys(m for run in runs for m in run.cfg.methods))
+        datasets = list(dict.fromkeys(run.dataset for run in runs))
+        backbone = f"{runs[0].cfg.backbone.model} ({runs[0].cfg.backbone.pretrained})"
+        panels = {"average": (f"average over {len(datasets)} dataset{'s' * (len(datasets) > 1)}",
+                              average_curve(rows, datasets))}
+        panels.update({d: (d, c) for d, c in dataset_curves(rows).items()})
+        for slug, (title, curve) in panels.items():
+            path = out / "plots" / f"accuracy_{slug}.png"
+            accuracy_plot(path, f"{title}, {backbone}", curve, methods)
+            written.append(path)
+    log.info("sweep report: %s", ", ".join(map(str, written)))
+

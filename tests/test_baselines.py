@@ -1,0 +1,178 @@
+"""The baselines beside CoOp on the embedded sample and the tiny backbones: CLIP-Adapter, Tip-Adapter,
+Tip-Adapter-F and the linear probe learn, choose their hyperparameters on the validation split only,
+and Tip-Adapter with alpha 0 is zero-shot CLIP exactly."""
+import json
+
+import pytest
+import torch
+
+from helpers import FAMILIES, quick_config, tiny_backbone
+from promptlearn.config import TrainConfig, load_config
+from promptlearn.data import build_dataset
+from promptlearn.data.fewshot import load_or_draw
+from promptlearn.errors import ConfigError, DataError
+from promptlearn.features import FeatureBank, FeatureCache, SplitFeatures, TrainingFeatures
+from promptlearn.methods import build_method
+from promptlearn.methods.linear_probe import COARSE_C
+from promptlearn.methods.tip_adapter import search_grid
+from promptlearn.runner import run_experiment
+from promptlearn.trainer import Trainer, build_optimizer
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One feature cache for the module: its keys tell every backbone, split and pass apart."""
+    return tmp_path_factory.mktemp("feature-cache")
+
+
+def setup(tmp_path, shared_cache, *overrides, model="tiny-clip"):
+    """(cfg, backbone, bank, trainer) for a few-shot draw of the sample."""
+    cfg = quick_config(tmp_path, "data.shots=4", "train.feature_passes=2", "train.augment=true",
+                       f"backbone.model={model}", f"cache_dir={shared_cache}", *overrides)
+    dataset = build_dataset(cfg.data)
+    fewshot = load_or_draw(dataset, cfg.data.shots, cfg.data.seed, tmp_path / "fewshot")
+    backbone = tiny_backbone(model)
+    bank = FeatureBank(backbone, dataset, fewshot, cache=FeatureCache(cfg.cache_dir), batch_size=128,
+                       num_workers=0, skip_bad=False, seed=cfg.data.seed)
+    return cfg, backbone, bank, Trainer(cfg.train, cfg.train.epochs, cfg.data.seed, backbone.precision)
+
+
+class NoTestBank:
+    """A feature bank whose test split cannot be read: selection must happen on train and val."""
+
+    def __init__(self, bank, val: SplitFeatures | None = None):
+        self.bank, self._val = bank, val
+
+    @property
+    def test(self):
+        raise AssertionError("a method read the test split while fitting")
+
+    @property
+    def val(self):
+        return self.bank.val if self._val is None else self._val
+
+    def __getattr__(self, name):
+        return getattr(self.bank, name)
+
+
+def fitted(name, cfg, backbone, bank, trainer, tmp_path):
+    torch.manual_seed(cfg.data.seed)
+    method = build_method(name, cfg, backbone, build_dataset(cfg.data).classnames)
+    info = method.fit(NoTestBank(bank), trainer, tmp_path / name / "checkpoint.pt", resume=False)
+    return method, info
+
+
+def accuracy(method, split: SplitFeatures) -> float:
+    return 100.0 * int((method.predict(split.features).argmax(-1) == split.labels).sum()) / len(split)
+
+
+def test_tip_adapter_with_alpha_zero_is_zero_shot_exactly(tmp_path, shared_cache):
+    cfg, backbone, bank, trainer = setup(tmp_path, shared_cache, "tip_adapter.alpha_range=[0, 0]",
+                                         "tip_adapter.alpha_steps=1")
+    tip, info = fitted("tip_adapter", cfg, backbone, bank, trainer, tmp_path)
+    assert info["alpha"] == 0.0 and len(tip.keys) == len(bank.train) > 0
+    zero_shot = build_method("zeroshot", cfg, backbone, tip.classnames)
+    assert torch.equal(tip.predict(bank.test.features), zero_shot.predict(bank.test.features))
+
+
+def test_tip_adapter_cache_and_search_on_validation(tmp_path, shared_cache):
+    cfg, backbone, bank, trainer = setup(tmp_path, shared_cache, "tip_adapter.beta_steps=30")
+    tip, info = fitted("tip_adapter", cfg, backbone, bank, trainer, tmp_path)
+    expected_keys = TrainingFeatures(bank, 2, True).mean_over_passes()
+    assert torch.allclose(tip.keys, expected_keys) and torch.allclose(tip.keys.norm(dim=-1), torch.ones(len(tip.keys)))
+    assert torch.equal(tip.values.argmax(-1), bank.train.labels) and torch.all(tip.values.sum(-1) == 1)
+    assert info["alpha"] in search_grid(cfg.tip_adapter.alpha_range, cfg.tip_adapter.alpha_steps)
+    assert info["beta"] in search_grid(cfg.tip_adapter.beta_range, 30)
+    assert info["val_accuracy"] == pytest.approx(accuracy(tip, bank.val))
+    # no grid point does better on the validation set than the chosen one
+    for alpha in (0.1, 5.0, 10.0):
+        tip.alpha = alpha
+        assert accuracy(tip, bank.val) <= info["val_accuracy"]
+
+
+def test_tip_adapter_f_fine_tuning_raises_training_accuracy(tmp_path, shared_cache):
+    # alpha and beta held at 1 so that only the fine-tuned keys differ from the training-free cache
+    fixed = ["tip_adapter.alpha_range=[1, 1]", "tip_adapter.alpha_steps=1", "tip_adapter.beta_range=[1, 1]",
+             "tip_adapter.beta_steps=1"]
+    cfg, backbone, bank, trainer = setup(tmp_path, shared_cache, "data.shots=16", "train.augment=false",
+                                         "tip_adapter.lr=0.01", *fixed)
+    tip, _ = fitted("tip_adapter", cfg, backbone, bank, trainer, tmp_path)
+    tip_f, info = fitted("tip_adapter_f", cfg, backbone, bank, trainer, tmp_path)
+    history = info["history"]
+    assert len(history) == cfg.tip_adapter.epochs == 20 and history[-1]["loss"] < history[0]["loss"]
+    assert tip_f.keys.requires_grad and not torch.allclose(tip_f.keys, tip.keys)
+    assert accuracy(tip_f, bank.train) > accuracy(tip, bank.train) + 15
+
+
+def test_clip_adapter_learning_raises_training_accuracy(tmp_path, shared_cache):
+    cfg, backbone, bank, trainer = setup(tmp_path, shared_cache, "data.shots=16", "train.augment=false",
+                                         "train.epochs=30", "clip_adapter.lr=0.1", "clip_adapter.alpha=0.6")
+    torch.manual_seed(cfg.data.seed)
+    untrained = build_method("clip_adapter", cfg, backbone, build_dataset(cfg.data).classnames)
+    adapter, info = fitted("clip_adapter", cfg, backbone, bank, trainer, tmp_path)
+    assert len(info["history"]) == 30
+    assert accuracy(adapter, bank.train) > accuracy(untrained, bank.train) + 10
+    first, second = adapter.adapter[0], adapter.adapter[2]
+    assert first.bias is None and second.bias is None
+    assert (first.in_features, first.out_features, second.out_features) == (32, 8, 32)
+
+
+def test_linear_probe_chooses_a_searched_c(tmp_path, shared_cache):
+    cfg, backbone, bank, trainer = setup(tmp_path, shared_cache)
+    _, info = fitted("linear_probe", cfg, backbone, bank, trainer, tmp_path)
+    assert info["C"] in info["searched_C"] and set(COARSE_C) <= set(info["searched_C"])
+
+
+def test_methods_need_a_validation_set(tmp_path, shared_cache):
+    cfg, backbone, bank, trainer = setup(tmp_path, shared_cache)
+    empty = SplitFeatures(torch.zeros(0, backbone.embed_dim), torch.zeros(0, dtype=torch.long), [])
+    for name in ("tip_adapter", "tip_adapter_f", "linear_probe"):
+        method = build_method(name, cfg, backbone, build_dataset(cfg.data).classnames)
+        with pytest.raises(DataError, match="validation set"):
+            method.fit(NoTestBank(bank, val=empty), trainer, tmp_path / "x.pt", resume=False)
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_every_baseline_fits_on_every_tiny_backbone(tmp_path, shared_cache, model):
+    cfg, backbone, bank, trainer = setup(tmp_path, shared_cache, "data.shots=2", "train.epochs=2",
+                                         "tip_adapter.epochs=2", "tip_adapter.beta_steps=5", model=model)
+    for name in ("clip_adapter", "tip_adapter", "tip_adapter_f"):
+        method, info = fitted(name, cfg, backbone, bank, trainer, tmp_path)
+        logits = method.predict(bank.test.features)
+        assert logits.shape == (len(bank.test), len(method.classnames)) and torch.isfinite(logits).all(), name
+
+
+def test_run_experiment_reports_and_resumes_the_baselines(tmp_path, shared_cache):
+    overrides = ["methods=[zeroshot, clip_adapter, tip_adapter, tip_adapter_f]", "train.epochs=3",
+                 "tip_adapter.epochs=3", "tip_adapter.beta_steps=10", f"cache_dir={shared_cache}"]
+    metrics = run_experiment(quick_config(tmp_path, *overrides))
+    out = tmp_path / "run"
+    for name in ("clip_adapter", "tip_adapter_f"):
+        assert (out / name / "checkpoint.pt").is_file()
+        assert len(json.loads((out / name / "history.json").read_text())) == 3
+    assert {"alpha", "beta", "val_accuracy", "cache_size"} <= set(metrics["tip_adapter"])
+    assert metrics["tip_adapter_f"]["cache_size"] == 160
+    again = run_experiment(quick_config(tmp_path, *overrides), resume=True)  # finished checkpoints: no training
+    for name in ("clip_adapter", "tip_adapter", "tip_adapter_f"):
+        assert again[name]["accuracy"] == metrics[name]["accuracy"]
+    assert again["tip_adapter_f"]["alpha"] == metrics["tip_adapter_f"]["alpha"]
+
+
+def test_adamw_recipe_leaves_sgd_as_the_default():
+    sgd = build_optimizer([torch.nn.Parameter(torch.zeros(2))], TrainConfig())
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9 and sgd.defaults["lr"] == 0.002
+    adamw = build_optimizer([torch.nn.Parameter(torch.zeros(2))], TrainConfig(optimizer="adamw", lr=0.001, eps=1e-4))
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["eps"] == 1e-4
+    trainer = Trainer(TrainConfig(), 50, seed=3).with_recipe(TrainConfig(optimizer="adamw"), 20)
+    assert (trainer.epochs, trainer.seed, trainer.cfg.optimizer) == (20, 3, "adamw")
+
+
+def test_baseline_config_errors():
+    with pytest.raises(ConfigError, match="did you mean 'tip_adapter.alpha_range'"):
+        load_config([], ["tip_adapter.alpha_rang=[0, 1]"])
+    with pytest.raises(ConfigError, match="tip_adapter.beta_range must be"):
+        load_config([], ["tip_adapter.beta_range=[5, 1]"])
+    with pytest.raises(ConfigError, match="train.optimizer must be one of sgd, adamw"):
+        load_config([], ["train.optimizer=adam"])
+    with pytest.raises(ConfigError, match="clip_adapter.alpha must be in"):
+        load_config([], ["clip_adapter.alpha=1.5"])
