@@ -11,10 +11,12 @@ from promptlearn.backbone import load_backbone
 from promptlearn.config import RunConfig, dump_yaml, protocol_epochs
 from promptlearn.data import build_dataset
 from promptlearn.data.fewshot import load_or_draw
+from promptlearn.decoder import save_decoded_prompt
 from promptlearn.evaluation import evaluate
 from promptlearn.features import FeatureBank, FeatureCache
 from promptlearn.io import RunLock, atomic_write_json, atomic_write_text, check_writable
 from promptlearn.methods import build_method
+from promptlearn.methods.coop import CoOp
 from promptlearn.report import comparison_table
 from promptlearn.trainer import Trainer
 
@@ -40,7 +42,7 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
         log.info("%s: %d classes, %d-shot draw (seed %d): %d train, %d val, %d test images; %d epochs",
                  dataset.name, dataset.num_classes, cfg.data.shots, cfg.data.seed, len(fewshot.train),
                  len(fewshot.val), len(dataset.test), epochs)
-        metrics = {}
+        metrics, decoded_reports = {}, []
         for name in cfg.methods:
             torch.manual_seed(cfg.data.seed)  # a method's random init depends only on the seed
             method = build_method(name, cfg, backbone, dataset.classnames)             # method
@@ -59,15 +61,17 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
             result = evaluate(method.predict(test.features), test.labels, test.paths,   # evaluation
                               dataset.classnames, folder, cfg.eval.ece_bins)
             result.update(info, train_seconds=info.get("train_seconds", seconds))
-            if method.trains and hasattr(method, "decoded_prompt"):
-                result["decoded_prompt"] = method.decoded_prompt(folder, cfg.eval.decode_topk)
+            if isinstance(method, CoOp):  # the learned context read as words, printed after the table
+                decoded = save_decoded_prompt(method, folder, cfg.eval.decode_topk)
+                result["decoded_prompt"] = decoded.summary()
+                decoded_reports.append(decoded.report(detail=False))
             metrics[name] = result
             atomic_write_json(out / "metrics.json", metrics)
         table = comparison_table(metrics, f"{dataset.name}, {cfg.data.shots} shots, seed {cfg.data.seed}, "
                                           f"{backbone.name} ({backbone.pretrained})")
         atomic_write_text(out / "summary.md", table + "\n")                             # report
         atomic_write_json(out / COMPLETE_MARKER, {"methods": list(metrics)})
-        print(table)
+        print("\n\n".join([table, *decoded_reports]))
         return metrics
 
 
