@@ -19,7 +19,7 @@ def main(argv=None) -> int:
                         help="run nothing; rebuild the CSV, summary and plots from the finished runs")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="overrides: run keys (train.epochs=5) or sweep keys (sweep.shots=[1,2])")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags and key=value in any order
     sweep, base, run_overrides = load_sweep(args.config, args.overrides)
     run_sweep(sweep, plan_runs(sweep, base, run_overrides), report_only=args.report_only)
     out = Path(sweep.output_dir)

@@ -15,7 +15,7 @@ def main(argv=None) -> int:
     add_run_arguments(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoints")
     parser.add_argument("--eval-only", metavar="CKPT", help="evaluate a saved CoOp checkpoint, no training")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags and key=value in any order
     run_experiment(config_from_args(args), resume=args.resume, eval_only=args.eval_only)
     return 0
 
