@@ -4,12 +4,15 @@ CoOp puts learned vectors where words would be, so it needs the tower from the e
 `TextTower` composes open_clip's own modules (positional embedding, attention mask, transformer,
 final norm, pooling, projection) for both model families; the exactness tests compare it with
 open_clip's `encode_text` so any drift in open_clip shows up as a failing test.
+`encode_shared_prefix` is the same computation for prompts that share their start, doing the
+start once; tests compare it with `encode`.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from open_clip.model import CLIP
-from open_clip.transformer import TextTransformer, text_global_pool
+from open_clip.transformer import ResidualAttentionBlock, TextTransformer, text_global_pool
 
 from promptlearn.errors import PromptlearnError
 
@@ -51,6 +54,23 @@ class TextTower:
         """Running at the longest real prompt length is exact only when no position reads the padding."""
         return self.causal and self.pool_type in ("argmax", "eos", "first")
 
+    def can_share_prefix(self, token_ids: torch.Tensor, prefix_length: int) -> bool:
+        """Whether `encode_shared_prefix` is exact for these prompts: under a causal mask the first
+        `prefix_length` positions never see what follows, so if every prompt has the same ids there,
+        their hidden states are the same for all prompts. The pooled position must lie after the
+        prefix, and every block must be open_clip's plain residual block, whose arithmetic
+        `_tail_block` repeats (a block of any other type falls back to `encode`)."""
+        return (self.causal and not self.use_pad_mask and self.transformer.batch_first
+                and 0 < prefix_length < token_ids.shape[1]
+                and all(_is_plain_block(b) for b in self.transformer.resblocks)
+                and bool((token_ids[:, :prefix_length] == token_ids[:1, :prefix_length]).all())
+                and bool((self.pooled_positions(token_ids) >= prefix_length).all()))
+
+    def pooled_positions(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The position each prompt's feature is read at, by open_clip's own pooling rule."""
+        positions = torch.arange(token_ids.shape[1], device=token_ids.device).expand_as(token_ids)
+        return text_global_pool(positions[..., None], token_ids, self.pool_type, eos_token_id=self.eos_id)[..., 0]
+
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.token_embedding(token_ids)
 
@@ -64,10 +84,57 @@ class TextTower:
             mask = self.source._build_additive_mask(token_ids, length, x.dtype)
         x = self.transformer(x, attn_mask=mask)
         x = self.ln_final(x)
-        x = text_global_pool(x, token_ids, self.pool_type, eos_token_id=self.eos_id)
-        if self.text_projection is not None:
-            if isinstance(self.text_projection, torch.nn.Linear):
-                x = self.text_projection(x)
-            else:
-                x = x @ self.text_projection
-        return x
+        return self._project(text_global_pool(x, token_ids, self.pool_type, eos_token_id=self.eos_id))
+
+    def encode_shared_prefix(self, prefix: torch.Tensor, rest: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """`encode` of prompts that all start with `prefix` [P, D], given once, followed by `rest`
+        [N, L-P, D]: the prefix runs through each block once and only the rest of every prompt
+        attends to its keys and values. Only where `can_share_prefix(token_ids, P)` holds."""
+        n, p, length = rest.shape[0], prefix.shape[0], token_ids.shape[1]
+        cast_dtype = self.transformer.get_cast_dtype()
+        position = self.positional_embedding[:length].to(cast_dtype)
+        head = (prefix.to(cast_dtype) + position[:p])[None]
+        x = rest.to(cast_dtype) + position[p:]
+        mask = self.attn_mask[:length, :length]
+        blocks = self.transformer.resblocks
+        for i, block in enumerate(blocks):
+            x = _tail_block(block, head, x, mask[p:])
+            if i + 1 < len(blocks):  # the last block's prefix output is read by nothing
+                head = block(head, attn_mask=mask[:p, :p])
+        x = self.ln_final(x)
+        return self._project(x[torch.arange(n, device=x.device), self.pooled_positions(token_ids) - p])
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        if self.text_projection is None:
+            return x
+        if isinstance(self.text_projection, torch.nn.Linear):
+            return self.text_projection(x)
+        return x @ self.text_projection
+
+
+def _is_plain_block(block: torch.nn.Module) -> bool:
+    attn = getattr(block, "attn", None)
+    return (type(block) is ResidualAttentionBlock and not hasattr(block, "ln_1_kv")
+            and type(attn) is torch.nn.MultiheadAttention and attn.batch_first and attn._qkv_same_embed_dim
+            and attn.bias_k is None and attn.bias_v is None and not attn.add_zero_attn and attn.dropout == 0)
+
+
+def _tail_block(block: ResidualAttentionBlock, head: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`block` on the positions after a shared prefix: what block(cat(head, x)) gives at x's rows.
+    The prefix's keys and values are projected once and shared by all N prompts; the attention is
+    nn.MultiheadAttention's arithmetic (in-projection, scaled dot product, out-projection) on the
+    block's own weights."""
+    attn, (n, _, width) = block.attn, x.shape
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    q, k, v = F.linear(block.ln_1(x), weight, bias).chunk(3, dim=-1)
+    head_k, head_v = F.linear(block.ln_1(head), weight[width:],
+                              None if bias is None else bias[width:]).chunk(2, dim=-1)
+    k = torch.cat([head_k.expand(n, -1, -1), k], dim=1)
+    v = torch.cat([head_v.expand(n, -1, -1), v], dim=1)
+
+    def split_heads(t: torch.Tensor) -> torch.Tensor:  # [N, L, D] -> [N, H, L, D/H]
+        return t.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(split_heads(q), split_heads(k), split_heads(v), attn_mask=mask.to(q.dtype))
+    x = x + block.ls_1(attn.out_proj(out.transpose(1, 2).flatten(2)))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))

@@ -59,8 +59,9 @@ class PromptLearner(nn.Module):
             ids, pos = self._layout(tok, placeholder, name, dot, cfg.class_position)
             if len(ids) > tower.context_length:
                 raise PromptlearnError(
-                    f"the prompt for class {name!r} is {len(ids)} tokens, more than the text tower's "
-                    f"context length {tower.context_length}; shorten the class name or use a smaller coop.n_ctx")
+                    f"the prompt for class {name!r} is {len(ids)} tokens ({n_ctx} of them context), more than the "
+                    f"text tower's context length {tower.context_length}; shorten the class name, or the context "
+                    "(a shorter coop.ctx_init phrase or a smaller coop.n_ctx)")
             rows.append(ids)
             positions.append(pos)
         length = max(map(len, rows)) if cfg.truncate_prompts and tower.can_truncate else tower.context_length
@@ -72,6 +73,8 @@ class PromptLearner(nn.Module):
         with torch.no_grad():
             self.register_buffer("token_embeds", tower.embed(token_ids).float(), persistent=False)
         self.register_buffer("ctx_positions", torch.tensor(positions, device=backbone.device), persistent=False)
+        # a unified context with the class at the end: every prompt starts [SOS] [ctx_1 .. ctx_M]
+        self.prefix_length = len(tok.start_ids) + n_ctx if not class_specific and self.position == "end" else None
 
     @staticmethod
     def _layout(tok, ctx_ids, name, dot, position):
@@ -95,6 +98,13 @@ class PromptLearner(nn.Module):
         rows = torch.arange(n_cls, device=ctx.device)[:, None].expand_as(self.ctx_positions)
         return self.token_embeds.index_put((rows, self.ctx_positions), ctx.to(self.token_embeds.dtype))
 
+    def shared_prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The start every prompt shares, context in place [P, D], and each prompt's rest [C, L-P, D]
+        (only when `prefix_length` is set)."""
+        p = self.prefix_length
+        prefix = self.token_embeds[0, :p].index_put((self.ctx_positions[0],), self.ctx.to(self.token_embeds.dtype))
+        return prefix, self.token_embeds[:, p:]
+
 
 @register_method("coop")
 class CoOp(Method):
@@ -105,22 +115,31 @@ class CoOp(Method):
         super().__init__(cfg, backbone, classnames)
         specific = cfg.coop.class_specific if self.force_class_specific is None else self.force_class_specific
         self.prompts = PromptLearner(backbone, classnames, cfg.coop, specific)
+        prefix = self.prompts.prefix_length
+        self.share_prefix = (cfg.coop.share_prefix and prefix is not None
+                             and backbone.text.can_share_prefix(self.prompts.token_ids, prefix))
 
     def _encode(self, embeds: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return self.backbone.text.encode(embeds, ids)
 
     def text_features(self) -> torch.Tensor:
-        """[C, D] L2-normalised class features; chunks of classes under activation checkpointing
-        bound the memory of a training step by the chunk size instead of the class count."""
-        embeds, ids = self.prompts(), self.prompts.token_ids
+        """[C, D] L2-normalised class features. With a shared prefix the prompt start runs through the
+        tower once (per chunk); chunks of classes under activation checkpointing bound the memory of
+        a training step by the chunk size instead of the class count."""
+        ids = self.prompts.token_ids
+        if self.share_prefix:
+            prefix, embeds = self.prompts.shared_prefix()
+            encode, shared = self.backbone.text.encode_shared_prefix, (prefix,)
+        else:
+            embeds, encode, shared = self.prompts(), self._encode, ()
         chunk = self.cfg.coop.class_chunk or len(ids)
         if chunk >= len(ids):
-            return F.normalize(self._encode(embeds, ids).float(), dim=-1)
+            return F.normalize(encode(*shared, embeds, ids).float(), dim=-1)
         parts = []
         for s in range(0, len(ids), chunk):
-            args = (embeds[s:s + chunk], ids[s:s + chunk])
-            parts.append(checkpoint(self._encode, *args, use_reentrant=False) if torch.is_grad_enabled()
-                         else self._encode(*args))
+            args = (*shared, embeds[s:s + chunk], ids[s:s + chunk])
+            parts.append(checkpoint(encode, *args, use_reentrant=False) if torch.is_grad_enabled()
+                         else encode(*args))
         return F.normalize(torch.cat(parts).float(), dim=-1)
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:

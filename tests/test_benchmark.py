@@ -1,0 +1,44 @@
+"""tools/benchmark.py in quick mode on a tiny backbone: it writes its JSON with both paths measured and
+the same logits at the same context. Timings are machine facts, not asserted."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from promptlearn.benchmark import BenchmarkSpec, class_names
+
+REPO = Path(__file__).resolve().parent.parent
+PATH_FIELDS = {"precision", "prompt_length", "time_per_step_s", "measured_steps", "full_run_s",
+               "peak_memory_mb", "memory_after_load_mb", "memory_kind"}
+
+
+def test_quick_benchmark_writes_both_paths_and_equal_logits(tmp_path):
+    out = tmp_path / "bench" / "result.json"
+    run = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark.py"), "--quick", "--model", "tiny-clip",
+                          "--classes", "3", "--shots", "4", "--device", "cpu", "--output", str(out)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["device"].startswith("CPU") and result["backbone"] == "tiny-clip" and result["quick"]
+    assert (result["classes"], result["shots"], result["train_images"]) == (3, 4, 12)
+    assert result["epochs"] == 100 and result["steps_per_epoch"] == 1 and result["total_steps"] == 100
+    reference, ours = result["reference"], result["promptlearn"]
+    assert PATH_FIELDS <= reference.keys() and PATH_FIELDS <= ours.keys()
+    assert reference["prompt_length"] == 77 and ours["prompt_length"] < 77 and ours["shared_prefix_length"] == 17
+    for path in (reference, ours):
+        assert path["time_per_step_s"] > 0 and path["peak_memory_mb"] > 0 and path["memory_kind"] == "peak RSS"
+        assert path["full_run_s"] > 0
+    assert ours["full_run_s"] == ours["feature_extraction_s"] + ours["training_s"]
+    assert ours["text_tower_flops_per_step"] > 0 and ours["device_peak_tflops"] is None  # no peak on a CPU
+    assert result["speedup"] == reference["full_run_s"] / ours["full_run_s"]
+    assert result["max_logit_difference"] < 1e-4
+    assert "speed-up" in run.stdout
+
+
+def test_spec_extrapolates_the_protocol_run():
+    spec = BenchmarkSpec(classes=1000, shots=16, protocol="imagenet")
+    assert (spec.train_images, spec.run_epochs, spec.steps_per_epoch) == (16000, 50, 500)
+    assert BenchmarkSpec(classes=10, shots=16).run_epochs == 200
+    assert len(set(class_names(1200))) == 1200
