@@ -20,6 +20,7 @@ log = logging.getLogger("promptlearn")
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)  # the tiny test models: tiny-clip, tiny-rn-clip, ...
 
+RANDOM_INIT_SEED = 0  # random (pretrained=none) backbones are the same in every process
 EVA_LOGIT_SCALE = 100.0  # EVA-CLIP convention for checkpoints with a missing or infinite scale
 RANDOM_WEIGHTS_WARNING = (
     "\n" + "!" * 78 + "\n"
@@ -136,8 +137,10 @@ def load_backbone(cfg: BackboneConfig) -> FrozenCLIP:
     pretrained = _resolve_pretrained(cfg)
     device = resolve_device(cfg.device)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            cfg.model, pretrained=pretrained, device=device, cache_dir=cfg.cache_dir)
+        with torch.random.fork_rng(devices=[]):  # seeded init, without touching the caller's generator
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                cfg.model, pretrained=pretrained, device=device, cache_dir=cfg.cache_dir)
     except Exception as e:  # open_clip raises RuntimeError/OSError/HF errors for download and load faults
         if pretrained and Path(pretrained).is_file():
             raise PromptlearnError(

@@ -38,7 +38,6 @@ from promptlearn.data.loader import ImageItems, collate_images
 from promptlearn.data.transforms import eval_transform, train_transform
 from promptlearn.features import SplitFeatures, extract_features
 from promptlearn.methods.coop import CoOp
-from promptlearn.runner import BACKBONE_INIT_SEED
 from promptlearn.trainer import Trainer, batch_order, build_optimizer, lr_factor
 
 SEED = 1
@@ -145,11 +144,6 @@ def run_config(spec: BenchmarkSpec, reference: bool) -> RunConfig:
     return cfg
 
 
-def load(cfg: RunConfig) -> FrozenCLIP:
-    torch.manual_seed(BACKBONE_INIT_SEED)  # the same random backbone in every process
-    return load_backbone(cfg.backbone)
-
-
 def build_coop(cfg: RunConfig, backbone: FrozenCLIP, classnames: list[str]) -> CoOp:
     torch.manual_seed(cfg.data.seed)  # the same initial context in every process, as the runner seeds it
     return CoOp(cfg, backbone, classnames).to(backbone.device)
@@ -215,7 +209,7 @@ def memory_facts(device: torch.device, after_load: float) -> dict:
 
 def measure_reference(spec: BenchmarkSpec, classnames: list[str], items: list[Item]) -> dict:
     cfg = run_config(spec, reference=True)
-    backbone = load(cfg)
+    backbone = load_backbone(cfg.backbone)
     after_load = peak_memory_mb(backbone.device)
     method = build_coop(cfg, backbone, classnames)
     stamps = [clock(backbone.device)]
@@ -240,7 +234,7 @@ class _FixedFeatures:
 
 def measure_promptlearn(spec: BenchmarkSpec, classnames: list[str], items: list[Item]) -> dict:
     cfg = run_config(spec, reference=False)
-    backbone = load(cfg)
+    backbone = load_backbone(cfg.backbone)
     device = backbone.device
     after_load = peak_memory_mb(device)
 
@@ -309,7 +303,7 @@ def max_logit_difference(spec: BenchmarkSpec, classnames: list[str], items: list
     """Largest |logit| difference between the two paths' CoOp at the same context, both in fp32."""
     cfg = run_config(spec, reference=False)
     cfg.backbone.precision = "fp32"
-    backbone = load(cfg)
+    backbone = load_backbone(cfg.backbone)
     reference_cfg = run_config(spec, reference=True)
     reference_cfg.backbone.precision = "fp32"
     ours, theirs = build_coop(cfg, backbone, classnames), build_coop(reference_cfg, backbone, classnames)

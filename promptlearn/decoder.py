@@ -337,10 +337,7 @@ def write_decoded_prompt(decoded: DecodedPrompt, folder: str | Path) -> None:
 
 
 def rebuild_backbone(model: str, pretrained: str, device: str = "auto") -> FrozenCLIP:
-    """The backbone a run used. Random backbones (pretrained=none) are rebuilt from the runs' seed."""
-    from promptlearn.runner import BACKBONE_INIT_SEED  # the runner imports this module
-
-    torch.manual_seed(BACKBONE_INIT_SEED)
+    """The backbone a run used (load_backbone seeds random backbones the same way in every process)."""
     return load_backbone(BackboneConfig(model=model, pretrained=pretrained, device=device))
 
 

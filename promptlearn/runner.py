@@ -22,7 +22,6 @@ from promptlearn.trainer import Trainer
 
 log = logging.getLogger("promptlearn")
 COMPLETE_MARKER = "run_complete.json"
-BACKBONE_INIT_SEED = 0  # random (pretrained=none) backbones are the same in every run
 
 
 def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None = None) -> dict:
@@ -32,7 +31,6 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
         dataset = build_dataset(cfg.data)                                               # data
         fewshot = load_or_draw(dataset, cfg.data.shots, cfg.data.seed, cfg.data.fewshot_dir or out / "fewshot")
-        torch.manual_seed(BACKBONE_INIT_SEED)
         backbone = load_backbone(cfg.backbone)                                          # frozen backbone
         bank = FeatureBank(backbone, dataset, fewshot, cache=FeatureCache.from_setting(cfg.cache_dir),
                            batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,

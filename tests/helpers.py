@@ -16,7 +16,6 @@ FAMILIES = ["tiny-clip", "tiny-custom-clip", "tiny-bidir-clip", "tiny-rn-clip"]
 
 
 def tiny_backbone(model: str = "tiny-clip") -> FrozenCLIP:
-    torch.manual_seed(0)
     return load_backbone(BackboneConfig(model=model, pretrained="none", device="cpu"))
 
 
@@ -41,7 +40,7 @@ class NoStartTokenizer:
 
 
 def no_start_backbone() -> FrozenCLIP:
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # open_clip's random init, as load_backbone seeds it
     model, _, preprocess = open_clip.create_model_and_transforms("tiny-bidir-clip", pretrained=None)
     cfg = BackboneConfig(model="tiny-bidir-clip", pretrained="none", device="cpu")
     return FrozenCLIP(model, NoStartTokenizer(32), preprocess, cfg, torch.device("cpu"))

@@ -99,3 +99,13 @@ def test_text_tower_matches_encode_text(model):
     b = tiny_backbone(model)
     ids = b.tokenizer(["a photo of a dog.", "an origami golden retriever."])
     assert torch.equal(b.text.encode(b.text.embed(ids), ids), b.model.encode_text(ids))
+
+
+def test_random_backbones_are_identical_and_leave_the_global_generator_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a = load_backbone(BackboneConfig(model="tiny-clip", pretrained="none", device="cpu"))
+    assert torch.equal(torch.rand(1), expected_next)
+    b = load_backbone(BackboneConfig(model="tiny-clip", pretrained="none", device="cpu"))
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))

@@ -14,7 +14,6 @@ import pytest
 from fixtures_data import (
     AIRCRAFT_VARIANTS,
     IMAGENET_CLASSES,
-    PETS_CLASSES,
     make_csv,
     make_eurosat,
     make_fgvc_aircraft,

@@ -14,7 +14,6 @@ from promptlearn.config import BackboneConfig, RunConfig
 from promptlearn.data.base import DatasetSplits
 from promptlearn.data.fewshot import FewShotSplit
 from promptlearn.features import FeatureBank, FeatureCache
-from promptlearn.runner import BACKBONE_INIT_SEED
 from promptlearn.trainer import Trainer
 
 CAUSAL = ["tiny-clip", "tiny-custom-clip", "tiny-rn-clip"]
@@ -24,7 +23,6 @@ NAMES = ["cat", "golden retriever", "sea lion", "x", "hot air balloon"]
 
 @pytest.fixture(scope="module")
 def backbones() -> dict[str, FrozenCLIP]:
-    torch.manual_seed(BACKBONE_INIT_SEED)
     return {name: load_backbone(BackboneConfig(model=name, pretrained="none", device="cpu")) for name in FAMILIES}
 
 
@@ -84,7 +82,6 @@ def test_no_shared_prefix_where_prompts_start_differently(backbones, layout):
 
 
 def test_an_unknown_block_type_falls_back_to_the_plain_computation():
-    torch.manual_seed(BACKBONE_INIT_SEED)
     backbone = load_backbone(BackboneConfig(model="tiny-clip", pretrained="none", device="cpu"))
     plain = features_and_grad(backbone, coop_config(truncate_prompts=True))
     block = backbone.text.transformer.resblocks[0]
