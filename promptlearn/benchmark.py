@@ -225,6 +225,8 @@ def measure_reference(spec: BenchmarkSpec, classnames: list[str], items: list[It
 class _FixedFeatures:
     """Trainer data that gives the same features every epoch."""
 
+    draw = {"dataset": "benchmark", "shots": 0}
+
     def __init__(self, split: SplitFeatures):
         self.split = split
 

@@ -57,6 +57,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic and not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch's zip or a pickle
+        raise CheckpointError(f"{path} is not a checkpoint (not a PyTorch file); pass a checkpoint.pt "
+                              "that promptlearn wrote")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

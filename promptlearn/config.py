@@ -300,16 +300,14 @@ def validate(cfg: RunConfig) -> None:
          "tip_adapter.epochs must be 0 or more, tip_adapter.batch_size at least 1 and tip_adapter.lr positive")
     for t in [cfg.data.template, *cfg.data.templates]:
         need("{}" in t, f"data.template {t!r} must contain {{}} where the class name goes")
+        try:
+            t.format("class name")
+        except (IndexError, KeyError, ValueError):
+            need(False, f"data.template {t!r} must hold exactly one {{}} and no other braces")
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
-
-
-def from_dict(tree: dict[str, Any], source: str) -> RunConfig:
-    cfg = apply(RunConfig(), _flatten(tree, source), source)
-    validate(cfg)
-    return cfg
 
 
 def dump_yaml(cfg: RunConfig) -> str:

@@ -156,6 +156,11 @@ class TrainingFeatures:
     def __init__(self, bank: FeatureBank, passes: int, augment: bool):
         self.bank, self.passes, self.augment = bank, passes, augment
 
+    @property
+    def draw(self) -> dict:
+        """Which few-shot draw these features come from (checked when training resumes)."""
+        return {"dataset": self.bank.fewshot.dataset, "shots": self.bank.fewshot.shots}
+
     def epoch(self, epoch: int) -> SplitFeatures:
         if self.passes == 0:
             return self.bank.train_pass(epoch, self.augment, cached=False)

@@ -10,7 +10,8 @@ import torch
 from promptlearn.backbone import load_backbone
 from promptlearn.config import RunConfig, dump_yaml, protocol_epochs
 from promptlearn.data import build_dataset
-from promptlearn.data.fewshot import load_or_draw
+from promptlearn.data.fewshot import FewShotSplit, load_or_draw
+from promptlearn.errors import ConfigError
 from promptlearn.decoder import save_decoded_prompt
 from promptlearn.evaluation import evaluate
 from promptlearn.features import FeatureBank, FeatureCache
@@ -30,7 +31,7 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
         (out / COMPLETE_MARKER).unlink(missing_ok=True)
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
         dataset = build_dataset(cfg.data)                                               # data
-        fewshot = load_or_draw(dataset, cfg.data.shots, cfg.data.seed, cfg.data.fewshot_dir or out / "fewshot")
+        fewshot = few_shot_draw(cfg, dataset, out, eval_only)
         backbone = load_backbone(cfg.backbone)                                          # frozen backbone
         bank = FeatureBank(backbone, dataset, fewshot, cache=FeatureCache.from_setting(cfg.cache_dir),
                            batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
@@ -46,7 +47,7 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
             method = build_method(name, cfg, backbone, dataset.classnames)             # method
             folder = out / name
             began = time.perf_counter()
-            if eval_only and method.trains:
+            if eval_only and isinstance(method, CoOp):
                 method.restore(eval_only)
                 info = {"checkpoint": str(eval_only)}
             else:
@@ -71,6 +72,19 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
         atomic_write_json(out / COMPLETE_MARKER, {"methods": list(metrics)})
         print("\n\n".join([table, *decoded_reports]))
         return metrics
+
+
+def few_shot_draw(cfg: RunConfig, dataset, out: Path, eval_only: str | None) -> FewShotSplit:
+    """The saved or new draw; none for evaluation-only sets (ImageNet-V2/-Sketch/-A/-R), where only
+    zero-shot and saved CoOp prompts can run."""
+    if dataset.train:
+        return load_or_draw(dataset, cfg.data.shots, cfg.data.seed, cfg.data.fewshot_dir or out / "fewshot")
+    needs_training = [m for m in cfg.methods if m != "zeroshot" and not (eval_only and m in ("coop", "coop_csc"))]
+    if needs_training:
+        raise ConfigError(f"dataset {dataset.name!r} has no training images (an evaluation-only set), so "
+                          f"{', '.join(needs_training)} cannot run; use methods=[zeroshot, coop] with "
+                          "--eval-only CKPT to evaluate a prompt trained elsewhere")
+    return FewShotSplit(dataset.name, cfg.data.shots, cfg.data.seed, [], [])
 
 
 def is_complete(folder: str | Path) -> bool:

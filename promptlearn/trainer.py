@@ -3,6 +3,7 @@ mixed precision on GPU, deterministic batches, atomic checkpoints, resume, Ctrl-
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from promptlearn.checkpoint import DamagedCheckpoint, save_checkpoint, set_aside
+from promptlearn.checkpoint import DamagedCheckpoint, check_meta, save_checkpoint, set_aside
 from promptlearn.config import TrainConfig
 from promptlearn.errors import PromptlearnError
 
@@ -67,28 +68,36 @@ class Trainer:
         """This trainer (seed, precision) under a method's own recipe: optimiser, lr, batch size, epochs."""
         return Trainer(cfg, epochs, self.seed, self.precision)
 
+    def recipe(self, data: "TrainingFeatures") -> dict:
+        """Everything that changes the result of training: resuming under another recipe is refused."""
+        settings = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "checkpoint_every"}
+        return {**settings, "epochs": self.epochs, "seed": self.seed, **data.draw}
+
     def fit(self, method: "Method", data: "TrainingFeatures", checkpoint: Path, resume: bool = False) -> dict:
         cfg, device = self.cfg, method.device
         params = [p for p in method.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg, self.epochs))
         scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and self.precision == "fp16")
-        meta = method.checkpoint_meta()
-        start, history = 0, []
+        meta, recipe = method.checkpoint_meta(), self.recipe(data)
+        start, history, seconds_before = 0, [], 0.0
         saved = restore_unless_damaged(method, checkpoint) if resume and checkpoint.is_file() else None
         if saved is not None:
+            check_meta(checkpoint, saved.get("recipe", {}), recipe)
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             start, history = int(saved["epoch"]), list(saved.get("history", []))
+            seconds_before = float(saved.get("train_seconds", 0.0))
             log.info("%s: resumed from %s at epoch %d", method.name, checkpoint, start)
+        began = time.perf_counter()
 
         def snapshot(epoch: int) -> dict:
-            return {"method": method.name, "meta": meta, "epoch": epoch, "epochs": self.epochs,
+            return {"method": method.name, "meta": meta, "recipe": recipe, "epoch": epoch, "epochs": self.epochs,
                     "state": method.trainable_state(), "optimizer": copy.deepcopy(optimizer.state_dict()),
-                    "scheduler": scheduler.state_dict(), "history": list(history)}
+                    "scheduler": scheduler.state_dict(), "history": list(history),
+                    "train_seconds": seconds_before + time.perf_counter() - began}
 
         last_done = snapshot(start)
-        began = time.perf_counter()
         try:
             for epoch in range(start, self.epochs):
                 history.append(self._epoch(method, data, optimizer, scaler, epoch, last_done["epoch"]))
@@ -107,7 +116,7 @@ class Trainer:
             raise
         if self.epochs == 0 or start == self.epochs:
             save_checkpoint(checkpoint, last_done)
-        return {"epochs": self.epochs, "train_seconds": time.perf_counter() - began, "history": history}
+        return {"epochs": self.epochs, "train_seconds": last_done["train_seconds"], "history": history}
 
     def _epoch(self, method, data, optimizer, scaler, epoch: int, checkpoint_epoch: int) -> dict:
         device = method.device

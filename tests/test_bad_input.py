@@ -315,19 +315,32 @@ def _coop(model: str = "tiny-clip", classnames=("cat", "dog"), *overrides: str):
     return build_method("coop", cfg, tiny_backbone(model), list(classnames))
 
 
-@pytest.mark.parametrize("other, message", [
-    (lambda: _coop("tiny-custom-clip"), r"model: 'tiny-clip' in the checkpoint, 'tiny-custom-clip' now"),
-    (lambda: _coop(classnames=("cat", "cow")), r"classnames: 2 vs 2 entries; first differences 'dog' vs 'cow'"),
-    (lambda: _coop("tiny-clip", ("cat", "dog"), "coop.ctx_init=", "coop.n_ctx=8"),
+CSC = "coop.class_specific=true"
+
+
+@pytest.mark.parametrize("trained_with, other, message", [
+    ((), lambda: _coop("tiny-custom-clip"), r"model: 'tiny-clip' in the checkpoint, 'tiny-custom-clip' now"),
+    ((CSC,), lambda: _coop("tiny-clip", ("cat", "cow"), CSC),
+     r"classnames: 2 vs 2 entries; first differences 'dog' vs 'cow'"),
+    ((), lambda: _coop("tiny-clip", ("cat", "dog"), "coop.ctx_init=", "coop.n_ctx=8"),
      r"n_ctx: 4 in the checkpoint, 8 now"),
 ])
-def test_checkpoint_from_another_backbone_class_list_or_context_size(tmp_path, other, message):
+def test_checkpoint_from_another_backbone_class_list_or_context_size(tmp_path, trained_with, other, message):
     path = tmp_path / "checkpoint.pt"
-    trained = _coop()
+    trained = _coop("tiny-clip", ("cat", "dog"), *trained_with)
     save_checkpoint(path, {"meta": trained.checkpoint_meta(), "state": trained.trainable_state(), "epoch": 1})
     with pytest.raises(CheckpointError, match=rf"checkpoint {re.escape(str(path))} does not match this setup: .*"
                                               rf"{message}"):
         other().restore(path)
+
+
+def test_a_unified_context_fits_another_class_list(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    trained = _coop()
+    save_checkpoint(path, {"meta": trained.checkpoint_meta(), "state": trained.trainable_state(), "epoch": 1})
+    other = _coop("tiny-clip", ("cat", "cow", "hen"))
+    other.restore(path)
+    assert torch.equal(other.prompts.ctx.detach(), trained.prompts.ctx.detach())
 
 
 def test_checkpoint_with_pickled_code_is_refused_and_the_code_never_runs(tmp_path):
@@ -348,6 +361,8 @@ def test_checkpoint_with_pickled_code_is_refused_and_the_code_never_runs(tmp_pat
 
 class BlowsUpAtEpoch:
     """Training features that turn into NaN from epoch `bad` on (0-based)."""
+
+    draw = {"dataset": "synthetic", "shots": 4}
 
     def __init__(self, dim: int, bad: int):
         self.dim, self.bad = dim, bad

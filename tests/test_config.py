@@ -31,6 +31,7 @@ def test_unknown_key_suggests_nearest(tmp_path):
     ("coop.class_specific=maybe", "coop.class_specific must be true or false"),
     ("coop.class_position=left", "coop.class_position must be one of end, middle, front"),
     ("data.template=a photo", "must contain {}"),
+    ("data.template={}{x}", "exactly one {} and no other braces"),
     ("train.lr=fast", "train.lr must be a number"),
 ])
 def test_bad_values_name_the_key(override, message):

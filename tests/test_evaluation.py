@@ -35,3 +35,21 @@ def test_ece_by_hand():
     correct = np.array([True, False, True, True])
     # two occupied bins: {0.9, 0.9} with accuracy 0.5 (gap 0.4), {0.6, 0.6} with accuracy 1 (gap 0.4)
     assert expected_calibration_error(confidence, correct, bins=10) == pytest.approx(40.0)
+
+
+def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path):
+    from promptlearn.checkpoint import load_checkpoint
+    from promptlearn.errors import CheckpointError
+
+    f = tmp_path / "metrics.json"
+    f.write_text('{"coop": {}}')
+    with pytest.raises(CheckpointError, match="metrics.json is not a checkpoint"):
+        load_checkpoint(f)
+
+
+def test_unwritable_target_is_a_clear_error():
+    from promptlearn.errors import PromptlearnError
+    from promptlearn.io import atomic_write_text
+
+    with pytest.raises(PromptlearnError, match="could not write /proc/nope/x.json"):
+        atomic_write_text("/proc/nope/x.json", "{}")

@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 
+from fixtures_data import IMAGENET_CLASSES, make_imagenet, make_imagenet_r
 from helpers import QUICKSTART, REPO, quick_config
 from promptlearn.checkpoint import load_checkpoint
-from promptlearn.errors import CheckpointError
+from promptlearn.errors import CheckpointError, ConfigError
 from promptlearn.runner import is_complete, run_experiment
 
 
@@ -112,3 +113,29 @@ def test_eval_only_and_mismatched_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="n_ctx: 4 in the checkpoint, 8 now"):
         run_experiment(quick_config(tmp_path, "methods=[coop]", "coop.ctx_init=", "coop.n_ctx=8",
                                     f"output_dir={tmp_path / 'y'}"), eval_only=ckpt)
+
+
+def test_resume_under_another_recipe_is_refused_and_time_accumulates(tmp_path):
+    cfg = quick_config(tmp_path, "methods=[coop]", "train.epochs=4")
+    run_experiment(cfg)
+    with pytest.raises(CheckpointError, match="epochs: 4 in the checkpoint, 6 now"):
+        run_experiment(quick_config(tmp_path, "methods=[coop]", "train.epochs=6"), resume=True)
+    with pytest.raises(CheckpointError, match="lr: 0.002 in the checkpoint, 0.1 now"):
+        run_experiment(quick_config(tmp_path, "methods=[coop]", "train.epochs=4", "train.lr=0.1"), resume=True)
+    again = run_experiment(cfg, resume=True)  # already finished: nothing trains, the time is kept
+    assert again["coop"]["train_seconds"] == load_checkpoint(tmp_path / "run" / "coop" / "checkpoint.pt")["train_seconds"] > 0
+
+
+def test_evaluation_only_sets_run_zero_shot_and_saved_unified_prompts(tmp_path):
+    make_imagenet(tmp_path / "data", train_per_class=4, val_per_class=2)
+    make_imagenet_r(tmp_path / "data", list(IMAGENET_CLASSES)[:2])
+    common = [f"data.root={tmp_path / 'data'}", "data.path=null", "train.epochs=2", "coop.class_specific=false"]
+    run_experiment(quick_config(tmp_path, "data.name=imagenet", "methods=[coop]", "data.shots=2",
+                                f"output_dir={tmp_path / 'in'}", *common))
+    ckpt = str(tmp_path / "in" / "coop" / "checkpoint.pt")
+    shifted = run_experiment(quick_config(tmp_path, "data.name=imagenet_r", "methods=[zeroshot, coop]",
+                                          f"output_dir={tmp_path / 'r'}", *common), eval_only=ckpt)
+    assert shifted["coop"]["num_test_images"] == shifted["zeroshot"]["num_test_images"] == 4
+    with pytest.raises(ConfigError, match="no training images .* linear_probe cannot run"):
+        run_experiment(quick_config(tmp_path, "data.name=imagenet_r", "methods=[zeroshot, linear_probe]",
+                                    f"output_dir={tmp_path / 'r2'}", *common))

@@ -9,6 +9,7 @@ from torch import nn
 
 from promptlearn.checkpoint import check_meta, load_checkpoint
 from promptlearn.errors import CheckpointError
+from promptlearn.features import TrainingFeatures
 
 if TYPE_CHECKING:
     from promptlearn.backbone import FrozenCLIP
@@ -36,11 +37,21 @@ class Method(nn.Module):
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def training_features(self, bank: "FeatureBank") -> TrainingFeatures:
+        """The features a learning method trains on: cached augmented passes (see train.feature_passes)."""
+        return TrainingFeatures(bank, self.cfg.train.feature_passes, self.cfg.train.augment)
+
+    def scorer(self):
+        """Logits as a function of image features, with any per-call work done once (for predict)."""
+        return self
+
     @torch.no_grad()
     def predict(self, image_features: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
         """Logits for many images, on the CPU."""
         self.eval()
-        return torch.cat([self(x.to(self.device)).float().cpu() for x in image_features.split(batch_size)])
+        with self.backbone.autocast():
+            score = self.scorer()
+            return torch.cat([score(x.to(self.device)).float().cpu() for x in image_features.split(batch_size)])
 
     def checkpoint_meta(self) -> dict:
         """What a checkpoint must agree on to be loaded into this method."""

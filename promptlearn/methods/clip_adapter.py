@@ -3,7 +3,9 @@ at residual ratio alpha, classified by the zero-shot text weights of the dataset
 
 The reference applies the adapter to the unnormalised feature and normalises afterwards. The adapter
 (bias-free linear layers and ReLUs) is positively homogeneous, so feeding it the L2-normalised cached
-feature gives the same normalised blend: one cache serves every method.
+feature gives the same normalised blend: one cache serves every method. Its gradients, though, scale
+with the feature's norm, so the reference's learning rate is not directly comparable: tune
+clip_adapter.lr for the backbone.
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptlearn.features import TrainingFeatures
 from promptlearn.methods import register_method
 from promptlearn.methods.base import Method
 from promptlearn.methods.zeroshot import dataset_templates, text_classifier
@@ -44,8 +45,7 @@ class ClipAdapter(Method):
         own = self.cfg.clip_adapter
         recipe = dataclasses.replace(self.cfg.train, lr=self.cfg.train.lr if own.lr is None else own.lr)
         trainer = trainer.with_recipe(recipe, trainer.epochs if own.epochs is None else own.epochs)
-        data = TrainingFeatures(bank, self.cfg.train.feature_passes, self.cfg.train.augment)
-        return trainer.fit(self, data, checkpoint, resume)
+        return trainer.fit(self, self.training_features(bank), checkpoint, resume)
 
     def checkpoint_meta(self) -> dict:
         return {**super().checkpoint_meta(), "alpha": self.alpha, "reduction": self.cfg.clip_adapter.reduction}

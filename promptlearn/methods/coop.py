@@ -13,7 +13,6 @@ from torch.utils.checkpoint import checkpoint
 from promptlearn.backbone import FrozenCLIP
 from promptlearn.config import CoOpConfig
 from promptlearn.errors import ConfigError, PromptlearnError
-from promptlearn.features import TrainingFeatures
 from promptlearn.methods import register_method
 from promptlearn.methods.base import Method
 
@@ -145,19 +144,18 @@ class CoOp(Method):
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.backbone.logits(image_features, self.text_features())
 
-    @torch.no_grad()
-    def predict(self, image_features: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-        self.eval()
-        with self.backbone.autocast():
-            text = self.text_features().float()
-        return torch.cat([self.backbone.logits(x.to(self.device), text).cpu() for x in image_features.split(batch_size)])
+    def scorer(self):
+        text = self.text_features().float()  # once for all test images
+        return lambda image_features: self.backbone.logits(image_features, text)
 
     def fit(self, bank, trainer, checkpoint, resume) -> dict:
-        data = TrainingFeatures(bank, self.cfg.train.feature_passes, self.cfg.train.augment)
-        return trainer.fit(self, data, checkpoint, resume)
+        return trainer.fit(self, self.training_features(bank), checkpoint, resume)
 
     def checkpoint_meta(self) -> dict:
-        return {**super().checkpoint_meta(), "n_ctx": self.prompts.n_ctx,
+        meta = super().checkpoint_meta()
+        if not self.prompts.class_specific:  # a unified context fits any class list (e.g. ImageNet-A's 200)
+            meta.pop("classnames")
+        return {**meta, "n_ctx": self.prompts.n_ctx,
                 "class_specific": self.prompts.class_specific, "class_position": self.prompts.position,
                 "ctx_init": self.cfg.coop.ctx_init}
 

@@ -53,7 +53,7 @@ class TipAdapter(ZeroShot):
         if len(bank.val) == 0:
             raise DataError(f"{self.name} needs a few-shot validation set to choose alpha and beta, but the "
                             "draw has none; the dataset has no val split and no training images left over")
-        data = TrainingFeatures(bank, self.cfg.train.feature_passes, self.cfg.train.augment)
+        data = self.training_features(bank)
         keys = data.mean_over_passes().to(self.device)
         labels = bank.train_pass(0, self.cfg.train.augment).labels
         self.keys = nn.Parameter(keys) if self.fine_tunes else keys
