@@ -149,20 +149,20 @@ def _unknown_key(key: str, source: str) -> ConfigError:
     return ConfigError(f"{source}: unknown config key {key!r}{hint}")
 
 
-def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
+def coerce_value(key: str, value: Any, hint: Any, source: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0], source)
+        return coerce_value(key, value, inner[0], source)
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
-        return [_coerce(key, v, args[0], source) for v in value]
+        return [coerce_value(key, v, args[0], source) for v in value]
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -187,7 +187,7 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
     raise ConfigError(f"{source}: {key} has an unsupported type {hint}")
 
 
-def _flatten(tree: Any, source: str, prefix: str = "") -> dict[str, Any]:
+def flatten_tree(tree: Any, source: str, prefix: str = "") -> dict[str, Any]:
     if not isinstance(tree, dict):
         raise ConfigError(f"{source}: expected a mapping of config keys, got {type(tree).__name__}")
     flat: dict[str, Any] = {}
@@ -195,7 +195,7 @@ def _flatten(tree: Any, source: str, prefix: str = "") -> dict[str, Any]:
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and dotted in sections:
-            flat.update(_flatten(value, source, f"{dotted}."))
+            flat.update(flatten_tree(value, source, f"{dotted}."))
         else:
             flat[dotted] = value
     return flat
@@ -209,7 +209,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    return _flatten(tree, str(path))
+    return flatten_tree(tree, str(path))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -230,7 +230,7 @@ def apply(cfg: RunConfig, flat: dict[str, Any], source: str) -> RunConfig:
     for key, value in flat.items():
         if key not in keys:
             raise _unknown_key(key, source)
-        value = _coerce(key, value, keys[key], source)
+        value = coerce_value(key, value, keys[key], source)
         target: Any = cfg
         *path, leaf = key.split(".")
         for part in path:

@@ -23,7 +23,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from promptlearn.cli import dataset_config
-from promptlearn.config import RunConfig, _coerce, _flatten, apply, load_config, parse_override, read_yaml, to_dict
+from promptlearn.config import RunConfig, coerce_value, flatten_tree, apply, load_config, parse_override, read_yaml, to_dict
 from promptlearn.data import build_dataset
 from promptlearn.errors import ConfigError, PromptlearnError, nearest
 from promptlearn.io import atomic_write_text
@@ -72,7 +72,7 @@ def _set_sweep_keys(sweep: SweepConfig, flat: dict[str, Any], source: str) -> No
             close = nearest(name, hints, n=1)
             hint = f"; did you mean 'sweep.{close[0]}'?" if close else ""
             raise ConfigError(f"{source}: unknown sweep key {f'sweep.{name}'!r}{hint}")
-        setattr(sweep, name, _coerce(f"sweep.{name}", value, hints[name], source))
+        setattr(sweep, name, coerce_value(f"sweep.{name}", value, hints[name], source))
 
 
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepConfig, RunConfig, list[str]]:
@@ -143,8 +143,8 @@ def setup_changes(run: PlannedRun) -> list[str]:
     saved_file = run.folder / "config.yaml"
     if not saved_file.is_file():
         return []
-    saved = _flatten(yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}, str(saved_file))
-    now = _flatten(to_dict(run.cfg), "sweep")
+    saved = flatten_tree(yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}, str(saved_file))
+    now = flatten_tree(to_dict(run.cfg), "sweep")
     return [f"{key}: {saved[key]!r} there, {value!r} now" for key, value in now.items()
             if key in saved and key not in NEUTRAL_KEYS and saved[key] != value]
 
@@ -261,9 +261,14 @@ def curve_table(curve: Curve, methods: list[str], shots: list[int]) -> str:
     return "\n".join(lines)
 
 
+def methods_and_datasets(runs: list[PlannedRun]) -> tuple[list[str], list[str]]:
+    """The sweep's methods and datasets, in the order the sweep file lists them."""
+    return (list(dict.fromkeys(m for run in runs for m in run.cfg.methods)),
+            list(dict.fromkeys(run.dataset for run in runs)))
+
+
 def summary_markdown(sweep: SweepConfig, runs: list[PlannedRun], rows: list[dict]) -> str:
-    methods = list(dict.fromkeys(m for run in runs for m in run.cfg.methods))
-    datasets = list(dict.fromkeys(run.dataset for run in runs))
+    methods, datasets = methods_and_datasets(runs)
     shots = sorted(sweep.shots)
     backbones = sorted({f"{r['backbone']} ({r['pretrained']})" for r in rows}) or ["-"]
     finished = len({r["run_dir"] for r in rows})
@@ -288,8 +293,7 @@ def write_report(sweep: SweepConfig, runs: list[PlannedRun], rows: list[dict]) -
     written = [out / "results.csv", out / "summary.md"]
     if sweep.plots and rows:
         from promptlearn.plots import accuracy_plot
-        methods = list(dict.fromkeys(m for run in runs for m in run.cfg.methods))
-        datasets = list(dict.fromkeys(run.dataset for run in runs))
+        methods, datasets = methods_and_datasets(runs)
         backbone = f"{runs[0].cfg.backbone.model} ({runs[0].cfg.backbone.pretrained})"
         panels = {"average": (f"average over {len(datasets)} dataset{'s' * (len(datasets) > 1)}",
                               average_curve(rows, datasets))}
