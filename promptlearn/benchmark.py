@@ -38,7 +38,7 @@ from promptlearn.data.loader import ImageItems, collate_images
 from promptlearn.data.transforms import eval_transform, train_transform
 from promptlearn.features import SplitFeatures, extract_features
 from promptlearn.methods.coop import CoOp
-from promptlearn.trainer import Trainer, batch_order, build_optimizer, lr_factor
+from promptlearn.trainer import Trainer, batch_order, build_optimizer, grad_scaler, lr_factor, optimizer_step
 
 SEED = 1
 SYNTHETIC_IMAGE_SIZE = 320  # about the size of a decoded ImageNet photo
@@ -160,7 +160,7 @@ def reference_training(method: CoOp, items: list[Item], cfg: RunConfig, epochs: 
     backbone, seed = method.backbone, cfg.data.seed
     optimizer = build_optimizer([p for p in method.parameters() if p.requires_grad], cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg.train, epochs))
-    scaler = torch.amp.GradScaler("cuda", enabled=backbone.device.type == "cuda" and backbone.precision == "fp16")
+    scaler = grad_scaler(backbone.device, backbone.precision)
     transform, steps = train_transform(backbone, augment), 0
     method.train()
     for epoch in range(epochs):
@@ -172,10 +172,7 @@ def reference_training(method: CoOp, items: list[Item], cfg: RunConfig, epochs: 
             features = backbone.encode_images(x)
             with backbone.autocast():
                 loss = F.cross_entropy(method(features).float(), y.to(backbone.device))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            optimizer_step(loss, optimizer, scaler)
             steps += 1
             if on_step is not None:
                 on_step()

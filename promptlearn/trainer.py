@@ -50,6 +50,18 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 on GPU; a pass-through otherwise."""
+    return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and precision == "fp16")
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def restore_unless_damaged(method: "Method", checkpoint: Path) -> dict | None:
     """The checkpoint's payload, loaded into `method`. A damaged file (writes are atomic, so only outside
     damage does that) is never trusted: it is moved aside and training starts afresh (None)."""
@@ -78,7 +90,7 @@ class Trainer:
         params = [p for p in method.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg, self.epochs))
-        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and self.precision == "fp16")
+        scaler = grad_scaler(device, self.precision)
         meta, recipe = method.checkpoint_meta(), self.recipe(data)
         start, history, seconds_before = 0, [], 0.0
         saved = restore_unless_damaged(method, checkpoint) if resume and checkpoint.is_file() else None
@@ -136,10 +148,7 @@ class Trainer:
                     f"{method.name}: the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
                     f"training stopped before the parameters were updated; the checkpoint keeps the state "
                     f"after epoch {checkpoint_epoch}. Try a lower train.lr or backbone.precision=fp32.")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            optimizer_step(loss, optimizer, scaler)
             total_loss += loss.item() * len(y)
             correct += int((logits.argmax(-1) == y).sum())
             seen += len(y)
