@@ -133,13 +133,15 @@ class Trainer:
     def _epoch(self, method, data, optimizer, scaler, epoch: int, checkpoint_epoch: int) -> dict:
         device = method.device
         split = data.epoch(epoch)
-        features, labels = split.features, split.labels
+        # one host-to-device copy per epoch, not one per step
+        features, labels = split.features.to(device, non_blocking=True), split.labels.to(device, non_blocking=True)
         batches = batch_order(len(labels), self.cfg.batch_size, self.seed, epoch)
         method.train()
         total_loss, correct, seen = 0.0, 0, 0
         bar = tqdm(batches, desc=f"{method.name} epoch {epoch + 1}/{self.epochs}", leave=False, dynamic_ncols=True)
         for step, idx in enumerate(bar):
-            x, y = features[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
+            idx = idx.to(device)
+            x, y = features[idx], labels[idx]
             with method.backbone.autocast():
                 logits = method(x)
                 loss = F.cross_entropy(logits.float(), y)
