@@ -53,7 +53,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     atomic_write_bytes(path, lambda f: torch.save(payload, f))
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def read_weights_only(path: str | Path) -> Any:
+    """Whatever a PyTorch file holds, read with `weights_only=True`: pickled code is refused, never run."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -75,12 +76,28 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as e:  # truncated or not a torch file
         raise DamagedCheckpoint(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is "
                                 "truncated, damaged or not a checkpoint") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT or "checksum" not in payload:
-        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (format and checksum missing); "
-                              "use a checkpoint that promptlearn wrote")
+    return payload
+
+
+def is_promptlearn_checkpoint(payload: Any) -> bool:
+    return isinstance(payload, dict) and payload.get("format") == FORMAT and "checksum" in payload
+
+
+def verified(path: str | Path, payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload of a promptlearn checkpoint after its checksum matched."""
+    payload = dict(payload)
     if payload.pop("checksum") != content_digest(payload):
         raise DamagedCheckpoint(f"checkpoint {path} fails its checksum; it is damaged")
     return payload
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint promptlearn wrote, read safely and checked against its checksum."""
+    payload = read_weights_only(path)
+    if not is_promptlearn_checkpoint(payload):
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (format and checksum missing); "
+                              "use a checkpoint that promptlearn wrote")
+    return verified(path, payload)
 
 
 def set_aside(path: Path) -> Path:

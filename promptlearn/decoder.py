@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from promptlearn.backbone import FrozenCLIP, load_backbone
-from promptlearn.checkpoint import FORMAT, DamagedCheckpoint, load_checkpoint
+from promptlearn.checkpoint import FORMAT, DamagedCheckpoint, is_promptlearn_checkpoint, read_weights_only, verified
 from promptlearn.config import CLASS_POSITIONS, BackboneConfig
 from promptlearn.errors import CheckpointError, ConfigError
 from promptlearn.io import atomic_write_json, atomic_write_text
@@ -382,18 +382,16 @@ def decode_checkpoint(path: str | Path, backbone: FrozenCLIP | None = None, topk
 
 
 def _load(path: str | Path) -> dict:
-    """A promptlearn checkpoint through load_checkpoint (format and checksum checked), else any file
-    that a weights-only load reads, such as a reference CoOp state dict; a refusal names the way out
+    """A promptlearn checkpoint (checksum verified), else any file that a weights-only load reads, such as a reference CoOp state dict; a refusal names the way out
     for reference CoOp (Dassl) checkpoints, which pickle their learning-rate scheduler."""
     try:
-        return load_checkpoint(path)
+        payload = read_weights_only(path)
     except DamagedCheckpoint:
         raise
-    except CheckpointError as refused:  # missing, pickled code, or simply not a promptlearn checkpoint
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            raise CheckpointError(f"{refused}{_dassl_hint(path)}") from None
+    except CheckpointError as refused:  # missing, not a torch file, or pickled code
+        raise CheckpointError(f"{refused}{_dassl_hint(path)}") from None
+    if is_promptlearn_checkpoint(payload):
+        return verified(path, payload)
     if not isinstance(payload, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(payload).__name__}, not a dict with a prompt context")
     return payload
