@@ -33,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from promptlearn.backbone import FrozenCLIP, load_backbone
 from promptlearn.config import RunConfig, protocol_epochs, validate
+from promptlearn.data import DATASETS
 from promptlearn.data.base import Item
 from promptlearn.data.loader import ImageItems, collate_images
 from promptlearn.data.transforms import eval_transform, train_transform
@@ -98,7 +99,8 @@ class BenchmarkSpec:
 
     @property
     def run_epochs(self) -> int:
-        return protocol_epochs(self.shots, self.protocol) if self.epochs is None else self.epochs
+        fixed = DATASETS[self.protocol].epochs if self.protocol in DATASETS else None
+        return protocol_epochs(self.shots, fixed) if self.epochs is None else self.epochs
 
     @property
     def steps_per_epoch(self) -> int:

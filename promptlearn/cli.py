@@ -10,8 +10,6 @@ from typing import Callable
 from promptlearn.config import RunConfig, load_config
 from promptlearn.errors import PromptlearnError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
 # flag -> config key
 FLAG_KEYS = {"data_root": "data.root", "shots": "data.shots", "seed": "data.seed", "epochs": "train.epochs",
              "model": "backbone.model", "pretrained": "backbone.pretrained", "device": "backbone.device",
@@ -19,12 +17,9 @@ FLAG_KEYS = {"data_root": "data.root", "shots": "data.shots", "seed": "data.seed
 
 
 def dataset_config(name: str) -> tuple[list[str], list[str]]:
-    """`--dataset` as a YAML file, as the name of one in configs/datasets/, or as a reader name."""
+    """`--dataset` as a YAML file or as a registered dataset name (its template comes with it)."""
     if name.endswith((".yaml", ".yml")):
         return [name], []
-    shipped = CONFIG_DIR / "datasets" / f"{name}.yaml"
-    if shipped.is_file():
-        return [str(shipped)], []
     return [], [f"data.name={name}"]
 
 

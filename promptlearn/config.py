@@ -1,11 +1,14 @@
 """Typed run configuration. A YAML file mirrors these dataclasses; `key=value` overrides it.
 
-Sections: backbone, data, coop, train, clip_adapter, tip_adapter, eval, plus top-level `methods` and `output_dir`.
-Unknown keys and wrongly typed values are errors that name the key and the nearest valid one.
+Core sections: backbone, data, train, eval, plus top-level `methods`, `output_dir` and `cache_dir`.
+Each method module registers its own section (coop, clip_adapter, tip_adapter, ...) with
+`register_section`; `cfg.coop` reads it like any other section. Unknown keys and wrongly typed
+values are errors that name the key and the nearest valid one; every problem is listed at once.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +18,20 @@ from typing import Any, Optional
 import yaml
 
 from promptlearn.errors import ConfigError, nearest
+from promptlearn.registry import Registry
+
+# method config sections: name -> dataclass (defaults); a section may define problems() -> list[str]
+SECTIONS: Registry[type] = Registry("config section")
+
+
+def register_section(name: str, cls: type) -> type:
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"config section {name!r} must be a dataclass, got {cls!r}")
+    return SECTIONS.add(name, cls)
+
+
+def default_sections() -> dict[str, Any]:
+    return {name: cls() for name, cls in SECTIONS.items()}
 
 
 @dataclass
@@ -32,7 +49,7 @@ class DataConfig:
     name: str = "image_folder"  # a registered reader (see promptlearn.data.DATASETS)
     root: str = "data"  # data root holding the CoOp dataset folders
     path: Optional[str] = None  # the folder or CSV file of the generic readers (image_folder, csv)
-    template: str = "a photo of a {}."  # zero-shot template; `templates` gives an ensemble
+    template: Optional[str] = None  # zero-shot template (None: the dataset's own); `templates`: an ensemble
     templates: list[str] = field(default_factory=list)
     shots: int = 16
     seed: int = 1
@@ -41,17 +58,6 @@ class DataConfig:
     num_workers: int = 2
     eval_batch_size: int = 128
     skip_bad_images: bool = False  # skip unreadable images (counted) instead of stopping
-
-
-@dataclass
-class CoOpConfig:
-    n_ctx: Optional[int] = None  # context length M (16 when unset); with ctx_init, the phrase's token count
-    ctx_init: str = ""  # e.g. "a photo of a"; empty: random normal init, std 0.02
-    class_specific: bool = False  # one context per class (CSC)
-    class_position: str = "end"  # end | middle | front
-    truncate_prompts: bool = True  # run prompts at the longest real length where exact
-    share_prefix: bool = True  # unified context, class at the end: run the shared prompt start once
-    class_chunk: int = 0  # classes per text-tower pass (0: all at once); bounds memory
 
 
 @dataclass
@@ -71,29 +77,6 @@ class TrainConfig:
 
 
 @dataclass
-class ClipAdapterConfig:
-    alpha: float = 0.2  # residual ratio: alpha * adapter(f) + (1 - alpha) * f
-    reduction: int = 4  # bottleneck width: feature width // reduction
-    lr: Optional[float] = None  # None: train.lr (the official code runs in CoOp's trainer and recipe)
-    epochs: Optional[int] = None  # None: the same epochs as CoOp
-
-
-@dataclass
-class TipAdapterConfig:
-    alpha_range: list[float] = field(default_factory=lambda: [0.1, 10.0])  # searched on the validation set
-    alpha_steps: int = 20
-    beta_range: list[float] = field(default_factory=lambda: [0.1, 12.0])
-    beta_steps: int = 200
-    init_alpha: float = 1.0  # alpha and beta while Tip-Adapter-F fine-tunes the keys
-    init_beta: float = 1.0
-    epochs: int = 20  # Tip-Adapter-F's recipe: AdamW, cosine, batch 256
-    lr: float = 0.001
-    batch_size: int = 256
-    eps: float = 1e-4
-    weight_decay: float = 0.01
-
-
-@dataclass
 class EvalConfig:
     ece_bins: int = 15
     decode_topk: int = 3
@@ -103,14 +86,19 @@ class EvalConfig:
 class RunConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    coop: CoOpConfig = field(default_factory=CoOpConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    clip_adapter: ClipAdapterConfig = field(default_factory=ClipAdapterConfig)
-    tip_adapter: TipAdapterConfig = field(default_factory=TipAdapterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     methods: list[str] = field(default_factory=lambda: ["zeroshot", "linear_probe", "coop"])
     output_dir: str = "output/run"
     cache_dir: str = "~/.cache/promptlearn/features"  # frozen-feature cache shared by runs; "none" disables
+    # the methods' own sections, read as attributes: cfg.coop, cfg.tip_adapter, ...
+    sections: dict[str, Any] = field(default_factory=default_sections, repr=False)
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"RunConfig has no section or key {name!r}")
 
 
 PROTOCOL_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
@@ -119,10 +107,11 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw")
 
 
-def protocol_epochs(shots: int, dataset: str) -> int:
-    """CoOp's epochs: 50 / 100 / 100 / 200 / 200 for 1 / 2 / 4 / 8 / 16 shots; ImageNet 50."""
-    if dataset == "imagenet":
-        return 50
+def protocol_epochs(shots: int, fixed: int | None = None) -> int:
+    """CoOp's epochs: 50 / 100 / 100 / 200 / 200 for 1 / 2 / 4 / 8 / 16 shots, unless the dataset fixes
+    them (ImageNet: 50 at every K; see its registration)."""
+    if fixed is not None:
+        return fixed
     if shots in PROTOCOL_EPOCHS:
         return PROTOCOL_EPOCHS[shots]
     return PROTOCOL_EPOCHS[max(k for k in PROTOCOL_EPOCHS if k <= shots)] if shots > 1 else 50
@@ -131,12 +120,15 @@ def protocol_epochs(shots: int, dataset: str) -> int:
 # ----------------------------------------------------------------------------- keys and values
 
 def all_keys(cls: type = RunConfig, prefix: str = "") -> dict[str, Any]:
-    """Every dotted key of the config tree with its annotation."""
+    """Every dotted key of the config tree with its annotation, the methods' sections included."""
     keys: dict[str, Any] = {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
+        if cls is RunConfig and f.name == "sections":
+            for name, section in SECTIONS.items():
+                keys.update(all_keys(section, f"{prefix}{name}."))
+        elif dataclasses.is_dataclass(hint):
             keys.update(all_keys(hint, f"{prefix}{f.name}."))
         else:
             keys[f"{prefix}{f.name}"] = hint
@@ -254,15 +246,26 @@ def load_config(
 
 
 def validate(cfg: RunConfig) -> None:
+    """Every problem that can be seen without data or a backbone, listed at once in one ConfigError."""
+    problems = config_problems(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems) if len(problems) == 1
+                          else f"{len(problems)} problems: " + "; ".join(problems))
+
+
+def config_problems(cfg: RunConfig) -> list[str]:
+    problems: list[str] = []
+
     def need(ok: bool, message: str) -> None:
         if not ok:
-            raise ConfigError(message)
+            problems.append(message)
 
+    for key, value in flat_values(cfg).items():  # inf and nan pass every range check below: refuse them first
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{key} must be a finite number, got {value}")
+    if problems:
+        return problems
     need(cfg.data.shots >= 1, f"data.shots must be at least 1, got {cfg.data.shots}")
-    need(cfg.coop.n_ctx is None or cfg.coop.n_ctx >= 1,
-         f"coop.n_ctx must be at least 1, got {cfg.coop.n_ctx} (or set coop.ctx_init to a phrase)")
-    need(cfg.coop.class_position in CLASS_POSITIONS,
-         f"coop.class_position must be one of {', '.join(CLASS_POSITIONS)}, got {cfg.coop.class_position!r}")
     need(cfg.backbone.precision in PRECISIONS,
          f"backbone.precision must be one of {', '.join(PRECISIONS)}, got {cfg.backbone.precision!r}")
     need(cfg.train.epochs is None or cfg.train.epochs >= 0,
@@ -276,38 +279,49 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.data.eval_batch_size >= 1, f"data.eval_batch_size must be at least 1, got {cfg.data.eval_batch_size}")
     for key in ("momentum", "weight_decay", "warmup_lr"):
         need(getattr(cfg.train, key) >= 0, f"train.{key} must be 0 or more, got {getattr(cfg.train, key)}")
-    need(cfg.backbone.logit_scale is None or 0 < cfg.backbone.logit_scale < float("inf"),
+    need(cfg.backbone.logit_scale is None or cfg.backbone.logit_scale > 0,
          f"backbone.logit_scale must be a positive number (or unset), got {cfg.backbone.logit_scale}")
     need(cfg.eval.ece_bins >= 1, f"eval.ece_bins must be at least 1, got {cfg.eval.ece_bins}")
     need(cfg.eval.decode_topk >= 1, f"eval.decode_topk must be at least 1, got {cfg.eval.decode_topk}")
-    need(cfg.coop.class_chunk >= 0, f"coop.class_chunk must be 0 or more, got {cfg.coop.class_chunk}")
     need(bool(cfg.methods), "methods must name at least one method")
+    need(len(set(cfg.methods)) == len(cfg.methods), f"methods lists a method twice: {cfg.methods}")
     need(cfg.train.optimizer in OPTIMIZERS,
          f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.train.optimizer!r}")
-    need(cfg.train.eps > 0 and cfg.tip_adapter.eps > 0, "train.eps and tip_adapter.eps must be positive")
-    need(0 <= cfg.clip_adapter.alpha <= 1, f"clip_adapter.alpha must be in [0, 1], got {cfg.clip_adapter.alpha}")
-    need(cfg.clip_adapter.lr is None or cfg.clip_adapter.lr > 0,
-         f"clip_adapter.lr must be positive (or unset for train.lr), got {cfg.clip_adapter.lr}")
-    need(cfg.clip_adapter.reduction >= 1,
-         f"clip_adapter.reduction must be at least 1, got {cfg.clip_adapter.reduction}")
-    tip = cfg.tip_adapter
-    for name in ("alpha", "beta"):
-        lo_hi, steps = getattr(tip, f"{name}_range"), getattr(tip, f"{name}_steps")
-        need(len(lo_hi) == 2 and 0 <= lo_hi[0] <= lo_hi[1],
-             f"tip_adapter.{name}_range must be [low, high] with 0 <= low <= high, got {lo_hi}")
-        need(steps >= 1, f"tip_adapter.{name}_steps must be at least 1, got {steps}")
-    need(tip.epochs >= 0 and tip.batch_size >= 1 and tip.lr > 0,
-         "tip_adapter.epochs must be 0 or more, tip_adapter.batch_size at least 1 and tip_adapter.lr positive")
-    for t in [cfg.data.template, *cfg.data.templates]:
+    need(cfg.train.eps > 0, f"train.eps must be positive, got {cfg.train.eps}")
+    for t in [*([cfg.data.template] if cfg.data.template is not None else []), *cfg.data.templates]:
         need("{}" in t, f"data.template {t!r} must contain {{}} where the class name goes")
         try:
             t.format("class name")
         except (IndexError, KeyError, ValueError):
             need(False, f"data.template {t!r} must hold exactly one {{}} and no other braces")
+    for section in cfg.sections.values():  # each method section checks its own values
+        problems.extend(getattr(section, "problems", lambda: [])())
+    return problems
+
+
+def flat_values(cfg: RunConfig) -> dict[str, Any]:
+    """Dotted key -> value for every leaf, list items included as key[i]."""
+    flat: dict[str, Any] = {}
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else k)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{key}[{i}]")
+        else:
+            flat[key] = value
+
+    walk(to_dict(cfg), "")
+    return flat
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as the YAML mirrors it: method sections at the top level beside the core ones."""
+    tree = dataclasses.asdict(cfg)
+    tree.update(tree.pop("sections"))
+    return tree
 
 
 def dump_yaml(cfg: RunConfig) -> str:

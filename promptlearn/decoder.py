@@ -22,7 +22,7 @@ from promptlearn.checkpoint import FORMAT, DamagedCheckpoint, is_promptlearn_che
 from promptlearn.config import CLASS_POSITIONS, BackboneConfig
 from promptlearn.errors import CheckpointError, ConfigError
 from promptlearn.io import atomic_write_json, atomic_write_text
-from promptlearn.methods.coop import CoOp, PromptLearner
+from promptlearn.prompts import layout_prompt
 from promptlearn.tokens import PromptTokenizer
 
 log = logging.getLogger("promptlearn")
@@ -130,9 +130,9 @@ def text_of(tok: PromptTokenizer, ids: list[int]) -> str:
 
 def prompt_text(tok: PromptTokenizer, ctx_ids: list[int], name: str, position: str) -> str:
     """The prompt as the model reads it, class name in brackets: "a photo [dog] of a."
-    The layout is PromptLearner's own, so the decoded prompt cannot drift from the trained one."""
+    The layout is CoOp's own (layout_prompt), so the decoded prompt cannot drift from the trained one."""
     dot = tok.encode(".")
-    ids, ctx_positions = PromptLearner._layout(tok, ctx_ids, name, dot, position)
+    ids, ctx_positions = layout_prompt(tok, ctx_ids, name, dot, position)
     in_ctx = set(ctx_positions)
     body = range(len(tok.start_ids), len(ids) - len(dot) - len(tok.end_ids))  # between SOS and ". EOS"
     parts = []
@@ -316,14 +316,15 @@ def _check_width(ctx: torch.Tensor, backbone: FrozenCLIP, source: str) -> None:
             "backbone the context was trained with")
 
 
-def decode_method(method: CoOp, topk: int = 3, metric: str = "euclidean", source: str | None = None) -> DecodedPrompt:
-    """Decode the current context of a CoOp method."""
+def decode_method(method, topk: int = 3, metric: str = "euclidean", source: str | None = None) -> DecodedPrompt:
+    """Decode the current context of a prompt method (anything with `prompts.ctx`, `prompts.position`,
+    `backbone` and `classnames`, such as CoOp)."""
     prompts = method.prompts
     return decode_context(prompts.ctx, method.backbone, method.classnames, prompts.position, topk, metric,
                           source or f"{method.name} context")
 
 
-def save_decoded_prompt(method: CoOp, folder: str | Path, topk: int = 3) -> DecodedPrompt:
+def save_decoded_prompt(method, folder: str | Path, topk: int = 3) -> DecodedPrompt:
     """Decode a trained CoOp context (Euclidean, as CoOp does) and write decoded_prompt.txt/.json into `folder`."""
     decoded = decode_method(method, topk, source=f"{method.name} in {folder}")
     write_decoded_prompt(decoded, folder)

@@ -9,15 +9,13 @@ import torch
 
 from promptlearn.backbone import load_backbone
 from promptlearn.config import RunConfig, dump_yaml, protocol_epochs
-from promptlearn.data import build_dataset
+from promptlearn.data import DATASETS, build_dataset
 from promptlearn.data.fewshot import FewShotSplit, load_or_draw
 from promptlearn.errors import ConfigError
-from promptlearn.decoder import save_decoded_prompt
 from promptlearn.evaluation import evaluate
 from promptlearn.features import FeatureBank, FeatureCache
 from promptlearn.io import RunLock, atomic_write_json, atomic_write_text, check_writable
-from promptlearn.methods import build_method
-from promptlearn.methods.coop import CoOp
+from promptlearn.methods import METHODS, build_method, method_class
 from promptlearn.report import comparison_table
 from promptlearn.trainer import Trainer
 
@@ -26,6 +24,7 @@ COMPLETE_MARKER = "run_complete.json"
 
 
 def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None = None) -> dict:
+    check_run(cfg, eval_only)
     out = check_writable(cfg.output_dir)
     with RunLock(out), log_to_file(out / "log.txt"):
         (out / COMPLETE_MARKER).unlink(missing_ok=True)
@@ -36,18 +35,19 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
         bank = FeatureBank(backbone, dataset, fewshot, cache=FeatureCache.from_setting(cfg.cache_dir),
                            batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
                            skip_bad=cfg.data.skip_bad_images, seed=cfg.data.seed)
-        epochs = protocol_epochs(cfg.data.shots, dataset.name) if cfg.train.epochs is None else cfg.train.epochs
+        fixed = DATASETS[cfg.data.name].epochs
+        epochs = protocol_epochs(cfg.data.shots, fixed) if cfg.train.epochs is None else cfg.train.epochs
         trainer = Trainer(cfg.train, epochs, cfg.data.seed, backbone.precision)         # trainer
         log.info("%s: %d classes, %d-shot draw (seed %d): %d train, %d val, %d test images; %d epochs",
                  dataset.name, dataset.num_classes, cfg.data.shots, cfg.data.seed, len(fewshot.train),
                  len(fewshot.val), len(dataset.test), epochs)
-        metrics, decoded_reports = {}, []
+        metrics, reports = {}, []
         for name in cfg.methods:
             torch.manual_seed(cfg.data.seed)  # a method's random init depends only on the seed
             method = build_method(name, cfg, backbone, dataset.classnames)             # method
             folder = out / name
             began = time.perf_counter()
-            if eval_only and isinstance(method, CoOp):
+            if eval_only and method.caps.eval_from_checkpoint:
                 method.restore(eval_only)
                 info = {"checkpoint": str(eval_only)}
             else:
@@ -60,30 +60,46 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
             result = evaluate(method.predict(test.features), test.labels, test.paths,   # evaluation
                               dataset.classnames, folder, cfg.eval.ece_bins)
             result.update(info, train_seconds=info.get("train_seconds", seconds))
-            if isinstance(method, CoOp):  # the learned context read as words, printed after the table
-                decoded = save_decoded_prompt(method, folder, cfg.eval.decode_topk)
-                result["decoded_prompt"] = decoded.summary()
-                decoded_reports.append(decoded.report(detail=False))
+            extra = method.after_training(folder)  # e.g. CoOp's prompt read as words
+            if extra is not None:
+                result.update(extra.metrics)
+                reports.append(extra.report)
             metrics[name] = result
             atomic_write_json(out / "metrics.json", metrics)
         table = comparison_table(metrics, f"{dataset.name}, {cfg.data.shots} shots, seed {cfg.data.seed}, "
                                           f"{backbone.name} ({backbone.pretrained})")
         atomic_write_text(out / "summary.md", table + "\n")                             # report
         atomic_write_json(out / COMPLETE_MARKER, {"methods": list(metrics)})
-        print("\n\n".join([table, *decoded_reports]))
+        print("\n\n".join([table, *filter(None, reports)]))
         return metrics
 
 
+def check_run(cfg: RunConfig, eval_only: str | None) -> None:
+    """Before anything loads: every method exists and can do what this run asks of it."""
+    caps = {name: method_class(name).capabilities_for(cfg) for name in cfg.methods}  # unknown names stop here
+    if eval_only and not any(c.eval_from_checkpoint for c in caps.values()):
+        able = [n for n in METHODS if METHODS[n].capabilities_for(cfg).eval_from_checkpoint]
+        raise ConfigError(f"--eval-only evaluates a saved checkpoint, but none of methods={cfg.methods} can be "
+                          f"restored from one; list one of {', '.join(able)}")
+    if DATASETS.get(cfg.data.name).evaluation_only:
+        refuse_learners(cfg, caps, eval_only, f"dataset {cfg.data.name!r} has no training images (a test-only set)")
+
+
+def refuse_learners(cfg: RunConfig, caps: dict, eval_only: str | None, why: str) -> None:
+    """Methods that would learn from training images (not restored from --eval-only) cannot run here."""
+    learning = [n for n, c in caps.items() if c.learns and not (eval_only and c.eval_from_checkpoint)]
+    if learning:
+        raise ConfigError(f"{why}, so {', '.join(learning)} cannot run (they learn from training images); run "
+                          "methods that do not learn (zeroshot) or evaluate a saved checkpoint with --eval-only CKPT")
+
+
 def few_shot_draw(cfg: RunConfig, dataset, out: Path, eval_only: str | None) -> FewShotSplit:
-    """The saved or new draw; none for evaluation-only sets (ImageNet-V2/-Sketch/-A/-R), where only
-    zero-shot and saved CoOp prompts can run."""
+    """The saved or new draw; none for a set without training images, where only methods that do not
+    learn, or that evaluate a saved checkpoint, run."""
     if dataset.train:
         return load_or_draw(dataset, cfg.data.shots, cfg.data.seed, cfg.data.fewshot_dir or out / "fewshot")
-    needs_training = [m for m in cfg.methods if m != "zeroshot" and not (eval_only and m in ("coop", "coop_csc"))]
-    if needs_training:
-        raise ConfigError(f"dataset {dataset.name!r} has no training images (an evaluation-only set), so "
-                          f"{', '.join(needs_training)} cannot run; use methods=[zeroshot, coop] with "
-                          "--eval-only CKPT to evaluate a prompt trained elsewhere")
+    caps = {name: method_class(name).capabilities_for(cfg) for name in cfg.methods}
+    refuse_learners(cfg, caps, eval_only, f"dataset {dataset.name!r}: its train split is empty")
     return FewShotSplit(dataset.name, cfg.data.shots, cfg.data.seed, [], [])
 
 

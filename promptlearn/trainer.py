@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,22 @@ from promptlearn.errors import PromptlearnError
 
 if TYPE_CHECKING:
     from promptlearn.features import TrainingFeatures
-    from promptlearn.methods.base import Method
+
+
+class Trainable(Protocol):
+    """What the trainer needs of a method: its parameters, logits for image features, and its state."""
+
+    name: str
+    device: torch.device
+    backbone: object  # for autocast()
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
+    def train(self, mode: bool = True) -> object: ...
+    def eval(self) -> object: ...
+    def __call__(self, image_features: torch.Tensor) -> torch.Tensor: ...
+    def checkpoint_meta(self) -> dict: ...
+    def trainable_state(self) -> dict[str, torch.Tensor]: ...
+    def restore(self, path: str | Path) -> dict: ...
 
 log = logging.getLogger("promptlearn")
 
@@ -62,7 +77,7 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler:
     scaler.update()
 
 
-def restore_unless_damaged(method: "Method", checkpoint: Path) -> dict | None:
+def restore_unless_damaged(method: Trainable, checkpoint: Path) -> dict | None:
     """The checkpoint's payload, loaded into `method`. A damaged file (writes are atomic, so only outside
     damage does that) is never trusted: it is moved aside and training starts afresh (None)."""
     try:
@@ -85,7 +100,7 @@ class Trainer:
         settings = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "checkpoint_every"}
         return {**settings, "epochs": self.epochs, "seed": self.seed, **data.draw}
 
-    def fit(self, method: "Method", data: "TrainingFeatures", checkpoint: Path, resume: bool = False) -> dict:
+    def fit(self, method: Trainable, data: "TrainingFeatures", checkpoint: Path, resume: bool = False) -> dict:
         cfg, device = self.cfg, method.device
         params = [p for p in method.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, cfg)

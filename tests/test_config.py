@@ -49,16 +49,22 @@ def test_invalid_yaml_names_the_file(tmp_path):
 
 
 def test_protocol_epochs():
-    assert [protocol_epochs(k, "oxford_pets") for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
-    assert protocol_epochs(16, "imagenet") == 50
+    from promptlearn.data import DATASETS
+
+    assert [protocol_epochs(k, DATASETS["oxford_pets"].epochs) for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+    assert [protocol_epochs(k, DATASETS["imagenet"].epochs) for k in (1, 16)] == [50, 50]
 
 
-def test_dataset_flag_resolves_shipped_yaml():
+def test_dataset_flag_takes_the_registered_template():
+    from promptlearn.data import dataset_templates
+
     files, overrides = dataset_config("oxford_pets")
-    assert files and files[0].endswith("configs/datasets/oxford_pets.yaml") and not overrides
-    cfg = load_config(files)
-    assert cfg.data.name == "oxford_pets" and cfg.data.template == "a photo of a {}, a type of pet."
-    assert dataset_config("image_folder") == ([], ["data.name=image_folder"])
+    assert files == [] and overrides == ["data.name=oxford_pets"]
+    cfg = load_config(files, overrides)
+    assert cfg.data.template is None and dataset_templates(cfg.data) == ["a photo of a {}, a type of pet."]
+    assert dataset_templates(load_config([], ["data.name=dtd"]).data) == ["{} texture."]
+    assert dataset_templates(load_config([], ["data.name=dtd", "data.template='{}.'"]).data) == ["{}."]
+    assert dataset_config("my.yaml") == (["my.yaml"], [])
 
 
 def test_every_shipped_run_config_loads():
@@ -70,3 +76,16 @@ def test_every_shipped_run_config_loads():
     for f in files:
         cfg = load_config([base, f])
         assert cfg.backbone.model and cfg.methods, f
+
+
+def test_dataset_yaml_copies_agree_with_the_registered_facts():
+    """configs/datasets/*.yaml are readable copies of what the package registers; they must not drift."""
+    from helpers import REPO
+    from promptlearn.data import DATASETS
+
+    files = sorted((REPO / "configs" / "datasets").glob("*.yaml"))
+    assert {f.stem for f in files} == {n for n in DATASETS if n not in ("image_folder", "csv")}
+    for f in files:
+        cfg = load_config([f])
+        assert cfg.data.name == f.stem
+        assert cfg.data.template == DATASETS[f.stem].template, f

@@ -9,7 +9,7 @@ import pytest
 
 from helpers import REPO, SAMPLE
 from promptlearn import sweep as sweep_module
-from promptlearn.cli import dataset_config
+from promptlearn.data import DATASETS
 from promptlearn.errors import ConfigError, DataError
 from promptlearn.runner import COMPLETE_MARKER
 from promptlearn.sweep import (CSV_COLUMNS, average_curve, curve_table, dataset_curves, load_sweep, plan_runs,
@@ -121,7 +121,7 @@ def test_missing_dataset_stops_the_sweep_before_any_run(tmp_path):
 def test_shipped_sweep_configs():
     sweep, base, _ = load_sweep(FULL)
     assert sweep.shots == [1, 2, 4, 8, 16] and sweep.seeds == [1, 2, 3] and len(sweep.datasets) == 11
-    assert all(dataset_config(name)[0] for name in sweep.datasets)  # each is a shipped configs/datasets YAML
+    assert all(name in DATASETS for name in sweep.datasets)  # each a registered dataset, template included
     assert (base.backbone.model, base.backbone.pretrained, base.methods) == ("RN50", "openai", ALL_METHODS)
     assert base.train.epochs is None  # the protocol's epochs per shot count
     quick, quick_base, _ = load_sweep(QUICK)

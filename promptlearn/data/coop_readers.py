@@ -20,7 +20,7 @@ from promptlearn.data.generic_readers import (
     read_text_lines,
     readable_classname,
 )
-from promptlearn.data.registry import register_dataset
+from promptlearn.data.registry import DEFAULT_TEMPLATE, register_dataset
 from promptlearn.errors import DataError
 
 if TYPE_CHECKING:
@@ -86,19 +86,24 @@ class SplitFileDataset:
     folder: str  # dataset folder under data.root
     image_dir: str  # folder the split's paths are relative to, inside `folder` ("": `folder` itself)
     split_file: str  # inside `folder`
+    template: str = DEFAULT_TEMPLATE  # CoOp's zero-shot template
     rename: Mapping[str, str] = field(default_factory=dict)  # raw class name -> readable one
 
 
 SPLIT_FILE_DATASETS = (
     SplitFileDataset("caltech101", "caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json"),
-    SplitFileDataset("oxford_pets", "oxford_pets", "images", "split_zhou_OxfordPets.json"),
+    SplitFileDataset("oxford_pets", "oxford_pets", "images", "split_zhou_OxfordPets.json",
+                     "a photo of a {}, a type of pet."),
     SplitFileDataset("stanford_cars", "stanford_cars", "", "split_zhou_StanfordCars.json"),
-    SplitFileDataset("oxford_flowers", "oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json"),
-    SplitFileDataset("food101", "food-101", "images", "split_zhou_Food101.json"),
+    SplitFileDataset("oxford_flowers", "oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json",
+                     "a photo of a {}, a type of flower."),
+    SplitFileDataset("food101", "food-101", "images", "split_zhou_Food101.json", "a photo of {}, a type of food."),
     SplitFileDataset("sun397", "sun397", "SUN397", "split_zhou_SUN397.json"),
-    SplitFileDataset("dtd", "dtd", "images", "split_zhou_DescribableTextures.json"),
-    SplitFileDataset("eurosat", "eurosat", "2750", "split_zhou_EuroSAT.json", EUROSAT_CLASSNAMES),
-    SplitFileDataset("ucf101", "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json"),
+    SplitFileDataset("dtd", "dtd", "images", "split_zhou_DescribableTextures.json", "{} texture."),
+    SplitFileDataset("eurosat", "eurosat", "2750", "split_zhou_EuroSAT.json", "a centered satellite photo of {}.",
+                     EUROSAT_CLASSNAMES),
+    SplitFileDataset("ucf101", "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json",
+                     "a photo of a person doing {}."),
 )
 
 
@@ -163,12 +168,15 @@ def split_entries(rows: object, split: str, path: str) -> list[SplitEntry]:
 
 
 for _spec in SPLIT_FILE_DATASETS:
-    register_dataset(_spec.name)(partial(read_split_file_dataset, _spec))
+    _layout = f"{_spec.folder}/{_spec.image_dir + '/' if _spec.image_dir else ''}, {_spec.folder}/{_spec.split_file}"
+    register_dataset(_spec.name, _spec.template, layout=_layout)(partial(read_split_file_dataset, _spec))
 
 
 # ----------------------------------------------------------------------------- ImageNet
 
-@register_dataset("imagenet")
+@register_dataset("imagenet", epochs=50,
+                  layout="imagenet/images/train/<wnid>/, imagenet/images/val/<wnid>/ (the test set), "
+                         "imagenet/classnames.txt")
 def read_imagenet(cfg: "DataConfig") -> DatasetSplits:
     """ImageNet: images/train/<wnid>/ and images/val/<wnid>/ (the test set); labels in classnames.txt order."""
     base = require_layout(cfg.root, "imagenet", ["images/train", "images/val", CLASSNAMES_FILE], "imagenet")
@@ -221,12 +229,16 @@ def variant_classes(spec: ImageNetVariant, wnid_names: dict[str, str], image_dir
 
 
 for _variant in IMAGENET_VARIANTS:
-    register_dataset(_variant.name)(partial(read_imagenet_variant, _variant))
+    register_dataset(_variant.name, evaluation_only=True,
+                     layout=f"{_variant.folder}/{_variant.image_dir}/, {_variant.folder}/{CLASSNAMES_FILE}",
+                     )(partial(read_imagenet_variant, _variant))
 
 
 # ----------------------------------------------------------------------------- FGVCAircraft
 
-@register_dataset("fgvc_aircraft")
+@register_dataset("fgvc_aircraft", "a photo of a {}, a type of aircraft.",
+                  layout="fgvc_aircraft/images/, fgvc_aircraft/variants.txt, "
+                         "fgvc_aircraft/images_variant_{train,val,test}.txt")
 def read_fgvc_aircraft(cfg: "DataConfig") -> DatasetSplits:
     """FGVCAircraft: images/<id>.jpg, variants.txt (labels in line order), images_variant_<split>.txt."""
     split_files = {split: f"images_variant_{split}.txt" for split in SPLITS}

@@ -194,7 +194,7 @@ def generic_path(cfg: "DataConfig", reader: str, expected: str) -> str:
 
 # ----------------------------------------------------------------------------- image_folder
 
-@register_dataset("image_folder")
+@register_dataset("image_folder", layout="data.path: class folders, or train/ val/ test/ folders of class folders")
 def read_image_folder(cfg: "DataConfig") -> DatasetSplits:
     """A folder of class folders, directly or under train/, test/ (and optional val/) split folders."""
     root = generic_path(cfg, "image_folder", "folder")
@@ -264,7 +264,7 @@ class CsvRow:
     split: Optional[str]
 
 
-@register_dataset("csv")
+@register_dataset("csv", layout="data.path: a CSV of image path and label or class name (and split)")
 def read_csv_dataset(cfg: "DataConfig") -> DatasetSplits:
     """A CSV of image paths (relative to the CSV's folder) with labels and/or class names."""
     csv_path = generic_path(cfg, "csv", "file.csv")

@@ -1,31 +1,50 @@
-"""One registry from a dataset name to its reader."""
+"""One registry from a dataset name to its facts: reader, zero-shot template(s), protocol epochs."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from promptlearn.data.base import DatasetSplits
-from promptlearn.errors import DataError, unknown_name_message
+from promptlearn.errors import DataError
+from promptlearn.registry import Registry
 
 if TYPE_CHECKING:
     from promptlearn.config import DataConfig
 
 Reader = Callable[["DataConfig"], DatasetSplits]
-DATASETS: dict[str, Reader] = {}
+DEFAULT_TEMPLATE = "a photo of a {}."
 
 
-def register_dataset(name: str) -> Callable[[Reader], Reader]:
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    reader: Reader
+    template: str = DEFAULT_TEMPLATE  # CoOp's zero-shot template for the dataset
+    epochs: int | None = None  # protocol epochs fixed whatever the shots (ImageNet: 50)
+    evaluation_only: bool = False  # a test set only (ImageNet-V2, -Sketch, -A, -R)
+    layout: str = ""  # where its files go under data.root, for listings and docs
+
+
+DATASETS: Registry[DatasetInfo] = Registry("dataset", DataError)
+
+
+def register_dataset(name: str, template: str = DEFAULT_TEMPLATE, epochs: int | None = None,
+                     evaluation_only: bool = False, layout: str = "") -> Callable[[Reader], Reader]:
     def add(reader: Reader) -> Reader:
-        if name in DATASETS:
-            raise ValueError(f"dataset {name!r} registered twice")
-        DATASETS[name] = reader
+        DATASETS.add(name, DatasetInfo(name, reader, template, epochs, evaluation_only, layout))
         return reader
 
     return add
 
 
 def build_dataset(cfg: "DataConfig") -> DatasetSplits:
-    import promptlearn.data.readers  # noqa: F401  (registers the readers)
+    return DATASETS.get(cfg.name).reader(cfg)
 
-    if cfg.name not in DATASETS:
-        raise DataError(unknown_name_message("dataset", cfg.name, DATASETS))
-    return DATASETS[cfg.name](cfg)
+
+def dataset_templates(cfg: "DataConfig") -> list[str]:
+    """The zero-shot template(s): data.templates, else data.template, else the dataset's own."""
+    if cfg.templates:
+        return list(cfg.templates)
+    if cfg.template is not None:
+        return [cfg.template]
+    return [DATASETS.get(cfg.name).template]

@@ -1,34 +1,30 @@
-"""Methods, one module each, registered by name."""
+"""Methods, one module each, registered by name on import.
+
+Every module of this package is imported here, so `METHODS` is complete once `promptlearn.methods`
+is; third-party methods register through the `promptlearn.methods` entry-point group.
+"""
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+import pkgutil
+from importlib.metadata import entry_points
 
-from promptlearn.errors import ConfigError, unknown_name_message
-from promptlearn.methods.base import Method
+from promptlearn.methods.base import (
+    METHODS,
+    AfterTraining,
+    Capabilities,
+    Method,
+    build_method,
+    method_class,
+    refuse_unable,
+    register_method,
+)
 
-METHODS: dict[str, type[Method]] = {}
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
+for _plugin in entry_points(group="promptlearn.methods"):
+    _plugin.load()
 
-
-def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
-    def add(cls: type[Method]) -> type[Method]:
-        if name in METHODS:
-            raise ValueError(f"method {name!r} registered twice")
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-
-    return add
-
-
-def build_method(name: str, cfg, backbone, classnames: list[str]) -> Method:
-    _import_methods()
-    if name not in METHODS:
-        raise ConfigError(unknown_name_message("method", name, METHODS))
-    return METHODS[name](cfg, backbone, classnames).to(backbone.device)
-
-
-def _import_methods() -> None:
-    from promptlearn.methods import clip_adapter, coop, linear_probe, tip_adapter, zeroshot  # noqa: F401
-
-
-__all__ = ["METHODS", "Method", "build_method", "register_method"]
+__all__ = ["METHODS", "AfterTraining", "Capabilities", "Method", "build_method", "method_class", "refuse_unable",
+           "register_method"]

@@ -1,15 +1,23 @@
-"""What every method is: a classifier over frozen, L2-normalised image features."""
+"""What every method is: a classifier over frozen, L2-normalised image features, with the capabilities
+the runner reads (it never names a method) and optional hooks.
+
+A new method is one module in this package (or a third-party module under the `promptlearn.methods`
+entry-point group): a Method subclass decorated with `register_method(name, config=SectionDataclass)`.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
 from promptlearn.checkpoint import check_meta, load_checkpoint
-from promptlearn.errors import CheckpointError
+from promptlearn.config import register_section
+from promptlearn.errors import CheckpointError, ConfigError
 from promptlearn.features import TrainingFeatures
+from promptlearn.registry import Registry
 
 if TYPE_CHECKING:
     from promptlearn.backbone import FrozenCLIP
@@ -18,13 +26,81 @@ if TYPE_CHECKING:
     from promptlearn.trainer import Trainer
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method can do; the runner and the protocols decide from these alone."""
+
+    learns: bool = False  # learns from the few-shot training images (False: zero-shot)
+    trains: bool = False  # fit() runs the trainer: epochs, checkpoints, --resume
+    cached_features: bool = True  # trains on cached frozen image features (False: images at every step)
+    unseen_classes: bool = False  # scores classes it never trained on (base-to-novel, cross-dataset)
+    decodes_prompt: bool = False  # has a learned prompt to read as words after training (after_training)
+    eval_from_checkpoint: bool = False  # can be evaluated from a saved checkpoint (--eval-only)
+    uses_validation: bool = False  # chooses hyper-parameters on the few-shot validation split
+
+    def describe(self) -> str:
+        return ", ".join(name.replace("_", " ") for name, value in vars(self).items() if value) or "zero-shot only"
+
+
+@dataclass
+class AfterTraining:
+    """What a method adds to its results after training: metrics entries and a printed report."""
+
+    metrics: dict
+    report: str = ""
+
+
+METHODS: Registry[type["Method"]] = Registry("method")
+
+
+def register_method(name: str, config: type | None = None, section: str | None = None) -> Callable:
+    """Register a Method subclass under `name`; `config` is its config section's dataclass (the section
+    is called `name`), or `section` names another method's section that it shares."""
+
+    def add(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        cls.section = section or (name if config is not None else None)
+        if config is not None:
+            register_section(name, config)
+        return METHODS.add(name, cls)
+
+    return add
+
+
+def method_class(name: str) -> type["Method"]:
+    return METHODS.get(name)
+
+
+def build_method(name: str, cfg: "RunConfig", backbone: "FrozenCLIP", classnames: list[str]) -> "Method":
+    return method_class(name)(cfg, backbone, classnames).to(backbone.device)
+
+
+def refuse_unable(cfg: "RunConfig", need: dict[str, str]) -> None:
+    """Before anything runs: every listed method must have each capability in `need` (capability ->
+    what needs it); all refusals are named at once."""
+    problems = []
+    for name in cfg.methods:
+        caps = method_class(name).capabilities_for(cfg)
+        problems += [f"{name} cannot {why} (it lacks the capability {capability!r})"
+                     for capability, why in need.items() if not getattr(caps, capability)]
+    if problems:
+        raise ConfigError("; ".join(problems) + "; remove it from methods or change the setting")
+
+
 class Method(nn.Module):
     name = "method"
-    trains = False  # whether fit() runs the trainer and writes a checkpoint
+    section: str | None = None  # its config section, if any
+    capabilities = Capabilities()
+
+    @classmethod
+    def capabilities_for(cls, cfg: "RunConfig") -> Capabilities:
+        """The capabilities under this config (a class-specific prompt cannot score unseen classes)."""
+        return cls.capabilities
 
     def __init__(self, cfg: "RunConfig", backbone: "FrozenCLIP", classnames: list[str]):
         super().__init__()
         self.cfg, self.backbone, self.classnames = cfg, backbone, list(classnames)
+        self.caps = self.capabilities_for(cfg)
 
     @property
     def device(self) -> torch.device:
@@ -52,6 +128,10 @@ class Method(nn.Module):
         with self.backbone.autocast():
             score = self.scorer()
             return torch.cat([score(x.to(self.device)).float().cpu() for x in image_features.split(batch_size)])
+
+    def after_training(self, folder: Path) -> AfterTraining | None:
+        """Hook: anything to save, report or add to the metrics once the method is trained."""
+        return None
 
     def checkpoint_meta(self) -> dict:
         """What a checkpoint must agree on to be loaded into this method."""

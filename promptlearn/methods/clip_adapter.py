@@ -3,21 +3,41 @@ at residual ratio alpha, classified by the zero-shot text weights of the dataset
 
 The reference applies the adapter to the unnormalised feature and normalises afterwards. The adapter
 (bias-free linear layers and ReLUs) is positively homogeneous, so feeding it the L2-normalised cached
-feature gives the same normalised blend: one cache serves every method. Its gradients, though, scale
-with the feature's norm, so the reference's learning rate is not directly comparable: tune
-clip_adapter.lr for the backbone.
+feature gives the same normalised blend: one cache serves every method.
 """
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptlearn.methods import register_method
-from promptlearn.methods.base import Method
-from promptlearn.methods.zeroshot import dataset_templates, text_classifier
+from promptlearn.methods.base import Capabilities, Method, register_method
+from promptlearn.data import dataset_templates
+from promptlearn.methods.zeroshot import text_classifier
+
+
+@dataclass
+class ClipAdapterConfig:
+    alpha: float = 0.2  # residual ratio: alpha * adapter(f) + (1 - alpha) * f
+    reduction: int = 4  # bottleneck width: feature width // reduction
+    lr: Optional[float] = None  # None: train.lr (the official code runs in CoOp's trainer and recipe)
+    epochs: Optional[int] = None  # None: the same epochs as CoOp
+
+    def problems(self) -> list[str]:
+        found = []
+        if not 0 <= self.alpha <= 1:
+            found.append(f"clip_adapter.alpha must be in [0, 1], got {self.alpha}")
+        if self.lr is not None and self.lr <= 0:
+            found.append(f"clip_adapter.lr must be positive (or unset for train.lr), got {self.lr}")
+        if self.reduction < 1:
+            found.append(f"clip_adapter.reduction must be at least 1, got {self.reduction}")
+        if self.epochs is not None and self.epochs < 0:
+            found.append(f"clip_adapter.epochs must be 0 or more (or unset), got {self.epochs}")
+        return found
 
 
 def bottleneck(width: int, reduction: int) -> nn.Sequential:
@@ -27,15 +47,15 @@ def bottleneck(width: int, reduction: int) -> nn.Sequential:
                          nn.Linear(hidden, width, bias=False), nn.ReLU())
 
 
-@register_method("clip_adapter")
+@register_method("clip_adapter", config=ClipAdapterConfig)
 class ClipAdapter(Method):
-    trains = True
+    capabilities = Capabilities(learns=True, trains=True, unseen_classes=True)
 
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
         self.alpha = cfg.clip_adapter.alpha
         self.adapter = bottleneck(backbone.embed_dim, cfg.clip_adapter.reduction)
-        self.register_buffer("weights", text_classifier(backbone, classnames, dataset_templates(cfg)))
+        self.register_buffer("weights", text_classifier(backbone, classnames, dataset_templates(cfg.data)))
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         mixed = self.alpha * self.adapter(image_features) + (1 - self.alpha) * image_features

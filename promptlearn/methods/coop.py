@@ -5,19 +5,46 @@ laid out with the backbone's own tokenizer and run through its own text tower.
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from promptlearn.backbone import FrozenCLIP
-from promptlearn.config import CoOpConfig
+from promptlearn.config import CLASS_POSITIONS
+from promptlearn.decoder import save_decoded_prompt
 from promptlearn.errors import ConfigError, PromptlearnError
-from promptlearn.methods import register_method
-from promptlearn.methods.base import Method
+from promptlearn.methods.base import AfterTraining, Capabilities, Method, register_method
+from promptlearn.prompts import layout_prompt
 
 DEFAULT_N_CTX = 16
 RANDOM_CTX_STD = 0.02
+
+
+@dataclass
+class CoOpConfig:
+    n_ctx: Optional[int] = None  # context length M (16 when unset); with ctx_init, the phrase's token count
+    ctx_init: str = ""  # e.g. "a photo of a"; empty: random normal init, std 0.02
+    class_specific: bool = False  # one context per class (CSC)
+    class_position: str = "end"  # end | middle | front
+    truncate_prompts: bool = True  # run prompts at the longest real length where exact
+    share_prefix: bool = True  # unified context, class at the end: run the shared prompt start once
+    class_chunk: int = 0  # classes per text-tower pass (0: all at once); bounds memory
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.n_ctx is not None and self.n_ctx < 1:
+            found.append(f"coop.n_ctx must be at least 1, got {self.n_ctx} (or set coop.ctx_init to a phrase)")
+        if self.class_position not in CLASS_POSITIONS:
+            found.append(f"coop.class_position must be one of {', '.join(CLASS_POSITIONS)}, "
+                         f"got {self.class_position!r}")
+        if self.class_chunk < 0:
+            found.append(f"coop.class_chunk must be 0 or more, got {self.class_chunk}")
+        return found
 
 
 def context_length_and_init(backbone: FrozenCLIP, cfg: CoOpConfig) -> tuple[int, list[int] | None]:
@@ -55,7 +82,7 @@ class PromptLearner(nn.Module):
         dot = tok.encode(".")
         rows, positions = [], []
         for name in classnames:
-            ids, pos = self._layout(tok, placeholder, name, dot, cfg.class_position)
+            ids, pos = layout_prompt(tok, placeholder, name, dot, cfg.class_position)
             if len(ids) > tower.context_length:
                 raise PromptlearnError(
                     f"the prompt for class {name!r} is {len(ids)} tokens ({n_ctx} of them context), more than the "
@@ -75,21 +102,6 @@ class PromptLearner(nn.Module):
         # a unified context with the class at the end: every prompt starts [SOS] [ctx_1 .. ctx_M]
         self.prefix_length = len(tok.start_ids) + n_ctx if not class_specific and self.position == "end" else None
 
-    @staticmethod
-    def _layout(tok, ctx_ids, name, dot, position):
-        name_ids = tok.encode(name)
-        half = len(ctx_ids) // 2
-        pieces = {"end": [("s", tok.start_ids), ("c", ctx_ids), ("n", name_ids), ("d", dot), ("e", tok.end_ids)],
-                  "middle": [("s", tok.start_ids), ("c", ctx_ids[:half]), ("n", name_ids),
-                             ("c", ctx_ids[half:]), ("d", dot), ("e", tok.end_ids)],
-                  "front": [("s", tok.start_ids), ("n", name_ids), ("c", ctx_ids), ("d", dot), ("e", tok.end_ids)]}
-        ids, pos = [], []
-        for kind, part in pieces[position]:
-            if kind == "c":
-                pos.extend(range(len(ids), len(ids) + len(part)))
-            ids.extend(part)
-        return ids, pos
-
     def forward(self) -> torch.Tensor:
         """Prompt embeddings [C, L, D]: the frozen token embeddings with the context put in place."""
         n_cls = self.token_embeds.shape[0]
@@ -105,10 +117,17 @@ class PromptLearner(nn.Module):
         return prefix, self.token_embeds[:, p:]
 
 
-@register_method("coop")
+@register_method("coop", config=CoOpConfig)
 class CoOp(Method):
-    trains = True
+    capabilities = Capabilities(learns=True, trains=True, unseen_classes=True, decodes_prompt=True,
+                                eval_from_checkpoint=True)
     force_class_specific: bool | None = None
+
+    @classmethod
+    def capabilities_for(cls, cfg) -> Capabilities:
+        """A class-specific context has no row for a class it never trained on."""
+        specific = cfg.coop.class_specific if cls.force_class_specific is None else cls.force_class_specific
+        return dataclasses.replace(cls.capabilities, unseen_classes=not specific)
 
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
@@ -151,6 +170,11 @@ class CoOp(Method):
     def fit(self, bank, trainer, checkpoint, resume) -> dict:
         return trainer.fit(self, self.training_features(bank), checkpoint, resume)
 
+    def after_training(self, folder) -> AfterTraining:
+        """The learned context read as words, saved beside the checkpoint and printed after the table."""
+        decoded = save_decoded_prompt(self, folder, self.cfg.eval.decode_topk)
+        return AfterTraining({"decoded_prompt": decoded.summary()}, decoded.report(detail=False))
+
     def checkpoint_meta(self) -> dict:
         meta = super().checkpoint_meta()
         if not self.prompts.class_specific:  # a unified context fits any class list (e.g. ImageNet-A's 200)
@@ -160,7 +184,7 @@ class CoOp(Method):
                 "ctx_init": self.cfg.coop.ctx_init}
 
 
-@register_method("coop_csc")
+@register_method("coop_csc", section="coop")
 class CoOpClassSpecific(CoOp):
     """CoOp with one context per class, whatever coop.class_specific says (for sweeps)."""
     force_class_specific = True

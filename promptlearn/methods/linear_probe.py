@@ -6,12 +6,9 @@ import warnings
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 
 from promptlearn.errors import DataError
-from promptlearn.methods import register_method
-from promptlearn.methods.base import Method
+from promptlearn.methods.base import Capabilities, Method, register_method
 
 COARSE_C = [10.0 ** k for k in range(-6, 7)]  # 1e-6 .. 1e6
 
@@ -21,7 +18,10 @@ def refine_grid(best: float, steps: int = 4) -> list[float]:
     return [float(c) for c in np.logspace(np.log10(best) - 1, np.log10(best) + 1, 2 * steps + 1)]
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, c: float) -> LogisticRegression:
+def fit_logistic(x: np.ndarray, y: np.ndarray, c: float):
+    from sklearn.exceptions import ConvergenceWarning  # scikit-learn loads only when a probe is fitted
+    from sklearn.linear_model import LogisticRegression
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         return LogisticRegression(C=c, max_iter=1000, solver="lbfgs").fit(x, y)
@@ -29,6 +29,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, c: float) -> LogisticRegression:
 
 @register_method("linear_probe")
 class LinearProbe(Method):
+    capabilities = Capabilities(learns=True, uses_validation=True)
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
         self.register_buffer("weight", torch.zeros(len(classnames), backbone.embed_dim))

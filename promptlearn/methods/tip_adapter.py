@@ -7,6 +7,7 @@ chosen on the few-shot validation set (the published code searched them on the t
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,8 +17,38 @@ from tqdm.auto import tqdm
 
 from promptlearn.errors import DataError
 from promptlearn.features import SplitFeatures, TrainingFeatures
-from promptlearn.methods import register_method
+from promptlearn.methods.base import Capabilities, register_method
 from promptlearn.methods.zeroshot import ZeroShot
+
+
+@dataclass
+class TipAdapterConfig:
+    alpha_range: list[float] = field(default_factory=lambda: [0.1, 10.0])  # searched on the validation set
+    alpha_steps: int = 20
+    beta_range: list[float] = field(default_factory=lambda: [0.1, 12.0])
+    beta_steps: int = 200
+    init_alpha: float = 1.0  # alpha and beta while Tip-Adapter-F fine-tunes the keys
+    init_beta: float = 1.0
+    epochs: int = 20  # Tip-Adapter-F's recipe: AdamW, cosine, batch 256
+    lr: float = 0.001
+    batch_size: int = 256
+    eps: float = 1e-4
+    weight_decay: float = 0.01
+
+    def problems(self) -> list[str]:
+        found = []
+        for name in ("alpha", "beta"):
+            lo_hi, steps = getattr(self, f"{name}_range"), getattr(self, f"{name}_steps")
+            if not (len(lo_hi) == 2 and 0 <= lo_hi[0] <= lo_hi[1]):
+                found.append(f"tip_adapter.{name}_range must be [low, high] with 0 <= low <= high, got {lo_hi}")
+            if steps < 1:
+                found.append(f"tip_adapter.{name}_steps must be at least 1, got {steps}")
+        if not (self.epochs >= 0 and self.batch_size >= 1 and self.lr > 0):
+            found.append("tip_adapter.epochs must be 0 or more, tip_adapter.batch_size at least 1 and "
+                         "tip_adapter.lr positive")
+        if self.eps <= 0:
+            found.append(f"tip_adapter.eps must be positive, got {self.eps}")
+        return found
 
 
 def search_grid(low_high: list[float], steps: int) -> list[float]:
@@ -30,8 +61,9 @@ def cache_logits(affinity: torch.Tensor, values: torch.Tensor, beta: float) -> t
     return torch.exp(-beta * (1 - affinity)) @ values
 
 
-@register_method("tip_adapter")
+@register_method("tip_adapter", config=TipAdapterConfig)
 class TipAdapter(ZeroShot):
+    capabilities = Capabilities(learns=True, uses_validation=True)
     fine_tunes = False  # Tip-Adapter-F learns the keys
 
     def __init__(self, cfg, backbone, classnames):
@@ -96,7 +128,7 @@ class TipAdapter(ZeroShot):
                 "init_alpha": tip.init_alpha, "init_beta": tip.init_beta}
 
 
-@register_method("tip_adapter_f")
+@register_method("tip_adapter_f", section="tip_adapter")
 class TipAdapterF(TipAdapter):
-    trains = True
+    capabilities = Capabilities(learns=True, trains=True, uses_validation=True)
     fine_tunes = True

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from promptlearn.backbone import FrozenCLIP
-from promptlearn.methods import register_method
-from promptlearn.methods.base import Method
+from promptlearn.data import dataset_templates
+from promptlearn.methods.base import Capabilities, Method, register_method
 
 
 def text_classifier(backbone: FrozenCLIP, classnames: list[str], templates: list[str]) -> torch.Tensor:
@@ -15,15 +15,13 @@ def text_classifier(backbone: FrozenCLIP, classnames: list[str], templates: list
     return F.normalize(per_template.mean(dim=0), dim=-1)
 
 
-def dataset_templates(cfg) -> list[str]:
-    return list(cfg.data.templates) or [cfg.data.template]
-
-
 @register_method("zeroshot")
 class ZeroShot(Method):
+    capabilities = Capabilities(unseen_classes=True)
+
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
-        self.register_buffer("weights", text_classifier(backbone, classnames, dataset_templates(cfg)))
+        self.register_buffer("weights", text_classifier(backbone, classnames, dataset_templates(cfg.data)))
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.backbone.logits(image_features, self.weights)
