@@ -135,8 +135,8 @@ def all_keys(cls: type = RunConfig, prefix: str = "") -> dict[str, Any]:
     return keys
 
 
-def _unknown_key(key: str, source: str) -> ConfigError:
-    close = nearest(key, all_keys(), n=1)
+def _unknown_key(key: str, source: str, keys: dict[str, Any]) -> ConfigError:
+    close = nearest(key, keys, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return ConfigError(f"{source}: unknown config key {key!r}{hint}")
 
@@ -180,13 +180,13 @@ def coerce_value(key: str, value: Any, hint: Any, source: str) -> Any:
 
 
 def flatten_tree(tree: Any, source: str, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as dotted keys ({"train": {"lr": 1}} -> {"train.lr": 1}); no config value is a mapping."""
     if not isinstance(tree, dict):
         raise ConfigError(f"{source}: expected a mapping of config keys, got {type(tree).__name__}")
     flat: dict[str, Any] = {}
-    sections = {k.split(".")[0] for k in all_keys() if "." in k}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and dotted in sections:
+        if isinstance(value, dict):
             flat.update(flatten_tree(value, source, f"{dotted}."))
         else:
             flat[dotted] = value
@@ -216,31 +216,40 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def apply(cfg: RunConfig, flat: dict[str, Any], source: str) -> RunConfig:
-    """Set dotted keys on `cfg` (in place), checking names and types."""
-    keys = all_keys()
+def read_sources(files: list[str | Path] = (), overrides: list[str] = ()) -> list[tuple[str, dict[str, Any]]]:
+    """(source, dotted keys) layers in the order they apply: each YAML file, then each `key=value`."""
+    layers = [(str(f), read_yaml(f)) for f in files]
+    return layers + [("command line", dict([parse_override(text)])) for text in overrides]
+
+
+def apply(cfg: RunConfig, flat: dict[str, Any], source: str, extra: dict[str, Any] | None = None) -> RunConfig:
+    """Set dotted keys on `cfg` (in place), checking names and types. `extra` maps further section names to
+    dataclass instances set from the same sources (a sweep file's `sweep:` section)."""
+    extra = extra or {}
+    keys = {**all_keys(), **{k: v for name, obj in extra.items() for k, v in all_keys(type(obj), f"{name}.").items()}}
     for key, value in flat.items():
         if key not in keys:
-            raise _unknown_key(key, source)
+            raise _unknown_key(key, source, keys)
         value = coerce_value(key, value, keys[key], source)
-        target: Any = cfg
         *path, leaf = key.split(".")
-        for part in path:
+        target: Any = extra[path[0]] if path and path[0] in extra else cfg
+        for part in path[1:] if target is not cfg else path:
             target = getattr(target, part)
         setattr(target, leaf, value)
     return cfg
 
 
-def load_config(
-    files: list[str | Path] = (), overrides: list[str] = (), base: RunConfig | None = None
-) -> RunConfig:
-    """Defaults, then each YAML file in order, then `key=value` overrides; validated."""
+def load_config(files: list[str | Path] = (), overrides: list[str] = (), base: RunConfig | None = None,
+                extra: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults (or `base`), then each YAML file in order, then `key=value` overrides; validated."""
+    return build_config(read_sources(files, overrides), base, extra)
+
+
+def build_config(layers: list[tuple[str, dict[str, Any]]], base: RunConfig | None = None,
+                 extra: dict[str, Any] | None = None) -> RunConfig:
     cfg = base or RunConfig()
-    for f in files:
-        apply(cfg, read_yaml(f), str(f))
-    for text in overrides:
-        key, value = parse_override(text)
-        apply(cfg, {key: value}, "command line")
+    for source, flat in layers:
+        apply(cfg, flat, source, extra)
     validate(cfg)
     return cfg
 

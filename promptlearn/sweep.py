@@ -23,9 +23,9 @@ import yaml
 from tqdm.auto import tqdm
 
 from promptlearn.cli import dataset_config
-from promptlearn.config import RunConfig, coerce_value, flatten_tree, apply, load_config, parse_override, read_yaml, to_dict
+from promptlearn.config import RunConfig, build_config, flatten_tree, load_config, parse_override, read_sources, to_dict
 from promptlearn.data import build_dataset
-from promptlearn.errors import ConfigError, PromptlearnError, nearest
+from promptlearn.errors import ConfigError, PromptlearnError
 from promptlearn.io import atomic_write_text
 from promptlearn.runner import is_complete, run_experiment
 
@@ -64,41 +64,19 @@ class PlannedRun:
 
 # ----------------------------------------------------------------------------- configuration
 
-def _set_sweep_keys(sweep: SweepConfig, flat: dict[str, Any], source: str) -> None:
-    hints = typing.get_type_hints(SweepConfig)
-    for key, value in flat.items():
-        name = key.removeprefix("sweep.")
-        if name not in hints:
-            close = nearest(name, hints, n=1)
-            hint = f"; did you mean 'sweep.{close[0]}'?" if close else ""
-            raise ConfigError(f"{source}: unknown sweep key {f'sweep.{name}'!r}{hint}")
-        setattr(sweep, name, coerce_value(f"sweep.{name}", value, hints[name], source))
-
-
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepConfig, RunConfig, list[str]]:
     """The sweep settings, the run config every run starts from, and the run-key overrides
-    (applied after each dataset's YAML so that the command line wins)."""
-    file_keys = read_yaml(path)
-    tree = file_keys.pop("sweep", None)
-    if not isinstance(tree, dict):
+    (applied again after each dataset's YAML so that the command line wins)."""
+    layers = read_sources([path], overrides)
+    if not any(key.startswith("sweep.") for key in layers[0][1]):
         raise ConfigError(f"{path}: a sweep file needs a `sweep:` section with datasets, shots, seeds and output_dir")
-    sweep = SweepConfig()
-    _set_sweep_keys(sweep, {f"sweep.{k}": v for k, v in tree.items()}, str(path))
-    run_overrides = []
-    for text in overrides:
-        key, value = parse_override(text)
-        if key.startswith("sweep."):
-            _set_sweep_keys(sweep, {key: value}, "command line")
-        else:
-            run_overrides.append(text)
-    given = set(file_keys) | {parse_override(text)[0] for text in run_overrides}
     for key, sweep_key in SWEEP_SET_KEYS.items():
-        if key in given:
+        if any(key in flat for _, flat in layers):
             raise ConfigError(f"{path}: {key} is set by the sweep for each run; use {sweep_key} instead")
-    base = apply(RunConfig(), file_keys, str(path))
-    load_config([], run_overrides, base=copy.deepcopy(base))  # names, types and values, before any work
+    sweep = SweepConfig()
+    base = build_config(layers, extra={"sweep": sweep})  # names, types and values, before any work
     check_sweep(sweep, str(path))
-    return sweep, base, run_overrides
+    return sweep, base, [text for text in overrides if not parse_override(text)[0].startswith("sweep.")]
 
 
 def check_sweep(sweep: SweepConfig, source: str) -> None:

@@ -98,7 +98,7 @@ def test_statistics_and_tables():
 
 
 def test_sweep_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match="unknown sweep key 'sweep.seed'; did you mean 'sweep.seeds'"):
+    with pytest.raises(ConfigError, match="unknown config key 'sweep.seed'; did you mean 'sweep.seeds'"):
         load_sweep(QUICK, ["sweep.seed=[1]"])
     with pytest.raises(ConfigError, match="data.shots is set by the sweep for each run; use sweep.shots"):
         load_sweep(QUICK, ["data.shots=4"])
