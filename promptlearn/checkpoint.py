@@ -115,7 +115,8 @@ def check_meta(path: str | Path, saved: dict[str, Any], current: dict[str, Any])
         if then != now:
             if isinstance(now, list) and isinstance(then, list):
                 diff = [f"{a!r} vs {b!r}" for a, b in zip(then, now) if a != b][:3]
-                detail = f"{len(then)} vs {len(now)} entries" + (f"; first differences {', '.join(diff)}" if diff else "")
+                detail = f"{len(then)} vs {len(now)} entries" + (
+                    f"; first differences {', '.join(diff)}" if diff else "")
             else:
                 detail = f"{then!r} in the checkpoint, {now!r} now"
             problems.append(f"{key}: {detail}")

@@ -283,7 +283,8 @@ def config_problems(cfg: RunConfig) -> list[str]:
     need(cfg.train.lr > 0, f"train.lr must be positive, got {cfg.train.lr}")
     need(cfg.train.feature_passes >= 0, f"train.feature_passes must be 0 or more, got {cfg.train.feature_passes}")
     need(cfg.train.warmup_epochs >= 0, f"train.warmup_epochs must be 0 or more, got {cfg.train.warmup_epochs}")
-    need(cfg.train.checkpoint_every >= 1, f"train.checkpoint_every must be at least 1, got {cfg.train.checkpoint_every}")
+    need(cfg.train.checkpoint_every >= 1,
+         f"train.checkpoint_every must be at least 1, got {cfg.train.checkpoint_every}")
     need(cfg.data.num_workers >= 0, f"data.num_workers must be 0 or more, got {cfg.data.num_workers}")
     need(cfg.data.eval_batch_size >= 1, f"data.eval_batch_size must be at least 1, got {cfg.data.eval_batch_size}")
     for key in ("momentum", "weight_decay", "warmup_lr"):

@@ -383,8 +383,9 @@ def decode_checkpoint(path: str | Path, backbone: FrozenCLIP | None = None, topk
 
 
 def _load(path: str | Path) -> dict:
-    """A promptlearn checkpoint (checksum verified), else any file that a weights-only load reads, such as a reference CoOp state dict; a refusal names the way out
-    for reference CoOp (Dassl) checkpoints, which pickle their learning-rate scheduler."""
+    """A promptlearn checkpoint (checksum verified), else any file that a weights-only load reads, such as a
+    reference CoOp state dict; a refusal names the way out for reference CoOp (Dassl) checkpoints, which
+    pickle their learning-rate scheduler."""
     try:
         payload = read_weights_only(path)
     except DamagedCheckpoint:

@@ -14,10 +14,8 @@ import io
 import json
 import logging
 import statistics
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 from tqdm.auto import tqdm

@@ -1,7 +1,6 @@
 """Running tools/train_coop.py as a real subprocess, as a user would, for the reliability tests."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -10,9 +9,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
 from helpers import QUICKSTART, REPO
-from promptlearn.cli import run_tool
+
+from promptlearn.commands import entry
 
 TRAIN_COOP = REPO / "tools" / "train_coop.py"
 
@@ -58,12 +57,9 @@ class TrainCoop:
         return self.finish(self.start(*args))
 
     def call(self, capsys, *args: str) -> Finished:
-        """The tool's main under cli.run_tool in this process: the same exit status and stderr, no start-up."""
-        spec = importlib.util.spec_from_file_location("train_coop_tool", TRAIN_COOP)
-        tool = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(tool)
+        """`promptlearn train` in this process: the same exit status and stderr as the shell's, no start-up."""
         with pytest.raises(SystemExit) as stop:
-            run_tool(lambda _: tool.main(["--config", str(QUICKSTART), *args]))
+            entry(["train", "--config", str(QUICKSTART), *args])
         captured = capsys.readouterr()
         return Finished(stop.value.code, captured.out, captured.err)
 

@@ -2,9 +2,9 @@ import logging
 
 import pytest
 import torch
+from helpers import FAMILIES, tiny_backbone
 from torch import nn
 
-from helpers import FAMILIES, tiny_backbone
 from promptlearn.backbone import FrozenCLIP, load_backbone
 from promptlearn.config import BackboneConfig
 from promptlearn.errors import PromptlearnError

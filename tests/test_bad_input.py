@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
 from fixtures_data import make_oxford_pets, write_class_folders, write_lines
 from helpers import QUICKSTART, SAMPLE, quick_config, tiny_backbone
+from PIL import Image
+
 from promptlearn.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from promptlearn.config import load_config
-from promptlearn.data.loader import BadImage, ImageItems, load_image
 from promptlearn.data.base import Item
+from promptlearn.data.loader import BadImage, ImageItems, load_image
 from promptlearn.data.transforms import eval_transform
 from promptlearn.errors import CheckpointError, DataError, PromptlearnError
 from promptlearn.features import SplitFeatures
@@ -169,7 +169,7 @@ def test_bad_config_values(tool_error, args, message):
 
 
 @pytest.mark.parametrize("yaml_text, message", [
-    ("trian:\n  lr: 0.1\n", r"\S+/bad\.yaml: unknown config key 'trian'.*"),
+    ("trian:\n  lr: 0.1\n", r"\S+/bad\.yaml: unknown config key 'trian\.lr'; did you mean 'train\.lr'\?"),
     ("coop:\n  n_ctx: four\n", r"\S+/bad\.yaml: coop\.n_ctx must be an integer, got 'four'"),
     ("train: [1, 2\n", r"config file \S+/bad\.yaml is not valid YAML: .*"),  # a multi-line message, on one line
 ])

@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from helpers import FAMILIES, quick_config, tiny_backbone
+
 from promptlearn.config import TrainConfig, load_config
 from promptlearn.data import build_dataset
 from promptlearn.data.fewshot import load_or_draw

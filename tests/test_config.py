@@ -81,6 +81,7 @@ def test_every_shipped_run_config_loads():
 def test_dataset_yaml_copies_agree_with_the_registered_facts():
     """configs/datasets/*.yaml are readable copies of what the package registers; they must not drift."""
     from helpers import REPO
+
     from promptlearn.data import DATASETS
 
     files = sorted((REPO / "configs" / "datasets").glob("*.yaml"))

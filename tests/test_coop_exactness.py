@@ -2,8 +2,8 @@
 of the sentence the layout spells, for every family and class position."""
 import pytest
 import torch
-
 from helpers import FAMILIES, no_start_backbone, tiny_backbone
+
 from promptlearn.config import RunConfig
 from promptlearn.errors import ConfigError, PromptlearnError
 from promptlearn.methods import build_method

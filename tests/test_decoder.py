@@ -2,19 +2,17 @@
 CoOp checkpoints, and the messages of bad inputs to tools/inspect_prompt.py."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import open_clip
 import pytest
 import torch
+from helpers import NoStartTokenizer, quick_config, tiny_backbone
 
-from helpers import REPO, NoStartTokenizer, quick_config, tiny_backbone
 from promptlearn import decoder
 from promptlearn.backbone import FrozenCLIP
 from promptlearn.checkpoint import save_checkpoint
-from promptlearn.cli import run_tool
+from promptlearn.commands import entry
 from promptlearn.config import BackboneConfig, load_config
 from promptlearn.decoder import (
     JSON_FILE,
@@ -43,13 +41,9 @@ def coop(backbone, *overrides: str, classnames=CLASSES):
 
 
 def inspect_prompt(monkeypatch, *args: str) -> int:
-    """tools/inspect_prompt.py as the shell runs it (run_tool: PromptlearnError -> exit 2)."""
-    spec = importlib.util.spec_from_file_location("inspect_prompt", REPO / "tools" / "inspect_prompt.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    monkeypatch.setattr(sys, "argv", ["inspect_prompt.py", *args])
+    """`promptlearn inspect` as the shell runs it (PromptlearnError -> exit 2)."""
     with pytest.raises(SystemExit) as exit_:
-        run_tool(tool.main)
+        entry(["inspect", *args])
     return exit_.value.code
 
 

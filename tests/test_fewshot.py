@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import REPO, SAMPLE
+
 from promptlearn.config import DataConfig
 from promptlearn.data import DatasetSplits, Item, build_dataset
 from promptlearn.data.fewshot import draw_few_shot, fewshot_path, load_or_draw

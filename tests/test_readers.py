@@ -10,7 +10,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from fixtures_data import (
     AIRCRAFT_VARIANTS,
     IMAGENET_CLASSES,
@@ -27,6 +26,7 @@ from fixtures_data import (
     split_entries,
     write_lines,
 )
+
 from promptlearn.config import DataConfig, load_config
 from promptlearn.data import DATASETS, build_dataset
 from promptlearn.errors import DataError

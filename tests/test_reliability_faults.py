@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import quick_config
+
 from promptlearn.checkpoint import DamagedCheckpoint, load_checkpoint, save_checkpoint
 from promptlearn.errors import CheckpointError, PromptlearnError
 from promptlearn.features import FeatureCache, SplitFeatures

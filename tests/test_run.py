@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
-
 from fixtures_data import IMAGENET_CLASSES, make_imagenet, make_imagenet_r
 from helpers import QUICKSTART, REPO, quick_config
+
 from promptlearn.checkpoint import load_checkpoint
 from promptlearn.errors import CheckpointError, ConfigError
 from promptlearn.runner import is_complete, run_experiment

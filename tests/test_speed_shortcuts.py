@@ -9,7 +9,7 @@ import torch
 from open_clip.transformer import ResidualAttentionBlock
 
 from promptlearn.backbone import FrozenCLIP, load_backbone
-from promptlearn.benchmark import build_coop, reference_training, run_config, BenchmarkSpec, synthetic_images
+from promptlearn.benchmark import BenchmarkSpec, build_coop, reference_training, run_config, synthetic_images
 from promptlearn.config import BackboneConfig, RunConfig
 from promptlearn.data.base import DatasetSplits
 from promptlearn.data.fewshot import FewShotSplit

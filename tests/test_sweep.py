@@ -6,14 +6,13 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import REPO, SAMPLE
+
 from promptlearn import sweep as sweep_module
 from promptlearn.data import DATASETS
 from promptlearn.errors import ConfigError, DataError
 from promptlearn.runner import COMPLETE_MARKER
-from promptlearn.sweep import (CSV_COLUMNS, average_curve, curve_table, dataset_curves, load_sweep, plan_runs,
-                               run_sweep)
+from promptlearn.sweep import CSV_COLUMNS, average_curve, curve_table, dataset_curves, load_sweep, plan_runs, run_sweep
 
 QUICK = REPO / "configs" / "sweeps" / "quick_sample.yaml"
 FULL = REPO / "configs" / "sweeps" / "coop_11_datasets_rn50.yaml"

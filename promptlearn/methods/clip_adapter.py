@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptlearn.methods.base import Capabilities, Method, register_method
 from promptlearn.data import dataset_templates
+from promptlearn.methods.base import Capabilities, Method, register_method
 from promptlearn.methods.zeroshot import text_classifier
 
 

@@ -1,0 +1,3 @@
+from promptlearn.commands import entry
+
+entry()

@@ -1,0 +1,253 @@
+"""The `promptlearn` command (a console script, and `python -m promptlearn`):
+
+    promptlearn train      few-shot runs: every listed method on one draw, one table
+    promptlearn sweep      methods x datasets x shots x seeds, with CSV, summary and plots
+    promptlearn inspect    a learned prompt read as its nearest vocabulary tokens
+    promptlearn benchmark  speed and memory beside a loop faithful to the original code
+    promptlearn list       methods | datasets | models
+
+tools/*.py are shims onto these subcommands.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+from promptlearn.cli import add_run_arguments, config_from_args, run_tool
+from promptlearn.errors import ConfigError, unknown_name_message
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ----------------------------------------------------------------------------- train
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from promptlearn.data import DATASETS
+    from promptlearn.methods import METHODS
+
+    add_run_arguments(parser)
+    parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoints")
+    parser.add_argument("--eval-only", metavar="CKPT", help="evaluate a saved checkpoint (CoOp prompts), no training")
+    parser.epilog = (f"methods: {', '.join(METHODS)}. datasets: {', '.join(DATASETS)}. "
+                     "Details: promptlearn list methods|datasets|models.")
+
+
+def train(args: argparse.Namespace) -> int:
+    from promptlearn.runner import run_experiment
+
+    run_experiment(config_from_args(args), resume=args.resume, eval_only=args.eval_only)
+    return 0
+
+
+# ----------------------------------------------------------------------------- sweep
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, metavar="SWEEP.yaml", help="sweep file (configs/sweeps/)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing; rebuild the CSV, summary and plots from the finished runs")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="overrides: run keys (train.epochs=5) or sweep keys (sweep.shots=[1,2])")
+
+
+def sweep(args: argparse.Namespace) -> int:
+    from promptlearn.sweep import load_sweep, plan_runs, run_sweep
+
+    spec, base, run_overrides = load_sweep(args.config, args.overrides)
+    run_sweep(spec, plan_runs(spec, base, run_overrides), report_only=args.report_only)
+    out = Path(spec.output_dir)
+    print("\n" + (out / "summary.md").read_text(encoding="utf-8"))
+    print(f"written: {out / 'results.csv'}, {out / 'summary.md'}" + (f", {out / 'plots'}/" if spec.plots else ""))
+    return 0
+
+
+# ----------------------------------------------------------------------------- inspect
+
+def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    from promptlearn.config import CLASS_POSITIONS
+    from promptlearn.decoder import METRICS
+
+    parser.add_argument("checkpoint", metavar="CKPT",
+                        help="a promptlearn checkpoint.pt, or a reference CoOp prompt_learner/model.pth.tar-N")
+    parser.add_argument("--topk", type=int, default=3, metavar="K",
+                        help="nearest tokens per context vector (default 3)")
+    parser.add_argument("--metric", choices=list(METRICS), default="euclidean",
+                        help="euclidean (CoOp's reference method, default) or cosine (1 - cosine similarity)")
+    parser.add_argument("--json", metavar="OUT", help="also write every context position's nearest tokens as JSON")
+    parser.add_argument("--model", metavar="NAME",
+                        help="open_clip model: required for reference CoOp checkpoints; overrides the recorded one")
+    parser.add_argument("--pretrained", metavar="TAG|PATH|none",
+                        help="its weights (reference checkpoints: default openai); overrides the recorded ones")
+    parser.add_argument("--class-position", choices=CLASS_POSITIONS,
+                        help="where the class name goes, for reference CoOp checkpoints (default end)")
+    parser.add_argument("--device", default="auto", metavar="D", help="auto, cpu, cuda or cuda:N")
+
+
+def inspect(args: argparse.Namespace) -> int:
+    from promptlearn.decoder import decode_checkpoint
+    from promptlearn.io import atomic_write_json
+
+    decoded = decode_checkpoint(args.checkpoint, topk=args.topk, metric=args.metric, model=args.model,
+                                pretrained=args.pretrained, class_position=args.class_position, device=args.device)
+    print(decoded.report())
+    if args.json:
+        atomic_write_json(args.json, decoded.to_json())
+    return 0
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+BENCHMARK_HELP = {
+    "model": "open_clip model name", "pretrained": "open_clip tag, checkpoint path or none",
+    "classes": "number of classes", "shots": "training images per class",
+    "protocol": "dataset whose protocol epochs apply (imagenet: 50 at every K)",
+    "epochs": "epochs of the extrapolated run (default: the protocol's)", "n_ctx": "context length M",
+    "batch_size": "training batch size", "feature_passes": "promptlearn's cached augmented passes",
+    "class_chunk": "promptlearn's classes per text-tower pass (0: all)", "device": "auto, cpu, cuda, cuda:N",
+    "precision": "promptlearn's GPU precision (default bf16; the reference runs fp16)",
+    "num_workers": "image-loading workers (default: 0 on the CPU, up to 8 on a GPU)",
+    "reference_steps": "measured steps of the reference loop",
+    "promptlearn_steps": "measured steps of promptlearn", "warmup_steps": "unmeasured first steps",
+    "feature_sample": "images encoded to time feature extraction",
+    "logit_images": "images whose logits the two paths compare"}
+
+
+def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    from promptlearn.benchmark import BenchmarkSpec
+
+    for f in fields(BenchmarkSpec):
+        if f.name in BENCHMARK_HELP:
+            kind = int if f.type in ("int", "int | None") else str
+            default = f" (default: {f.default})" if f.default is not None else ""
+            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
+                                help=BENCHMARK_HELP[f.name] + default)
+    parser.add_argument("--quick", action="store_true",
+                        help="few measured steps: under a minute for RN50 on 2 CPU cores")
+    parser.add_argument("--no-reference", dest="reference", action="store_false",
+                        help="measure promptlearn alone (for class counts the reference loop cannot afford)")
+    parser.add_argument("--output", default="output/benchmark.json", help="where the JSON goes")
+
+
+def benchmark(args: argparse.Namespace) -> int:
+    from promptlearn.benchmark import BenchmarkSpec, run_benchmark
+    from promptlearn.io import atomic_write_json
+
+    spec = BenchmarkSpec(reference=args.reference, **{k: getattr(args, k) for k in BENCHMARK_HELP})
+    if min(spec.classes, spec.shots, spec.reference_steps, spec.promptlearn_steps, spec.feature_sample) < 1:
+        raise ConfigError("--classes, --shots, --*-steps and --feature-sample must be at least 1")
+    result = run_benchmark(spec.quick_mode() if args.quick else spec, log=lambda m: print(m, file=sys.stderr))
+    atomic_write_json(args.output, result)
+    ref, ours = result["reference"], result["promptlearn"]
+    print(f"{result['device']}; {spec.model} ({spec.pretrained}), {spec.classes} classes, {spec.shots} shots, "
+          f"{result['epochs']} epochs x {result['steps_per_epoch']} steps")
+    for name, path in (("reference", ref), ("promptlearn", ours)):
+        if path:
+            print(f"  {name:11s}: {path['time_per_step_s']:.3f} s/step, full run ~{path['full_run_s'] / 60:.1f} min, "
+                  f"{path['memory_kind']} {path['peak_memory_mb']:.0f} MB")
+    speedup = f"speed-up {result['speedup']:.1f}x, " if ref else ""
+    print(f"  {speedup}largest logit difference {result['max_logit_difference']:.2e}")
+    print(f"wrote {args.output}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- list
+
+LISTINGS = ("methods", "datasets", "models")
+
+
+def add_list_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("what", choices=LISTINGS, help="what to list")
+    parser.add_argument("--filter", metavar="TEXT", help="models: only names containing TEXT")
+
+
+def listing(args: argparse.Namespace) -> int:
+    rows = {"methods": method_rows, "datasets": dataset_rows, "models": model_rows}[args.what](args)
+    print(format_table(rows))
+    return 0
+
+
+def method_rows(args: argparse.Namespace) -> list[dict]:
+    from promptlearn.config import RunConfig
+    from promptlearn.methods import METHODS
+
+    cfg = RunConfig()
+    return [{"method": name, "config section": cls.section or "-",
+             "capabilities": cls.capabilities_for(cfg).describe()} for name, cls in METHODS.items()]
+
+
+def dataset_rows(args: argparse.Namespace) -> list[dict]:
+    from promptlearn.data import DATASETS
+
+    return [{"dataset": name, "zero-shot template": info.template,
+             "epochs": str(info.epochs) if info.epochs else "by shots",
+             "use": "test only" if info.evaluation_only else "train + test", "layout under data.root": info.layout}
+            for name, info in DATASETS.items()]
+
+
+def model_rows(args: argparse.Namespace) -> list[dict]:
+    import open_clip
+
+    rows = []
+    for name in open_clip.list_models():
+        if args.filter and args.filter.lower() not in name.lower():
+            continue
+        config = open_clip.get_model_config(name) or {}
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        rows.append({"model": name, "embed dim": str(config.get("embed_dim", "?")),
+                     "pretrained tags": ", ".join(tags) or "none (random init or a local checkpoint)"})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(nothing to list)"
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns).rstrip(), "  ".join("-" * widths[c] for c in columns)]
+    lines += ["  ".join(r[c].ljust(widths[c]) for c in columns).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- entry
+
+COMMANDS = {
+    "train": Command("few-shot run: every listed method on one draw", add_train_arguments, train),
+    "sweep": Command("methods x datasets x shots x seeds, then CSV, summary and plots", add_sweep_arguments, sweep),
+    "inspect": Command("read a learned prompt as its nearest vocabulary tokens", add_inspect_arguments, inspect),
+    "benchmark": Command("speed and memory beside a loop faithful to the original code", add_benchmark_arguments,
+                         benchmark),
+    "list": Command("list methods, datasets or models", add_list_arguments, listing),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    return "usage: promptlearn COMMAND [options]\n\ncommands:\n" + "\n".join(
+        f"  {name.ljust(width)}  {c.help}" for name, c in COMMANDS.items()) + \
+        "\n\n'promptlearn COMMAND --help' shows a command's options."
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        raise ConfigError(unknown_name_message("command", name, COMMANDS))
+    command = COMMANDS[name]
+    parser = argparse.ArgumentParser(prog=f"promptlearn {name}", description=command.help)
+    command.add_arguments(parser)
+    return command.run(parser.parse_intermixed_args(rest))  # flags and key=value in any order
+
+
+def entry(argv: list[str] | None = None) -> None:
+    """The console script: one clear error line and exit status 2 for any user error."""
+    run_tool(lambda _: main(argv))
