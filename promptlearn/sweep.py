@@ -41,7 +41,7 @@ SWEEP_SET_KEYS = {"data.shots": "sweep.shots", "data.seed": "sweep.seeds", "outp
 
 @dataclass
 class SweepConfig:
-    datasets: list[str] = field(default_factory=list)  # names (configs/datasets/NAME.yaml or a reader) or YAML paths
+    datasets: list[str] = field(default_factory=list)  # registered dataset names or dataset YAML files
     shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     output_dir: str = "output/sweep"
