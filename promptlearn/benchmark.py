@@ -37,6 +37,7 @@ from promptlearn.data import DATASETS
 from promptlearn.data.base import Item
 from promptlearn.data.loader import ImageItems, collate_images
 from promptlearn.data.transforms import eval_transform, train_transform
+from promptlearn.errors import ConfigError
 from promptlearn.features import SplitFeatures, extract_features
 from promptlearn.methods.coop import CoOp
 from promptlearn.trainer import Trainer, batch_order, build_optimizer, grad_scaler, lr_factor, optimizer_step
@@ -76,6 +77,7 @@ class BenchmarkSpec:
     feature_sample: int = 64  # images encoded to time promptlearn's feature extraction
     logit_images: int = 8
     reference: bool = True  # False: measure promptlearn alone (a class count the reference cannot afford)
+    class_names: str = "synthetic"  # synthetic (two-word names) | imagenet (CLIP's ImageNet names, first N)
     quick: bool = False
 
     def quick_mode(self) -> "BenchmarkSpec":
@@ -108,6 +110,20 @@ class BenchmarkSpec:
 
 
 # ----------------------------------------------------------------------------- data and models
+
+def benchmark_class_names(kind: str, n: int) -> list[str]:
+    """The classes of a measurement: CLIP's real ImageNet names (as open_clip ships them; their prompt
+    lengths decide the text tower's work) or synthetic two-word names."""
+    if kind == "imagenet":
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+        if n > len(IMAGENET_CLASSNAMES):
+            raise ConfigError(f"--classes {n}: ImageNet has {len(IMAGENET_CLASSNAMES)} class names")
+        return list(IMAGENET_CLASSNAMES[:n])
+    if kind != "synthetic":
+        raise ConfigError(f"--class-names must be synthetic or imagenet, got {kind!r}")
+    return class_names(n)
+
 
 def class_names(n: int) -> list[str]:
     """n distinct two- or three-token names ("spotted otter"), like typical dataset class names."""
@@ -216,9 +232,12 @@ def measure_reference(spec: BenchmarkSpec, classnames: list[str], items: list[It
                        on_step=lambda: stamps.append(clock(backbone.device)))
     step_s = statistics.median(np.diff(stamps)[spec.warmup_steps:])
     total = spec.run_epochs * spec.steps_per_epoch
+    memory = memory_facts(backbone.device, after_load)
+    flops, text_s = text_tower_work(method, reps=1)
     return {"precision": backbone.precision, "prompt_length": method.prompts.token_ids.shape[1],
             "time_per_step_s": step_s, "measured_steps": spec.reference_steps,
-            "full_run_s": total * step_s, **memory_facts(backbone.device, after_load)}
+            "full_run_s": total * step_s, "text_tower_flops_per_step": flops, "text_tower_s_per_step": text_s,
+            **memory}
 
 
 class _FixedFeatures:
@@ -365,13 +384,17 @@ def in_own_process(fn: Callable, *args):
         pool.join()
 
 
+def ratio(reference: dict | None, ours: dict, key: str) -> float | None:
+    return reference[key] / ours[key] if reference else None
+
+
 def run_benchmark(spec: BenchmarkSpec, work_dir: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
     began, cpu_before = time.perf_counter(), cpu_seconds()
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         touched = spec.batch_size * (spec.warmup_steps + spec.reference_steps)
         items = synthetic_images(Path(tmp), spec.classes, spec.shots,
                                  max(touched, spec.feature_sample, spec.logit_images, 2))
-        names = class_names(spec.classes)
+        names = benchmark_class_names(spec.class_names, spec.classes)
         reference = None
         if spec.reference:
             log(f"reference loop: {spec.warmup_steps} + {spec.reference_steps} steps")
@@ -386,9 +409,12 @@ def run_benchmark(spec: BenchmarkSpec, work_dir: str | Path | None = None, log: 
             "train_images": spec.train_images, "batch_size": spec.batch_size, "epochs": spec.run_epochs,
             "steps_per_epoch": spec.steps_per_epoch, "total_steps": spec.run_epochs * spec.steps_per_epoch,
             "n_ctx": spec.n_ctx, "num_workers": spec.workers, "quick": spec.quick,
-            "reference": reference, "promptlearn": ours,
-            "speedup": reference["full_run_s"] / ours["full_run_s"] if reference else None,
-            "max_logit_difference": difference,
+            "class_names": spec.class_names, "reference": reference, "promptlearn": ours,
+            "speedup": ratio(reference, ours, "full_run_s"),
+            # the text tower's forward and backward of one step, the part the prompt shortcuts change
+            "text_step_speedup": ratio(reference, ours, "text_tower_s_per_step"),
+            "text_flop_ratio": ratio(reference, ours, "text_tower_flops_per_step"),
+            "max_logit_difference": difference, "max_logit_diff": difference,
             "benchmark_seconds": time.perf_counter() - began,
             # the share of the machine's CPU time that other processes took: it slows both paths down
             "cpu_share_of_other_processes": other_processes_share(cpu_before, cpu_seconds()),

@@ -116,7 +116,8 @@ BENCHMARK_HELP = {
     "reference_steps": "measured steps of the reference loop",
     "promptlearn_steps": "measured steps of promptlearn", "warmup_steps": "unmeasured first steps",
     "feature_sample": "images encoded to time feature extraction",
-    "logit_images": "images whose logits the two paths compare"}
+    "logit_images": "images whose logits the two paths compare",
+    "class_names": "synthetic (two-word names) or imagenet (CLIP's real ImageNet names, the first N)"}
 
 
 def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
@@ -152,7 +153,8 @@ def benchmark(args: argparse.Namespace) -> int:
             print(f"  {name:11s}: {path['time_per_step_s']:.3f} s/step, full run ~{path['full_run_s'] / 60:.1f} min, "
                   f"{path['memory_kind']} {path['peak_memory_mb']:.0f} MB")
     speedup = f"speed-up {result['speedup']:.1f}x, " if ref else ""
-    print(f"  {speedup}largest logit difference {result['max_logit_difference']:.2e}")
+    text = f"text step {result['text_step_speedup']:.1f}x, " if ref else ""
+    print(f"  {speedup}{text}largest logit difference {result['max_logit_difference']:.2e}")
     print(f"wrote {args.output}")
     return 0
 

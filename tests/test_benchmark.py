@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from promptlearn.benchmark import BenchmarkSpec, class_names
+from promptlearn.benchmark import BenchmarkSpec, benchmark_class_names, class_names
 
 REPO = Path(__file__).resolve().parent.parent
 PATH_FIELDS = {"precision", "prompt_length", "time_per_step_s", "measured_steps", "full_run_s",
@@ -17,7 +17,8 @@ PATH_FIELDS = {"precision", "prompt_length", "time_per_step_s", "measured_steps"
 def test_quick_benchmark_writes_both_paths_and_equal_logits(tmp_path):
     out = tmp_path / "bench" / "result.json"
     run = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark.py"), "--quick", "--model", "tiny-clip",
-                          "--classes", "3", "--shots", "4", "--device", "cpu", "--output", str(out)],
+                          "--classes", "3", "--shots", "4", "--device", "cpu", "--class-names", "imagenet",
+                          "--output", str(out)],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -33,7 +34,9 @@ def test_quick_benchmark_writes_both_paths_and_equal_logits(tmp_path):
     assert ours["full_run_s"] == ours["feature_extraction_s"] + ours["training_s"]
     assert ours["text_tower_flops_per_step"] > 0 and ours["device_peak_tflops"] is None  # no peak on a CPU
     assert result["speedup"] == reference["full_run_s"] / ours["full_run_s"]
-    assert result["max_logit_difference"] < 1e-4
+    assert result["max_logit_difference"] == result["max_logit_diff"] < 1e-4
+    assert result["class_names"] == "imagenet" and result["text_flop_ratio"] > 2
+    assert result["text_step_speedup"] == reference["text_tower_s_per_step"] / ours["text_tower_s_per_step"]
     assert "speed-up" in run.stdout
 
 
@@ -42,3 +45,4 @@ def test_spec_extrapolates_the_protocol_run():
     assert (spec.train_images, spec.run_epochs, spec.steps_per_epoch) == (16000, 50, 500)
     assert BenchmarkSpec(classes=10, shots=16).run_epochs == 200
     assert len(set(class_names(1200))) == 1200
+    assert benchmark_class_names("imagenet", 3) == ["tench", "goldfish", "great white shark"]

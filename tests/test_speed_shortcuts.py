@@ -126,3 +126,32 @@ def test_training_on_cached_features_reaches_the_context_of_per_step_encoding(ba
     moved = (theirs.prompts.ctx - start).abs().max().item()
     assert moved > 1e-3  # training did change the context
     torch.testing.assert_close(ours.prompts.ctx, theirs.prompts.ctx, rtol=0, atol=1e-4 * moved)
+
+
+def test_length_groups_split_by_length_then_chunk():
+    from promptlearn.methods.coop import length_groups
+
+    groups = length_groups(torch.tensor([5, 3, 5, 4, 3]))
+    assert [(rows.tolist(), length) for rows, length in groups] == [([1, 4], 3), ([3], 4), ([0, 2], 5)]
+    chunked = length_groups(torch.tensor([5, 3, 5, 4, 3]), chunk=1)
+    assert [(rows.tolist(), length) for rows, length in chunked] == [([1], 3), ([4], 3), ([3], 4), ([0], 5), ([2], 5)]
+
+
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_real_imagenet_names_run_at_their_own_lengths_with_the_plain_features(backbones, share_prefix):
+    """ImageNet's class names (open_clip ships them) vary from 1 to 14 BPE tokens: each length group
+    runs at its own length, exactly, and the rows per step approach the sum of the prompts' lengths."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    backbone, names = backbones["tiny-clip"], list(IMAGENET_CLASSNAMES)
+    method = build_coop(coop_config(truncate_prompts=True, share_prefix=share_prefix), backbone, names)
+    lengths = backbone.text.pooled_positions(method.prompts.token_ids) + 1
+    assert len(method.groups) == len(torch.unique(lengths)) > 5
+    tail_rows = sum(len(rows) * (length - method.prompts.prefix_length) for rows, length in method.groups)
+    padded_rows = len(names) * (method.prompts.token_ids.shape[1] - method.prompts.prefix_length)
+    assert tail_rows == int((lengths - method.prompts.prefix_length).sum()) < 0.45 * padded_rows
+    sample = names[::40]  # 25 names of many lengths, punctuation included, for the gradient comparison
+    plain = features_and_grad(backbone, coop_config(), sample)
+    grouped = features_and_grad(backbone, coop_config(truncate_prompts=True, share_prefix=share_prefix), sample)
+    assert len(grouped[0].groups) > 3
+    assert_same(plain, grouped)

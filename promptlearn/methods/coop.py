@@ -31,7 +31,7 @@ class CoOpConfig:
     ctx_init: str = ""  # e.g. "a photo of a"; empty: random normal init, std 0.02
     class_specific: bool = False  # one context per class (CSC)
     class_position: str = "end"  # end | middle | front
-    truncate_prompts: bool = True  # run prompts at the longest real length where exact
+    truncate_prompts: bool = True  # run each prompt at its own real length (grouped by length) where exact
     share_prefix: bool = True  # unified context, class at the end: run the shared prompt start once
     class_chunk: int = 0  # classes per text-tower pass (0: all at once); bounds memory
 
@@ -117,6 +117,20 @@ class PromptLearner(nn.Module):
         return prefix, self.token_embeds[:, p:]
 
 
+def length_groups(lengths: torch.Tensor, chunk: int = 0) -> list[tuple[torch.Tensor, int]]:
+    """Classes grouped by prompt length, each group to run at its own length, split into chunks of at
+    most `chunk` classes (0: no limit): (class indices, length) pairs, shortest first. Under a causal
+    mask nothing before a prompt's pooled position reads what follows it, so a prompt run at its own
+    length gives the features of the full context length; the rows a step pushes through the text
+    tower fall from classes x longest prompt to the sum of the prompts' own lengths."""
+    groups = []
+    for length in torch.unique(lengths).tolist():
+        rows = torch.nonzero(lengths == length).flatten()
+        for part in rows.split(chunk or len(rows)):
+            groups.append((part, int(length)))
+    return groups
+
+
 @register_method("coop", config=CoOpConfig)
 class CoOp(Method):
     capabilities = Capabilities(learns=True, trains=True, unseen_classes=True, decodes_prompt=True,
@@ -136,29 +150,33 @@ class CoOp(Method):
         prefix = self.prompts.prefix_length
         self.share_prefix = (cfg.coop.share_prefix and prefix is not None
                              and backbone.text.can_share_prefix(self.prompts.token_ids, prefix))
+        ids = self.prompts.token_ids
+        exact = cfg.coop.truncate_prompts and backbone.text.can_truncate
+        lengths = backbone.text.pooled_positions(ids) + 1 if exact else torch.full((len(ids),), ids.shape[1])
+        self.groups = length_groups(lengths, cfg.coop.class_chunk)
+        order = torch.cat([rows for rows, _ in self.groups])
+        self.register_buffer("group_order", torch.argsort(order), persistent=False)  # back to class order
 
     def _encode(self, embeds: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return self.backbone.text.encode(embeds, ids)
 
     def text_features(self) -> torch.Tensor:
         """[C, D] L2-normalised class features. With a shared prefix the prompt start runs through the
-        tower once (per chunk); chunks of classes under activation checkpointing bound the memory of
-        a training step by the chunk size instead of the class count."""
+        tower once per group; classes run in groups of equal prompt length, each at its own length
+        (`length_groups`), and chunks of classes under activation checkpointing bound the memory of a
+        training step by the chunk size instead of the class count."""
         ids = self.prompts.token_ids
         if self.share_prefix:
             prefix, embeds = self.prompts.shared_prefix()
-            encode, shared = self.backbone.text.encode_shared_prefix, (prefix,)
+            encode, shared, skip = self.backbone.text.encode_shared_prefix, (prefix,), prefix.shape[0]
         else:
-            embeds, encode, shared = self.prompts(), self._encode, ()
-        chunk = self.cfg.coop.class_chunk or len(ids)
-        if chunk >= len(ids):
-            return F.normalize(encode(*shared, embeds, ids).float(), dim=-1)
+            embeds, encode, shared, skip = self.prompts(), self._encode, (), 0
+        checkpointed = torch.is_grad_enabled() and self.cfg.coop.class_chunk > 0
         parts = []
-        for s in range(0, len(ids), chunk):
-            args = (*shared, embeds[s:s + chunk], ids[s:s + chunk])
-            parts.append(checkpoint(encode, *args, use_reentrant=False) if torch.is_grad_enabled()
-                         else encode(*args))
-        return F.normalize(torch.cat(parts).float(), dim=-1)
+        for rows, length in self.groups:
+            args = (*shared, embeds[rows, :length - skip], ids[rows, :length])
+            parts.append(checkpoint(encode, *args, use_reentrant=False) if checkpointed else encode(*args))
+        return F.normalize(torch.cat(parts)[self.group_order].float(), dim=-1)
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.backbone.logits(image_features, self.text_features())
