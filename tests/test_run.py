@@ -139,3 +139,16 @@ def test_evaluation_only_sets_run_zero_shot_and_saved_unified_prompts(tmp_path):
     with pytest.raises(ConfigError, match="no training images .* linear_probe cannot run"):
         run_experiment(quick_config(tmp_path, "data.name=imagenet_r", "methods=[zeroshot, linear_probe]",
                                     f"output_dir={tmp_path / 'r2'}", *common))
+
+
+def test_runs_asking_a_method_for_a_missing_capability_stop_before_anything_loads(tmp_path):
+    """The runner reads capabilities only: --eval-only needs a method restorable from a checkpoint, a
+    test-only set needs methods that do not learn; nothing is written before the refusal."""
+    with pytest.raises(ConfigError, match=r"--eval-only .* none of methods=\['zeroshot', 'linear_probe'\] .* "
+                                          r"list one of coop, coop_csc"):
+        run_experiment(quick_config(tmp_path, "methods=[zeroshot,linear_probe]"), eval_only=str(tmp_path / "x.pt"))
+    with pytest.raises(ConfigError, match="unknown method 'coopp'; did you mean 'coop'"):
+        run_experiment(quick_config(tmp_path, "methods=[zeroshot,coopp]"))
+    with pytest.raises(ConfigError, match=r"imagenet_a' has no training images .* clip_adapter, tip_adapter cannot run"):
+        run_experiment(quick_config(tmp_path, "data.name=imagenet_a", "methods=[zeroshot,clip_adapter,tip_adapter]"))
+    assert not (tmp_path / "run").exists()
