@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
+from promptlearn.data.fewshot import DRAWS
 from promptlearn.errors import ConfigError, nearest
 from promptlearn.registry import Registry
 
@@ -55,6 +56,8 @@ class DataConfig:
     seed: int = 1
     split_seed: int = 1  # seeded train/val/test split for folders or CSVs without one
     fewshot_dir: Optional[str] = None  # where few-shot draws are cached (default: the run folder)
+    draw: str = "reference"  # reference (the original code's draw for a seed) | sorted (listing-independent)
+    fewshot_import: Optional[str] = None  # CoOp's split_fewshot/ folder or a shot_K-seed_S.pkl: use its draw
     num_workers: int = 2
     eval_batch_size: int = 128
     skip_bad_images: bool = False  # skip unreadable images (counted) instead of stopping
@@ -285,6 +288,7 @@ def config_problems(cfg: RunConfig) -> list[str]:
     need(cfg.train.warmup_epochs >= 0, f"train.warmup_epochs must be 0 or more, got {cfg.train.warmup_epochs}")
     need(cfg.train.checkpoint_every >= 1,
          f"train.checkpoint_every must be at least 1, got {cfg.train.checkpoint_every}")
+    need(cfg.data.draw in DRAWS, f"data.draw must be one of {', '.join(DRAWS)}, got {cfg.data.draw!r}")
     need(cfg.data.num_workers >= 0, f"data.num_workers must be 0 or more, got {cfg.data.num_workers}")
     need(cfg.data.eval_batch_size >= 1, f"data.eval_batch_size must be at least 1, got {cfg.data.eval_batch_size}")
     for key in ("momentum", "weight_decay", "warmup_lr"):

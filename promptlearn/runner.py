@@ -97,7 +97,7 @@ def few_shot_draw(cfg: RunConfig, dataset, out: Path, eval_only: str | None) -> 
     """The saved or new draw; none for a set without training images, where only methods that do not
     learn, or that evaluate a saved checkpoint, run."""
     if dataset.train:
-        return load_or_draw(dataset, cfg.data.shots, cfg.data.seed, cfg.data.fewshot_dir or out / "fewshot")
+        return load_or_draw(dataset, cfg.data, cfg.data.fewshot_dir or out / "fewshot")
     caps = {name: method_class(name).capabilities_for(cfg) for name in cfg.methods}
     refuse_learners(cfg, caps, eval_only, f"dataset {dataset.name!r}: its train split is empty")
     return FewShotSplit(dataset.name, cfg.data.shots, cfg.data.seed, [], [])

@@ -30,7 +30,7 @@ def setup(tmp_path, shared_cache, *overrides, model="tiny-clip"):
     cfg = quick_config(tmp_path, "data.shots=4", "train.feature_passes=2", "train.augment=true",
                        f"backbone.model={model}", f"cache_dir={shared_cache}", *overrides)
     dataset = build_dataset(cfg.data)
-    fewshot = load_or_draw(dataset, cfg.data.shots, cfg.data.seed, tmp_path / "fewshot")
+    fewshot = load_or_draw(dataset, cfg.data, tmp_path / "fewshot")
     backbone = tiny_backbone(model)
     bank = FeatureBank(backbone, dataset, fewshot, cache=FeatureCache(cfg.cache_dir), batch_size=128,
                        num_workers=0, skip_bad=False, seed=cfg.data.seed)

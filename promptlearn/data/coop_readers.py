@@ -174,14 +174,23 @@ for _spec in SPLIT_FILE_DATASETS:
 
 # ----------------------------------------------------------------------------- ImageNet
 
+def imagenet_classes(wnid_names: dict[str, str]) -> list[ClassFolder]:
+    """(wnid, label, name) labelled by sorted wnid, as the original labels ImageNet's sorted class folders
+    (whatever the order of classnames.txt, which only gives the names)."""
+    return [(wnid, label, wnid_names[wnid]) for label, wnid in enumerate(sorted(wnid_names))]
+
+
 @register_dataset("imagenet", epochs=50,
                   layout="imagenet/images/train/<wnid>/, imagenet/images/val/<wnid>/ (the test set), "
                          "imagenet/classnames.txt")
 def read_imagenet(cfg: "DataConfig") -> DatasetSplits:
-    """ImageNet: images/train/<wnid>/ and images/val/<wnid>/ (the test set); labels in classnames.txt order."""
+    """ImageNet: images/train/<wnid>/ and images/val/<wnid>/ (the test set); labels by sorted wnid.
+
+    Images within a class folder are in sorted order: the original lists them in the file system's order,
+    so its few-shot draw can only be had from its cached file (data.fewshot_import)."""
     base = require_layout(cfg.root, "imagenet", ["images/train", "images/val", CLASSNAMES_FILE], "imagenet")
     listing = os.path.join(base, CLASSNAMES_FILE)
-    classes = [(wnid, label, name) for label, (wnid, name) in enumerate(read_wnid_classnames(listing).items())]
+    classes = imagenet_classes(read_wnid_classnames(listing))
     return DatasetSplits(
         "imagenet",
         [name for _, _, name in classes],
@@ -219,11 +228,14 @@ def read_imagenet_variant(spec: ImageNetVariant, cfg: "DataConfig") -> DatasetSp
 
 
 def variant_classes(spec: ImageNetVariant, wnid_names: dict[str, str], image_dir: str) -> list[ClassFolder]:
-    """The variant's classes, labelled in classnames.txt order (restricted to the present ones for -A and -R)."""
+    """The variant's classes, labelled like ImageNet's by sorted wnid (restricted to the present ones for -A and -R).
+
+    ImageNet-V2's folder i is the class of the i-th sorted wnid (the original takes the i-th line of
+    classnames.txt, the same for ImageNet's own file, which is in wnid order)."""
+    classes = imagenet_classes(wnid_names)
     if spec.folders_by_label:
-        return [(str(label), label, name) for label, name in enumerate(wnid_names.values())]
-    classes = [(wnid, label, name) for label, (wnid, name) in enumerate(wnid_names.items())]
-    if spec.present_classes_only:  # relabel the present classes 0..n-1, keeping classnames.txt order
+        return [(str(label), label, name) for _, label, name in classes]
+    if spec.present_classes_only:  # relabel the present classes 0..n-1 in sorted-wnid order, as the original
         classes = [(wnid, label, name) for label, (wnid, _, name) in enumerate(present_classes(image_dir, classes))]
     return classes
 

@@ -1,7 +1,18 @@
 """Few-shot draws: K images per class for training and min(K, 4) for validation, saved as JSON.
 
-A draw depends only on (dataset, K, seed): items are sorted by path before sampling and the
-generator is seeded from a string (hashed with SHA-512 by `random`, not by Python's salted hash).
+Two draws (`data.draw`):
+- "reference" (default): the original code's draw (Dassl's generate_fewshot_dataset after
+  set_random_seed), so seed S gives the images the published CoOp / CoCoOp / Tip-Adapter runs used:
+  Python's `random` seeded with the integer seed; classes in the order their label first appears in
+  the train list; within a class the listing order; `sample(items, K)` for a class with at least K
+  items, all of them (without touching the generator) otherwise; then the validation draw, min(K, 4)
+  per class, continues on the same generator. It depends on the listing order: split files and CSVs
+  in file order, folders in sorted order.
+- "sorted": independent of the listing order: items sorted by path, the generator seeded from a
+  string of (dataset, K, seed) (hashed with SHA-512 by `random`, not by Python's salted hash).
+
+Without a val split (ImageNet, whose original val is its test set) validation comes from the training
+images not drawn, so nothing is ever selected on the test set.
 """
 from __future__ import annotations
 
@@ -11,12 +22,20 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
 
 from promptlearn.data.base import DatasetSplits, Item
+from promptlearn.data.import_split import import_original_draw
 from promptlearn.errors import DataError
 from promptlearn.io import atomic_write_json
 
+if TYPE_CHECKING:
+    from promptlearn.config import DataConfig
+
 log = logging.getLogger("promptlearn")
+
+DRAWS = ("reference", "sorted")
+IMPORTED = "imported"  # the draw of a split file imported from the original code (data.fewshot_import)
 
 
 @dataclass
@@ -26,43 +45,70 @@ class FewShotSplit:
     seed: int
     train: list[Item]
     val: list[Item]
+    draw: str = "reference"  # one of DRAWS, or IMPORTED
 
 
 def val_shots(shots: int) -> int:
     return min(shots, 4)
 
 
-def _by_class(items: list[Item]) -> dict[int, list[Item]]:
+def by_class_in_listing_order(items: Iterable[Item]) -> dict[int, list[Item]]:
+    """Items by label; labels in the order they first appear, items in listing order (Dassl's split_dataset_by_label)."""
     groups: dict[int, list[Item]] = defaultdict(list)
-    for item in sorted(items, key=lambda it: (it.label, it.path)):
+    for item in items:
         groups[item.label].append(item)
     return groups
 
 
-def draw_few_shot(ds: DatasetSplits, shots: int, seed: int) -> FewShotSplit:
-    rng = random.Random(f"{ds.name}|shots={shots}|seed={seed}")
-    train_pool = _by_class(ds.train)
-    empty = [ds.classnames[c] for c in range(ds.num_classes) if not train_pool.get(c)]
+def by_class_sorted(items: Iterable[Item]) -> dict[int, list[Item]]:
+    """Items by label; labels ascending, items sorted by path."""
+    return by_class_in_listing_order(sorted(items, key=lambda it: (it.label, it.path)))
+
+
+def sample_per_class(groups: dict[int, list[Item]], shots: int, rng: random.Random) -> list[Item]:
+    """`shots` items of each class in `groups` order; a smaller class gives all it has and draws nothing."""
+    drawn: list[Item] = []
+    for pool in groups.values():
+        drawn.extend(rng.sample(pool, shots) if len(pool) >= shots else pool)
+    return drawn
+
+
+def check_classes(ds: DatasetSplits, groups: dict[int, list[Item]], shots: int) -> None:
+    """An error for classes without training images, a warning for those with fewer than `shots`."""
+    empty = [ds.classnames[c] for c in range(ds.num_classes) if not groups.get(c)]
     if empty:
         raise DataError(f"dataset {ds.name!r}: no training images for classes {empty[:10]}; "
                         "add images or remove these classes")
-    train, short = [], []
-    for label in sorted(train_pool):
-        pool = train_pool[label]
-        if len(pool) < shots:
-            short.append(f"{ds.classnames[label]} ({len(pool)})")
-        train.extend(rng.sample(pool, min(shots, len(pool))))
+    short = [f"{ds.classnames[label]} ({len(pool)})" for label, pool in sorted(groups.items()) if len(pool) < shots]
     if short:
         log.warning("dataset %s: %d classes have fewer than %d training images and keep all they "
                     "have: %s", ds.name, len(short), shots, ", ".join(short))
-    # validation comes from the val split, or from training images not drawn when there is none
-    chosen = {it.path for it in train}
-    val_pool = _by_class(ds.val) if ds.val else _by_class([it for it in ds.train if it.path not in chosen])
-    val = []
-    for label in sorted(val_pool):
-        pool = val_pool[label]
-        val.extend(rng.sample(pool, min(val_shots(shots), len(pool))))
-    return FewShotSplit(ds.name, shots, seed, train, val)
+
+
+def draw_few_shot(ds: DatasetSplits, shots: int, seed: int, draw: str = "reference") -> FewShotSplit:
+    if draw not in DRAWS:
+        raise DataError(f"data.draw={draw!r} is no few-shot draw; use one of {', '.join(DRAWS)}")
+    group = by_class_in_listing_order if draw == "reference" else by_class_sorted
+    rng = random.Random(seed if draw == "reference" else f"{ds.name}|shots={shots}|seed={seed}")
+    train_pool = group(ds.train)
+    check_classes(ds, train_pool, shots)
+    train = sample_per_class(train_pool, shots, rng)
+    val = sample_per_class(group(ds.val or not_drawn(ds.train, train)), val_shots(shots), rng)
+    return FewShotSplit(ds.name, shots, seed, train, val, draw)
+
+
+def not_drawn(items: list[Item], drawn: list[Item]) -> list[Item]:
+    chosen = {it.path for it in drawn}
+    return [it for it in items if it.path not in chosen]
+
+
+def keep_classes(split: FewShotSplit, labels: Iterable[int]) -> FewShotSplit:
+    """The draw restricted to `labels`, labels unchanged. CoCoOp's base-to-novel draws the K shots over
+    all classes and keeps the base classes after, so its base draw is `keep_classes(all-class draw, base)`,
+    not a draw over the base classes alone (other classes consume the generator in between)."""
+    keep = set(labels)
+    return FewShotSplit(split.dataset, split.shots, split.seed, [it for it in split.train if it.label in keep],
+                        [it for it in split.val if it.label in keep], split.draw)
 
 
 def fewshot_path(folder: str | Path, shots: int, seed: int) -> Path:
@@ -71,35 +117,48 @@ def fewshot_path(folder: str | Path, shots: int, seed: int) -> Path:
 
 def save_few_shot(split: FewShotSplit, path: Path) -> None:
     atomic_write_json(path, {
-        "dataset": split.dataset, "shots": split.shots, "seed": split.seed,
+        "dataset": split.dataset, "shots": split.shots, "seed": split.seed, "draw": split.draw,
         "train": [[it.path, it.label, it.classname] for it in split.train],
         "val": [[it.path, it.label, it.classname] for it in split.val],
     })
 
 
-def load_few_shot(path: Path, ds: DatasetSplits, shots: int, seed: int) -> FewShotSplit:
+def load_few_shot(path: Path, ds: DatasetSplits, shots: int, seed: int, draw: str = "reference") -> FewShotSplit:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         header = (data["dataset"], data["shots"], data["seed"])
+        saved_draw = data.get("draw", "sorted")  # files without the key predate the reference draw
         splits = {k: [Item(str(p), int(l), str(c)) for p, l, c in data[k]] for k in ("train", "val")}
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"few-shot file {path} is unreadable ({e}); delete it to draw again") from None
     if header != (ds.name, shots, seed):
         raise DataError(f"few-shot file {path} is for {header}, not ({ds.name!r}, {shots}, {seed}); "
                         "delete it or use another folder")
+    if saved_draw != draw:
+        raise DataError(f"few-shot file {path} holds the {saved_draw!r} draw, not the {draw!r} one asked for; "
+                        "delete it or use another data.fewshot_dir")
     known = {it.path: it.label for it in [*ds.train, *ds.val]}
     for item in [*splits["train"], *splits["val"]]:
         if known.get(item.path) != item.label:
             raise DataError(f"few-shot file {path} lists {item.path} (label {item.label}), which is not in "
                             f"dataset {ds.name!r} with that label; delete the file to draw again")
-    return FewShotSplit(ds.name, shots, seed, splits["train"], splits["val"])
+    return FewShotSplit(ds.name, shots, seed, splits["train"], splits["val"], saved_draw)
 
 
-def load_or_draw(ds: DatasetSplits, shots: int, seed: int, folder: str | Path) -> FewShotSplit:
-    """Reuse the saved draw in `folder` or draw and save it."""
-    path = fewshot_path(folder, shots, seed)
+def load_or_draw(ds: DatasetSplits, data: "DataConfig", folder: str | Path) -> FewShotSplit:
+    """Reuse the saved draw in `folder`, else import data.fewshot_import or draw with data.draw, and save it."""
+    path = fewshot_path(folder, data.shots, data.seed)
+    draw = IMPORTED if data.fewshot_import else data.draw
     if path.is_file():
-        return load_few_shot(path, ds, shots, seed)
-    split = draw_few_shot(ds, shots, seed)
+        return load_few_shot(path, ds, data.shots, data.seed, draw)
+    if data.fewshot_import:
+        train, val = import_original_draw(data, ds)
+        if val is None:  # ImageNet's file has no val (its original val is the test set): from undrawn train images
+            val = sample_per_class(by_class_in_listing_order(not_drawn(ds.train, train)), val_shots(data.shots),
+                                   random.Random(data.seed))
+        split = FewShotSplit(ds.name, data.shots, data.seed, train, val, IMPORTED)
+        log.info("few-shot draw imported from %s", data.fewshot_import)
+    else:
+        split = draw_few_shot(ds, data.shots, data.seed, data.draw)
     save_few_shot(split, path)
     return split
