@@ -27,12 +27,20 @@ def test_k_per_class_and_val_min_k_4():
         assert {it.path for it in split.val} <= {it.path for it in ds.val}  # val comes from the val split
 
 
-def test_draw_ignores_item_order_and_depends_on_seed():
+def test_sorted_draw_ignores_item_order_and_the_reference_draw_follows_it():
     ds = sample()
     shuffled = DatasetSplits(ds.name, ds.classnames, list(reversed(ds.train)), list(reversed(ds.val)), ds.test)
-    a, b = draw_few_shot(ds, 4, 1), draw_few_shot(shuffled, 4, 1)
+    a, b = draw_few_shot(ds, 4, 1, "sorted"), draw_few_shot(shuffled, 4, 1, "sorted")
     assert [it.path for it in a.train] == [it.path for it in b.train]
-    assert [it.path for it in a.train] != [it.path for it in draw_few_shot(ds, 4, 2).train]
+    assert [it.path for it in a.train] != [it.path for it in draw_few_shot(ds, 4, 2, "sorted").train]
+    # the original's draw depends on the listing order, as the original code's does
+    ref, ref_shuffled = draw_few_shot(ds, 4, 1), draw_few_shot(shuffled, 4, 1)
+    assert ref.draw == "reference" and {it.path for it in ref.train} != {it.path for it in ref_shuffled.train}
+
+
+def test_unknown_draw_is_an_error():
+    with pytest.raises(DataError, match="data.draw='random' is no few-shot draw"):
+        draw_few_shot(sample(), 1, 1, "random")
 
 
 def test_draw_is_the_same_across_processes_and_hash_seeds(tmp_path):
@@ -47,10 +55,11 @@ def test_draw_is_the_same_across_processes_and_hash_seeds(tmp_path):
     assert outs[0] == outs[1] == [it.path for it in draw_few_shot(sample(), 2, 3).train]
 
 
-def test_val_from_leftover_train_when_no_val_split():
+@pytest.mark.parametrize("draw", ["reference", "sorted"])
+def test_val_from_leftover_train_when_no_val_split(draw):
     ds = sample()
     no_val = DatasetSplits(ds.name, ds.classnames, ds.train, [], ds.test)
-    split = draw_few_shot(no_val, 8, 1)
+    split = draw_few_shot(no_val, 8, 1, draw)
     assert len(split.val) == 40 and not {it.path for it in split.val} & {it.path for it in split.train}
 
 
@@ -70,13 +79,19 @@ def test_empty_class_is_an_error():
 
 def test_saved_as_json_and_reused(tmp_path):
     ds = sample()
-    first = load_or_draw(ds, 2, 1, tmp_path)
+    data_cfg = DataConfig(shots=2, seed=1)
+    first = load_or_draw(ds, data_cfg, tmp_path)
     path = fewshot_path(tmp_path, 2, 1)
     data = json.loads(path.read_text())
-    assert data["shots"] == 2 and len(data["train"]) == 20
+    assert data["shots"] == 2 and data["draw"] == "reference" and len(data["train"]) == 20
     data["train"] = data["train"][:10]  # an edited draw is what is used next time
     path.write_text(json.dumps(data))
-    assert len(load_or_draw(ds, 2, 1, tmp_path).train) == 10 != len(first.train)
+    assert len(load_or_draw(ds, data_cfg, tmp_path).train) == 10 != len(first.train)
+    with pytest.raises(DataError, match="holds the 'reference' draw, not the 'sorted' one"):
+        load_or_draw(ds, DataConfig(shots=2, seed=1, draw="sorted"), tmp_path)
+    del data["draw"]  # files written before the reference draw existed hold the sorted draw
+    path.write_text(json.dumps(data))
+    assert load_or_draw(ds, DataConfig(shots=2, seed=1, draw="sorted"), tmp_path).draw == "sorted"
     path.write_text("{not json")
     with pytest.raises(DataError, match="unreadable"):
-        load_or_draw(ds, 2, 1, tmp_path)
+        load_or_draw(ds, data_cfg, tmp_path)

@@ -105,7 +105,7 @@ def test_imagenet_reads_train_and_val_folders(tmp_path):
     assert_absolute_existing(splits)
 
 
-def test_imagenet_r_keeps_only_present_classes_in_classnames_order(tmp_path):
+def test_imagenet_r_keeps_only_present_classes_in_sorted_wnid_order(tmp_path):
     make_imagenet_r(tmp_path, present=["n01484850", "n01440764"])
     splits = read("imagenet_r", tmp_path)
     assert splits.classnames == ["tench", "great white shark"]

@@ -20,9 +20,10 @@ import json
 import logging
 import random
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 from promptlearn.data.base import DatasetSplits, Item
 from promptlearn.data.import_split import import_original_draw

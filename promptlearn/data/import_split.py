@@ -46,7 +46,7 @@ class StoredDatum:
             raise pickle.UnpicklingError(f"a Datum must hold exactly the fields {', '.join(DATUM_FIELDS)}")
         for key, kind in DATUM_FIELDS.items():
             if type(state[key]) is not kind:  # exact types: no bool for int, no str subclass
-                raise pickle.UnpicklingError(f"Datum field {key} must be a {kind.__name__}, got {state[key]!r}")
+                raise pickle.UnpicklingError(f"Datum field {key} must be {kind.__name__}, got {state[key]!r}")
         self.impath, self.label = state["_impath"], state["_label"]
 
 
