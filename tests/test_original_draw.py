@@ -216,7 +216,7 @@ def test_restricted_unpickler_refuses_anything_else(pets, datum_class, tmp_path,
 
 
 def test_extra_datum_field_and_foreign_paths_are_refused(pets, datum_class, tmp_path):
-    root, split, ds = pets
+    root, _, ds = pets
     odd = datum_class("/a/oxford_pets/images/x.png", 0, 0, "x")
     odd.extra = 1
     cases = [({"train": [odd]}, "exactly the fields"),
