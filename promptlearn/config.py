@@ -17,7 +17,6 @@ from typing import Any, Optional
 
 import yaml
 
-from promptlearn.data.fewshot import DRAWS
 from promptlearn.errors import ConfigError, nearest
 from promptlearn.registry import Registry
 
@@ -108,6 +107,7 @@ PROTOCOL_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
 CLASS_POSITIONS = ("end", "middle", "front")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw")
+DRAWS = ("reference", "sorted")  # few-shot draws, see promptlearn.data.fewshot
 
 
 def protocol_epochs(shots: int, fixed: int | None = None) -> int:

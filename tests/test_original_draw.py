@@ -21,8 +21,8 @@ import types
 from pathlib import Path
 
 import pytest
-
 from fixtures_data import IMAGENET_CLASSES, make_imagenet, make_oxford_pets, write_wnid_classnames
+
 from promptlearn.config import DataConfig
 from promptlearn.data import DatasetSplits, build_dataset
 from promptlearn.data.fewshot import draw_few_shot, fewshot_path, keep_classes, load_or_draw

@@ -23,19 +23,15 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from promptlearn.config import DRAWS, DataConfig
 from promptlearn.data.base import DatasetSplits, Item
 from promptlearn.data.import_split import import_original_draw
 from promptlearn.errors import DataError
 from promptlearn.io import atomic_write_json
 
-if TYPE_CHECKING:
-    from promptlearn.config import DataConfig
-
 log = logging.getLogger("promptlearn")
 
-DRAWS = ("reference", "sorted")
 IMPORTED = "imported"  # the draw of a split file imported from the original code (data.fewshot_import)
 
 
@@ -54,7 +50,7 @@ def val_shots(shots: int) -> int:
 
 
 def by_class_in_listing_order(items: Iterable[Item]) -> dict[int, list[Item]]:
-    """Items by label; labels in the order they first appear, items in listing order (Dassl's split_dataset_by_label)."""
+    """Items by label: labels in the order they first appear, items in listing order (as Dassl's split by label)."""
     groups: dict[int, list[Item]] = defaultdict(list)
     for item in items:
         groups[item.label].append(item)
@@ -146,7 +142,7 @@ def load_few_shot(path: Path, ds: DatasetSplits, shots: int, seed: int, draw: st
     return FewShotSplit(ds.name, shots, seed, splits["train"], splits["val"], saved_draw)
 
 
-def load_or_draw(ds: DatasetSplits, data: "DataConfig", folder: str | Path) -> FewShotSplit:
+def load_or_draw(ds: DatasetSplits, data: DataConfig, folder: str | Path) -> FewShotSplit:
     """Reuse the saved draw in `folder`, else import data.fewshot_import or draw with data.draw, and save it."""
     path = fewshot_path(folder, data.shots, data.seed)
     draw = IMPORTED if data.fewshot_import else data.draw
