@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 from fixtures_data import IMAGENET_CLASSES, make_imagenet, make_oxford_pets, write_wnid_classnames
 
-from promptlearn.config import DataConfig
+from promptlearn.config import DataConfig, load_config
 from promptlearn.data import DatasetSplits, build_dataset
 from promptlearn.data.fewshot import draw_few_shot, fewshot_path, keep_classes, load_or_draw
-from promptlearn.errors import DataError
+from promptlearn.errors import ConfigError, DataError
 
 RULES = {"integer_seed": True, "first_appearance": True, "file_order": True, "short_untouched": True,
          "same_generator": True}
@@ -245,3 +245,11 @@ def test_imagenet_labels_follow_sorted_wnids_whatever_the_classnames_order(tmp_p
     for item in ds.train + ds.test:
         wnid = Path(item.path).parent.name
         assert item.label == sorted(UNSORTED).index(wnid) and item.classname == UNSORTED[wnid]
+
+
+def test_draw_keys_are_read_and_checked_by_the_config():
+    cfg = load_config([], ["data.draw=sorted", "data.fewshot_import=/data/oxford_pets/split_fewshot"])
+    assert (cfg.data.draw, cfg.data.fewshot_import) == ("sorted", "/data/oxford_pets/split_fewshot")
+    assert load_config().data.draw == "reference"
+    with pytest.raises(ConfigError, match="data.draw must be one of reference, sorted, got 'random'"):
+        load_config([], ["data.draw=random"])
