@@ -65,10 +65,12 @@ def read_weights_only(path: str | Path) -> Any:
                               "<run folder>/coop/checkpoint.pt")
     with open(path, "rb") as f:
         magic = f.read(4)
+    # unreadable files are all alike: --resume sets them aside and retrains, --eval-only stops
+    if not magic:
+        raise DamagedCheckpoint(f"checkpoint {path} cannot be read (the file is empty); it is truncated or damaged")
     if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch's zip or a pickle
-        # unreadable, like a truncated file: --resume sets it aside and retrains, --eval-only stops
-        raise DamagedCheckpoint(f"{path} is not a checkpoint ({'empty' if not magic else 'not a PyTorch file'}); "
-                                "pass a checkpoint.pt that promptlearn wrote")
+        raise DamagedCheckpoint(f"{path} is not a checkpoint (not a PyTorch file); pass a checkpoint.pt "
+                                "that promptlearn wrote")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -94,11 +94,14 @@ class FeatureCache:
         """Before a run loads anything: the cache folder can be written (with the way to run without it)."""
         if self.folder is None:
             return
+        created = [p for p in [self.folder, *self.folder.parents] if not p.exists()]
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             probe = self.folder / f".write-test-{os.getpid()}"
             probe.write_text("ok")
             probe.unlink()
+            for folder in created:  # a run that stops before extracting leaves no empty cache folders
+                folder.rmdir()
         except OSError as e:
             raise DataError(f"feature cache folder {self.folder} (cache_dir) cannot be written ({e.strerror or e}); "
                             "choose another with cache_dir=DIR, or run without a cache with cache_dir=none") from None
