@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from fixtures_data import write_class_folders, write_lines
+from fixtures_data import make_oxford_pets, write_class_folders, write_lines
 from helpers import QUICKSTART, REPO, SAMPLE, quick_config
 from promptlearn.checkpoint import DamagedCheckpoint, FORMAT, check_meta, load_checkpoint, save_checkpoint
 from promptlearn.cli import list_names, setup_logging
@@ -128,6 +128,14 @@ def test_split_file_paths_stay_inside_the_dataset_folder(tmp_path, entry):
     with pytest.raises(DataError, match=rf"split file {re.escape(str(path))}: train\[1\] has the path "
                                         rf"'{re.escape(entry)}', which leaves the dataset's folder"):
         read_split_file(str(path))
+
+
+def test_a_split_file_with_an_empty_train_list_is_called_empty(tmp_path):
+    split = {"train": [], "val": [], "test": [["a/1.jpg", 0, "cat"], ["b/1.jpg", 1, "dog"]]}
+    make_oxford_pets(tmp_path / "data", split)
+    cfg = quick_config(tmp_path, "data.name=oxford_pets", f"data.root={tmp_path / 'data'}", "methods=[zeroshot, coop]")
+    with pytest.raises(ConfigError, match=r"dataset 'oxford_pets': its train split is empty, so coop cannot run"):
+        run_experiment(cfg)
 
 
 # ----------------------------------------------------------------------------- caches
