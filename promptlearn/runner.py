@@ -35,9 +35,9 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
         check_shots(cfg, dataset)
         fewshot = few_shot_draw(cfg, dataset, out, eval_only)
         backbone = load_backbone(cfg.backbone)                                          # frozen backbone
-        bank = FeatureBank(backbone, dataset, fewshot, cache=FeatureCache.from_setting(cfg.cache_dir, cfg.cache_hash_content),
-                           batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
-                           skip_bad=cfg.data.skip_bad_images, seed=cfg.data.seed)
+        cache = FeatureCache.from_setting(cfg.cache_dir, cfg.cache_hash_content)
+        bank = FeatureBank(backbone, dataset, fewshot, cache=cache, batch_size=cfg.data.eval_batch_size,
+                           num_workers=cfg.data.num_workers, skip_bad=cfg.data.skip_bad_images, seed=cfg.data.seed)
         fixed = DATASETS[cfg.data.name].epochs
         epochs = protocol_epochs(cfg.data.shots, fixed) if cfg.train.epochs is None else cfg.train.epochs
         trainer = Trainer(cfg.train, epochs, cfg.data.seed, backbone.precision)         # trainer
