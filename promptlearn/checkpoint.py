@@ -148,4 +148,5 @@ def check_meta(path: str | Path, saved: dict[str, Any], current: dict[str, Any])
     if problems:
         raise CheckpointError(f"checkpoint {path} does not match this setup: " + "; ".join(problems)
                               + ". Use a checkpoint from the same backbone, classes and context, or "
-                                "another --output-dir; rerunning without --resume starts over and replaces it.")
+                                "another --output-dir; rerunning without --resume (with --overwrite once the run "
+                                "is complete) starts over and replaces it.")
