@@ -81,10 +81,11 @@ def check_run(cfg: RunConfig, eval_only: str | None = None, resume: bool = False
     """Before anything loads: every method exists and can do what this run asks of it, the backbone's
     name and weights exist, the output and cache folders can be written, and no finished run is replaced
     unasked. Every problem is listed at once, in one ConfigError."""
-    problems = []
-    for check in (lambda: check_methods(cfg, eval_only), lambda: problems.extend(backbone_problems(cfg.backbone)),
-                  lambda: check_writable(cfg.output_dir), lambda: FeatureCache.from_setting(cfg.cache_dir).check(),
-                  lambda: check_not_finished(cfg.output_dir, eval_only, resume, overwrite)):
+    problems = backbone_problems(cfg.backbone)
+    checks = (lambda: check_methods(cfg, eval_only), lambda: check_writable(cfg.output_dir),
+              lambda: FeatureCache.from_setting(cfg.cache_dir).check(),
+              lambda: check_not_finished(cfg.output_dir, eval_only, resume, overwrite))
+    for check in checks:  # each raises its own message; all of them are reported together
         try:
             check()
         except PromptlearnError as e:
