@@ -81,6 +81,8 @@ def check_run(cfg: RunConfig, eval_only: str | None = None, resume: bool = False
     """Before anything loads: every method exists and can do what this run asks of it, the backbone's
     name and weights exist, the output and cache folders can be written, and no finished run is replaced
     unasked. Every problem is listed at once, in one ConfigError."""
+    out = Path(cfg.output_dir)
+    created = [p for p in [out, *out.parents] if not p.exists()]  # check_writable makes them
     problems = backbone_problems(cfg.backbone)
     checks = (lambda: check_methods(cfg, eval_only), lambda: check_writable(cfg.output_dir),
               lambda: FeatureCache.from_setting(cfg.cache_dir).check(),
@@ -91,6 +93,9 @@ def check_run(cfg: RunConfig, eval_only: str | None = None, resume: bool = False
         except PromptlearnError as e:
             problems.append(str(e))
     if problems:
+        for folder in created:  # a refused run leaves nothing behind
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise ConfigError(problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems))
 
 
