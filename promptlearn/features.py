@@ -66,8 +66,11 @@ def file_state(path: str, content: bool = False) -> str:
     """What identifies a file's current contents: size and modification time, or (content=True) a hash."""
     try:
         if content:
+            digest = hashlib.sha256()
             with open(path, "rb") as f:
-                return hashlib.file_digest(f, "sha256").hexdigest()
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            return digest.hexdigest()
         st = os.stat(path)
         return f"{st.st_size}:{st.st_mtime_ns}"
     except OSError:
