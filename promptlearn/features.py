@@ -132,8 +132,8 @@ class FeatureCache:
         what, _, state = key.partition("-")
         stale_entries = [p for p in self.folder.glob(f"{what}-{state[:1]}*.pt") if p != path] if state else []
         for stale in stale_entries:  # the same images, extracted before they changed
-            log.warning("feature cache %s is stale: its images changed on disk since (size or modification "
-                        "time); extracting again", stale)
+            log.warning("feature cache %s is stale: its images changed on disk since (%s); extracting again",
+                        stale, "contents" if self.hash_content else "size or modification time")
             stale.unlink(missing_ok=True)
         self.remove_stale_temps()
         result = compute()
