@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from promptlearn.config import BackboneConfig
-from promptlearn.errors import PromptlearnError, unknown_name_message
+from promptlearn.errors import PromptlearnError, nearest
 from promptlearn.text_tower import TextTower
 from promptlearn.tokens import PromptTokenizer
 
@@ -109,27 +109,62 @@ class FrozenCLIP:
         return self.logit_scale * image_features @ text_features.t() + self.logit_bias
 
 
+def is_random_init(tag: str) -> bool:
+    return tag.strip().lower() in ("", "none", "null", "random")
+
+
+def pretrained_problem(model: str, tag: str) -> str | None:
+    """Why `tag` names no weights for `model` (not a local file, not an open_clip tag), or None."""
+    tag = tag.strip()
+    if is_random_init(tag) or Path(tag).expanduser().is_file():
+        return None
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    if tag in tags:
+        return None
+    looks_like_path = "/" in tag or tag.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    what = f"the checkpoint file {tag} does not exist" if looks_like_path else \
+        f"{tag!r} is not an open_clip pretrained tag for {model}"
+    known = f" Known tags: {', '.join(tags)}." if tags else f" open_clip has no pretrained tags for {model}."
+    return f"{what}.{known} Pass a tag, a local checkpoint path, or none (random weights)."
+
+
+def model_problem(name: str) -> str | None:
+    """Why `name` is no open_clip model (the nearest names and where the full list is), or None."""
+    if name.startswith(("hf-hub:", "local-dir:")) or name in open_clip.list_models():
+        return None
+    close = nearest(name, open_clip.list_models())
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return f"unknown open_clip model {name!r}{hint} See every name with: promptlearn list models"
+
+
+def backbone_problems(cfg: BackboneConfig) -> list[str]:
+    """What can be checked of the backbone setting before anything loads: model name, weights tag, device."""
+    problem = model_problem(cfg.model)
+    if problem:
+        return [problem]
+    problems = [p for p in [pretrained_problem(cfg.model, cfg.pretrained)] if p]
+    try:
+        resolve_device(cfg.device)
+    except PromptlearnError as e:
+        problems.append(str(e))
+    return problems
+
+
 def _resolve_pretrained(cfg: BackboneConfig) -> str | None:
     tag = cfg.pretrained.strip()
-    if tag.lower() in ("", "none", "null", "random"):
+    if is_random_init(tag):
         log.warning(RANDOM_WEIGHTS_WARNING.format(model=cfg.model))
         return None
-    if Path(tag).expanduser().is_file():
-        return str(Path(tag).expanduser())
-    tags = open_clip.list_pretrained_tags_by_model(cfg.model)
-    if tag not in tags:
-        looks_like_path = "/" in tag or tag.endswith((".pt", ".pth", ".bin", ".safetensors"))
-        what = f"the checkpoint file {tag} does not exist" if looks_like_path else \
-            f"{tag!r} is not an open_clip pretrained tag for {cfg.model}"
-        known = f" Known tags: {', '.join(tags)}." if tags else f" open_clip has no pretrained tags for {cfg.model}."
-        raise PromptlearnError(f"{what}.{known} Pass a tag, a local checkpoint path, or none (random weights).")
-    return tag
+    problem = pretrained_problem(cfg.model, tag)
+    if problem:
+        raise PromptlearnError(problem)
+    return str(Path(tag).expanduser()) if Path(tag).expanduser().is_file() else tag
 
 
 def check_model_name(name: str) -> None:
-    if name.startswith(("hf-hub:", "local-dir:")) or name in open_clip.list_models():
-        return
-    raise PromptlearnError(unknown_name_message("open_clip model", name, open_clip.list_models()))
+    problem = model_problem(name)
+    if problem:
+        raise PromptlearnError(problem)
 
 
 def load_backbone(cfg: BackboneConfig) -> FrozenCLIP:

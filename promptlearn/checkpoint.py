@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -56,23 +57,32 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
 def read_weights_only(path: str | Path) -> Any:
     """Whatever a PyTorch file holds, read with `weights_only=True`: pickled code is refused, never run."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        what = "a folder" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise CheckpointError(f"checkpoint {path} is {what}; pass the checkpoint file itself, e.g. "
+                              "<run folder>/coop/checkpoint.pt")
     with open(path, "rb") as f:
         magic = f.read(4)
-    if magic and not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch's zip or a pickle
-        raise CheckpointError(f"{path} is not a checkpoint (not a PyTorch file); pass a checkpoint.pt "
-                              "that promptlearn wrote")
+    # unreadable files are all alike: --resume sets them aside and retrains, --eval-only stops
+    if not magic:
+        raise DamagedCheckpoint(f"checkpoint {path} cannot be read (the file is empty); it is truncated or damaged")
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch's zip or a pickle
+        raise DamagedCheckpoint(f"{path} is not a checkpoint (not a PyTorch file); pass a checkpoint.pt "
+                                "that promptlearn wrote")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" not in str(e).lower():
             raise DamagedCheckpoint(f"checkpoint {path} cannot be read ({e}); it is truncated or damaged") from None
-        reason = next((line.strip() for line in str(e).splitlines() if "global" in line.lower()), "")
+        # torch's own advice (allow-listing globals) is the opposite of ours: name only the offending global
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        reason = f"it names {found.group(1)}" if found else "unsupported pickle content"
         raise CheckpointError(
             f"checkpoint {path} was refused: it holds pickled objects or code, which a weights-only load "
-            f"never runs ({reason or 'unsupported pickle content'}). Only load checkpoints you trust, "
-            "re-saved as plain tensors and Python values.") from None
+            f"never runs ({reason}). Only load checkpoints you trust, re-saved as plain tensors and "
+            "Python values.") from None
     except Exception as e:  # truncated or not a torch file
         raise DamagedCheckpoint(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is "
                                 "truncated, damaged or not a checkpoint") from None
@@ -84,11 +94,26 @@ def is_promptlearn_checkpoint(payload: Any) -> bool:
 
 
 def verified(path: str | Path, payload: dict[str, Any]) -> dict[str, Any]:
-    """The payload of a promptlearn checkpoint after its checksum matched."""
+    """The payload of a promptlearn checkpoint after its checksum matched and its tensors are finite."""
     payload = dict(payload)
     if payload.pop("checksum") != content_digest(payload):
         raise DamagedCheckpoint(f"checkpoint {path} fails its checksum; it is damaged")
+    bad = non_finite_tensors(payload)
+    if bad:  # a checksum recomputed over NaN would let --resume finish with every prediction NaN
+        raise DamagedCheckpoint(f"checkpoint {path} holds non-finite values (NaN or infinity) in "
+                                f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; it cannot be used")
     return payload
+
+
+def non_finite_tensors(obj: Any, where: str = "") -> list[str]:
+    """Where in nested dicts / lists a floating-point tensor holds NaN or infinity."""
+    if isinstance(obj, torch.Tensor):
+        return [where or "tensor"] if obj.is_floating_point() and not torch.isfinite(obj).all() else []
+    if isinstance(obj, dict):
+        return [w for k, v in obj.items() for w in non_finite_tensors(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [w for i, v in enumerate(obj) for w in non_finite_tensors(v, f"{where}[{i}]")]
+    return []
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -123,4 +148,5 @@ def check_meta(path: str | Path, saved: dict[str, Any], current: dict[str, Any])
     if problems:
         raise CheckpointError(f"checkpoint {path} does not match this setup: " + "; ".join(problems)
                               + ". Use a checkpoint from the same backbone, classes and context, or "
-                                "another --output-dir.")
+                                "another --output-dir; rerunning without --resume (with --overwrite once the run "
+                                "is complete) starts over and replaces it.")

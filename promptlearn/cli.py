@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Callable
 
-from promptlearn.config import RunConfig, load_config
-from promptlearn.errors import PromptlearnError
+from promptlearn.config import RunConfig, dump_yaml, load_config
+from promptlearn.errors import PromptlearnError, error_line
 
 # flag -> config key
 FLAG_KEYS = {"data_root": "data.root", "shots": "data.shots", "seed": "data.seed", "epochs": "train.epochs",
@@ -34,7 +35,43 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", metavar="TAG|PATH|none")
     parser.add_argument("--device", metavar="D", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--output-dir", metavar="DIR")
+    parser.add_argument("--print-config", action="store_true", help="print the merged config as YAML and exit")
+    add_console_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=0.01")
+
+
+def add_console_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="show the INFO log (every epoch, open_clip's messages) on the console; -vv: debug too")
+    parser.add_argument("-q", "--quiet", action="count", default=0,
+                        help="errors only on the console, no progress bars (log.txt keeps everything)")
+
+
+def setup_logging(verbose: int = 0, quiet: int = 0) -> None:
+    """The console shows WARNING and above plus tqdm bars; -v adds INFO (-vv DEBUG), -q keeps errors only
+    and hides the bars. A run's log.txt records INFO whatever the console shows (runner.log_to_file)."""
+    level = logging.ERROR if quiet else {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "promptlearn_console", False)]:
+        root.removeHandler(handler)
+    console = logging.StreamHandler(sys.stderr)
+    console.promptlearn_console = True
+    console.setLevel(level)
+    console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    root.addHandler(console)
+    root.setLevel(min(level, logging.WARNING))
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads its defaults from TQDM_* variables
+
+
+def prepare_run(args: argparse.Namespace) -> RunConfig | None:
+    """Console logging from -v/-q, then the config; None when --print-config printed it (nothing to run)."""
+    setup_logging(args.verbose, args.quiet)
+    cfg = config_from_args(args)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return None
+    return cfg
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -52,14 +89,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def run_tool(main: Callable[[list[str] | None], int]) -> None:
     """Run a tool's main: a PromptlearnError prints one clear line and exits 2, not a traceback."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    setup_logging()
     try:
         code = main(None)
     except PromptlearnError as e:
-        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line, e.g. YAML errors
-        print(f"error: {message}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         code = 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(error_line(e), file=sys.stderr)
         code = 130
     sys.exit(code)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
-from promptlearn.cli import add_run_arguments, config_from_args, run_tool
+from promptlearn.cli import add_console_arguments, add_run_arguments, prepare_run, run_tool, setup_logging
 from promptlearn.errors import ConfigError, unknown_name_message
 
 
@@ -36,6 +36,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoints")
     parser.add_argument("--eval-only", metavar="CKPT", help="evaluate a saved checkpoint (CoOp prompts), no training")
+    parser.add_argument("--overwrite", action="store_true", help="replace a complete run in --output-dir")
     parser.epilog = (f"methods: {', '.join(METHODS)}. datasets: {', '.join(DATASETS)}. "
                      "Details: promptlearn list methods|datasets|models.")
 
@@ -43,7 +44,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def train(args: argparse.Namespace) -> int:
     from promptlearn.runner import run_experiment
 
-    run_experiment(config_from_args(args), resume=args.resume, eval_only=args.eval_only)
+    cfg = prepare_run(args)  # None: --print-config printed it
+    if cfg is not None:
+        run_experiment(cfg, resume=args.resume, eval_only=args.eval_only, overwrite=args.overwrite)
     return 0
 
 
@@ -55,11 +58,13 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run nothing; rebuild the CSV, summary and plots from the finished runs")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="overrides: run keys (train.epochs=5) or sweep keys (sweep.shots=[1,2])")
+    add_console_arguments(parser)
 
 
 def sweep(args: argparse.Namespace) -> int:
     from promptlearn.sweep import load_sweep, plan_runs, run_sweep
 
+    setup_logging(args.verbose, args.quiet)
     spec, base, run_overrides = load_sweep(args.config, args.overrides)
     run_sweep(spec, plan_runs(spec, base, run_overrides), report_only=args.report_only)
     out = Path(spec.output_dir)

@@ -93,6 +93,7 @@ class RunConfig:
     methods: list[str] = field(default_factory=lambda: ["zeroshot", "linear_probe", "coop"])
     output_dir: str = "output/run"
     cache_dir: str = "~/.cache/promptlearn/features"  # frozen-feature cache shared by runs; "none" disables
+    cache_hash_content: bool = False  # key cached features on a hash of each image (default: size and time)
     # the methods' own sections, read as attributes: cfg.coop, cfg.tip_adapter, ...
     sections: dict[str, Any] = field(default_factory=default_sections, repr=False)
 
@@ -189,11 +190,26 @@ def flatten_tree(tree: Any, source: str, prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten_tree(value, source, f"{dotted}."))
-        else:
-            flat[dotted] = value
+        inner = flatten_tree(value, source, f"{dotted}.") if isinstance(value, dict) else {dotted: value}
+        for twice in flat.keys() & inner.keys():  # `train: {lr: ..}` and `train.lr: ..` in one file
+            raise ConfigError(f"{source}: key {twice!r} is given twice; keep one")
+        flat.update(inner)
     return flat
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{key_node.start_mark.name}, line {line}: key {key!r} is given twice (first on "
+                                  f"line {seen[key]}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -201,7 +217,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        with open(path, encoding="utf-8") as f:
+            tree = yaml.load(f, Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     return flatten_tree(tree, str(path))

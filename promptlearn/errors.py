@@ -36,3 +36,11 @@ def unknown_name_message(kind: str, name: str, choices: Iterable[str]) -> str:
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     shown = ", ".join(choices[:40]) + (" ..." if len(choices) > 40 else "")
     return f"unknown {kind} {name!r}{hint} Valid: {shown}"
+
+
+def error_line(error: BaseException) -> str:
+    """The last line a failed command prints: `error: <one line>` (`interrupted` for Ctrl-C)."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())  # e.g. YAML errors
+    return f"error: {text}" if isinstance(error, PromptlearnError) else f"error: {type(error).__name__}: {text}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,13 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     return float(100.0 * ece)
 
 
+def distinct_names(classnames: list[str]) -> list[str]:
+    """Class names as report keys and columns: a name two labels share gets its label, `crane (label 134)`,
+    so that no class is lost from per-class accuracy or merged in the confusion matrix."""
+    shared = {name for name, n in Counter(classnames).items() if n > 1}
+    return [f"{name} (label {label})" if name in shared else name for label, name in enumerate(classnames)]
+
+
 def evaluate(logits: torch.Tensor, labels: torch.Tensor, paths: list[str], classnames: list[str],
              out_dir: str | Path, ece_bins: int = 15) -> dict:
     """Compute the metrics and write `predictions.csv` and `confusion_matrix.csv` into `out_dir`."""
@@ -34,6 +42,7 @@ def evaluate(logits: torch.Tensor, labels: torch.Tensor, paths: list[str], class
     y_true, y_pred = labels.numpy(), predicted.numpy()
     correct = y_true == y_pred
     n_classes = len(classnames)
+    classnames = distinct_names(classnames)
     per_class = {}
     for c, name in enumerate(classnames):
         mask = y_true == c

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,7 +22,7 @@ from promptlearn.data.fewshot import FewShotSplit
 from promptlearn.data.loader import ImageItems, image_loader
 from promptlearn.data.transforms import eval_transform, train_transform
 from promptlearn.errors import DataError
-from promptlearn.io import atomic_write_bytes
+from promptlearn.io import TEMP_SUFFIX, atomic_write_bytes
 
 log = logging.getLogger("promptlearn")
 
@@ -58,18 +59,57 @@ def extract_features(backbone: FrozenCLIP, items: list[Item], transform, *, batc
                          [items[i].path for i in kept])
 
 
-class FeatureCache:
-    """Feature files keyed by everything that changes them; written atomically with a checksum."""
+STALE_TEMP_SECONDS = 24 * 3600  # a cache temp file untouched this long belongs to a killed extraction
 
-    def __init__(self, folder: str | Path | None):
+
+def file_state(path: str, content: bool = False) -> str:
+    """What identifies a file's current contents: size and modification time, or (content=True) a hash."""
+    try:
+        if content:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            return digest.hexdigest()
+        st = os.stat(path)
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        return "unreadable"  # the extraction itself names the file
+
+
+class FeatureCache:
+    """Feature files keyed by everything that changes them; written atomically with a checksum.
+
+    A key has two parts, `<what>-<state>`: what is extracted (backbone, weights, image paths and labels,
+    transform, pass) and the images' current state (each file's size and modification time, or a hash of
+    its contents with `hash_content`). An entry whose first part matches but not its second was extracted
+    from files that have changed since: it is reported as stale and replaced."""
+
+    def __init__(self, folder: str | Path | None, hash_content: bool = False):
         self.folder = Path(folder).expanduser() if folder else None
+        self.hash_content = hash_content
 
     @classmethod
-    def from_setting(cls, setting: str) -> "FeatureCache":
-        return cls(None if setting.strip().lower() in ("", "none") else setting)
+    def from_setting(cls, setting: str, hash_content: bool = False) -> "FeatureCache":
+        return cls(None if setting.strip().lower() in ("", "none") else setting, hash_content)
 
-    @staticmethod
-    def key(backbone: FrozenCLIP, items: list[Item], transform, aug_seed, skip_bad: bool) -> str:
+    def check(self) -> None:
+        """Before a run loads anything: the cache folder can be written (with the way to run without it)."""
+        if self.folder is None:
+            return
+        created = [p for p in [self.folder, *self.folder.parents] if not p.exists()]
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe = self.folder / f".write-test-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+            for folder in created:  # a run that stops before extracting leaves no empty cache folders
+                folder.rmdir()
+        except OSError as e:
+            raise DataError(f"feature cache folder {self.folder} (cache_dir) cannot be written ({e.strerror or e}); "
+                            "choose another with cache_dir=DIR, or run without a cache with cache_dir=none") from None
+
+    def key(self, backbone: FrozenCLIP, items: list[Item], transform, aug_seed, skip_bad: bool) -> str:
         weights = backbone.pretrained
         if os.path.isfile(weights):  # a local file: its identity is its path, size and time
             st = os.stat(weights)
@@ -77,7 +117,9 @@ class FeatureCache:
         listing = hashlib.sha256("\n".join(f"{it.path}\t{it.label}" for it in items).encode()).hexdigest()
         desc = {"model": backbone.name, "weights": weights, "items": listing, "transform": repr(transform),
                 "aug_seed": aug_seed, "skip_bad": skip_bad, "precision": backbone.precision}
-        return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32]
+        what = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32]
+        state = hashlib.sha256("\n".join(file_state(it.path, self.hash_content) for it in items).encode())
+        return f"{what}-{'c' if self.hash_content else 's'}{state.hexdigest()[:16]}"
 
     def get_or_compute(self, key: str, compute: Callable[[], SplitFeatures]) -> SplitFeatures:
         if self.folder is None:
@@ -87,11 +129,28 @@ class FeatureCache:
             cached = self._read(path)
             if cached is not None:
                 return cached
+        what, _, state = key.partition("-")
+        stale_entries = [p for p in self.folder.glob(f"{what}-{state[:1]}*.pt") if p != path] if state else []
+        for stale in stale_entries:  # the same images, extracted before they changed
+            log.warning("feature cache %s is stale: its images changed on disk since (%s); extracting again",
+                        stale, "contents" if self.hash_content else "size or modification time")
+            stale.unlink(missing_ok=True)
+        self.remove_stale_temps()
         result = compute()
         payload = {"features": result.features, "labels": result.labels, "paths": result.paths}
         payload["checksum"] = content_digest(payload)
         atomic_write_bytes(path, lambda f: torch.save(payload, f))
         return result
+
+    def remove_stale_temps(self) -> None:
+        """Temp files of extractions that were killed mid-write (another live writer's temp is recent)."""
+        cutoff = time.time() - STALE_TEMP_SECONDS
+        for tmp in self.folder.glob(f".*{TEMP_SUFFIX}"):
+            try:
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+            except OSError:
+                pass  # gone already, or another process's to handle
 
     @staticmethod
     def _read(path: Path) -> SplitFeatures | None:
@@ -121,8 +180,8 @@ class FeatureBank:
                                     aug_seed=aug_seed, desc=desc)
         if not cached:
             return compute()
-        return self.cache.get_or_compute(FeatureCache.key(self.backbone, items, transform, aug_seed,
-                                                          self.skip_bad), compute)
+        return self.cache.get_or_compute(self.cache.key(self.backbone, items, transform, aug_seed, self.skip_bad),
+                                         compute)
 
     @cached_property
     def train(self) -> SplitFeatures:

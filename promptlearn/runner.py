@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 
-from promptlearn.backbone import load_backbone
+from promptlearn.backbone import backbone_problems, load_backbone
 from promptlearn.config import RunConfig, dump_yaml, protocol_epochs
 from promptlearn.data import DATASETS, build_dataset
 from promptlearn.data.fewshot import FewShotSplit, load_or_draw
-from promptlearn.errors import ConfigError
+from promptlearn.errors import ConfigError, PromptlearnError, error_line
 from promptlearn.evaluation import evaluate
 from promptlearn.features import FeatureBank, FeatureCache
 from promptlearn.io import RunLock, atomic_write_json, atomic_write_text, check_writable
@@ -23,18 +24,20 @@ log = logging.getLogger("promptlearn")
 COMPLETE_MARKER = "run_complete.json"
 
 
-def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None = None) -> dict:
-    check_run(cfg, eval_only)
-    out = check_writable(cfg.output_dir)
+def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None = None,
+                   overwrite: bool = False) -> dict:
+    check_run(cfg, eval_only, resume, overwrite)
+    out = Path(cfg.output_dir)
     with RunLock(out), log_to_file(out / "log.txt"):
         (out / COMPLETE_MARKER).unlink(missing_ok=True)
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
         dataset = build_dataset(cfg.data)                                               # data
+        check_shots(cfg, dataset)
         fewshot = few_shot_draw(cfg, dataset, out, eval_only)
         backbone = load_backbone(cfg.backbone)                                          # frozen backbone
-        bank = FeatureBank(backbone, dataset, fewshot, cache=FeatureCache.from_setting(cfg.cache_dir),
-                           batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
-                           skip_bad=cfg.data.skip_bad_images, seed=cfg.data.seed)
+        cache = FeatureCache.from_setting(cfg.cache_dir, cfg.cache_hash_content)
+        bank = FeatureBank(backbone, dataset, fewshot, cache=cache, batch_size=cfg.data.eval_batch_size,
+                           num_workers=cfg.data.num_workers, skip_bad=cfg.data.skip_bad_images, seed=cfg.data.seed)
         fixed = DATASETS[cfg.data.name].epochs
         epochs = protocol_epochs(cfg.data.shots, fixed) if cfg.train.epochs is None else cfg.train.epochs
         trainer = Trainer(cfg.train, epochs, cfg.data.seed, backbone.precision)         # trainer
@@ -74,8 +77,29 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
         return metrics
 
 
-def check_run(cfg: RunConfig, eval_only: str | None) -> None:
-    """Before anything loads: every method exists and can do what this run asks of it."""
+def check_run(cfg: RunConfig, eval_only: str | None = None, resume: bool = False, overwrite: bool = False) -> None:
+    """Before anything loads: every method exists and can do what this run asks of it, the backbone's
+    name and weights exist, the output and cache folders can be written, and no finished run is replaced
+    unasked. Every problem is listed at once, in one ConfigError."""
+    out = Path(cfg.output_dir)
+    created = [p for p in [out, *out.parents] if not p.exists()]  # check_writable makes them
+    problems = backbone_problems(cfg.backbone)
+    checks = (lambda: check_methods(cfg, eval_only), lambda: check_writable(cfg.output_dir),
+              lambda: FeatureCache.from_setting(cfg.cache_dir).check(),
+              lambda: check_not_finished(cfg.output_dir, eval_only, resume, overwrite))
+    for check in checks:  # each raises its own message; all of them are reported together
+        try:
+            check()
+        except PromptlearnError as e:
+            problems.append(str(e))
+    if problems:
+        for folder in created:  # a refused run leaves nothing behind
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise ConfigError(problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems))
+
+
+def check_methods(cfg: RunConfig, eval_only: str | None) -> None:
     caps = {name: method_class(name).capabilities_for(cfg) for name in cfg.methods}  # unknown names stop here
     if eval_only and not any(c.eval_from_checkpoint for c in caps.values()):
         able = [n for n in METHODS if METHODS[n].capabilities_for(cfg).eval_from_checkpoint]
@@ -83,6 +107,25 @@ def check_run(cfg: RunConfig, eval_only: str | None) -> None:
                           f"restored from one; list one of {', '.join(able)}")
     if DATASETS.get(cfg.data.name).evaluation_only:
         refuse_learners(cfg, caps, eval_only, f"dataset {cfg.data.name!r} has no training images (a test-only set)")
+
+
+def check_not_finished(output_dir: str, eval_only: str | None, resume: bool, overwrite: bool) -> None:
+    """A finished run is replaced only when asked (--overwrite), or reused (--resume)."""
+    if is_complete(output_dir) and not resume and not overwrite:
+        raise ConfigError(f"{output_dir} holds a complete run; --resume evaluates its finished checkpoints again "
+                          "without training, a new --output-dir keeps it and starts another, --overwrite "
+                          "replaces it" + (" with this evaluation" if eval_only else " (training again)"))
+
+
+def check_shots(cfg: RunConfig, dataset) -> None:
+    """A K-shot draw from classes that all hold fewer than K images would silently keep every image."""
+    if not dataset.train:
+        return
+    counts = Counter(item.label for item in dataset.train)
+    largest = max(counts.values())
+    if cfg.data.shots > largest:
+        raise ConfigError(f"data.shots={cfg.data.shots}, but no class of dataset {dataset.name!r} has that many "
+                          f"training images (the largest has {largest}); use data.shots={largest} or fewer")
 
 
 def refuse_learners(cfg: RunConfig, caps: dict, eval_only: str | None, why: str) -> None:
@@ -109,17 +152,26 @@ def is_complete(folder: str | Path) -> bool:
 
 
 class log_to_file:
-    """Send promptlearn's log to the console and a plain file for the duration of a run."""
+    """Write the whole log at INFO (promptlearn's and its libraries', e.g. open_clip's) to a plain file for
+    the duration of a run, and why the run stopped if it did; the console shows what cli.setup_logging sets."""
 
     def __init__(self, path: Path):
         self.handler = logging.FileHandler(path, encoding="utf-8")
-        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.handler.setLevel(logging.INFO)
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.root_level = logging.getLogger().level
 
     def __enter__(self):
-        log.setLevel(logging.INFO)
-        log.addHandler(self.handler)
+        root = logging.getLogger()
+        root.setLevel(min(root.level or logging.WARNING, logging.INFO))
+        log.setLevel(logging.NOTSET)  # promptlearn's records reach the root's handlers at INFO
+        root.addHandler(self.handler)
         return self
 
-    def __exit__(self, *exc):
-        log.removeHandler(self.handler)
+    def __exit__(self, kind, error, traceback):
+        if error is not None:  # the run folder says why it stopped, as the console's last line does
+            self.handler.stream.write(f"{error_line(error)}\n")
+        root = logging.getLogger()
+        root.removeHandler(self.handler)
+        root.setLevel(self.root_level)
         self.handler.close()

@@ -123,7 +123,7 @@ SUBPROCESS_ERRORS = {
     "long class name": rf"error: the prompt 'a photo of a {LONG_NAME}, a type of clothing\.' is \d+ tokens, more "
                        r"than the text tower's context length 77; shorten the class name in it or the template",
     "pickled code": r"error: checkpoint \S+/evil\.pt was refused: it holds pickled objects or code, which a "
-                    r"weights-only load never runs \(.*GLOBAL.*open.*\)\. Only load checkpoints you trust.*",
+                    r"weights-only load never runs \(it names \S*open\)\. Only load checkpoints you trust.*",
     "other backbone": r"error: checkpoint \S+/coop/checkpoint\.pt does not match this setup: model: 'ViT-B-32' in the "
                       r"checkpoint, 'tiny-clip' now; pretrained: 'openai' in the checkpoint, 'none' now.*",
 }

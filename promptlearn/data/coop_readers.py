@@ -164,6 +164,11 @@ def split_entries(rows: object, split: str, path: str) -> list[SplitEntry]:
             raise DataError(
                 f"split file {path}: {split}[{index}] is {row!r}; expected [relative_path, integer label, classname]"
             )
+        if os.path.isabs(row[0]) or ".." in row[0].replace("\\", "/").split("/"):
+            # split files come from others: an entry must not reach images outside the dataset's folder
+            raise DataError(f"split file {path}: {split}[{index}] has the path {row[0]!r}, which leaves the "
+                            "dataset's folder; a split file lists paths relative to its image folder, without "
+                            "'..' or a leading '/'")
     return [tuple(row) for row in rows]
 
 

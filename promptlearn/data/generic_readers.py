@@ -250,6 +250,11 @@ def folder_classnames(root: str, folders: Sequence[str]) -> dict[str, str]:
                 f"{path}, line {number}: there is no class folder {folder!r}; valid folders: {shown(list(names))}"
             )
         names[folder] = name.strip()
+    folder_of: dict[str, str] = {}
+    for folder, name in names.items():  # two folders, one name: per-class results would merge two classes
+        if folder_of.setdefault(name, folder) != folder:
+            raise DataError(f"{path}: the folders {folder_of[name]!r} and {folder!r} are both named {name!r}; "
+                            "give each class its own name")
     return names
 
 
