@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import logging
 import math
 from pathlib import Path
@@ -19,6 +21,20 @@ log = logging.getLogger("promptlearn")
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)  # the tiny test models: tiny-clip, tiny-rn-clip, ...
+HF_NAME_KEYS = ("hf_model_name", "hf_tokenizer_name")
+
+
+def _locate_shipped_hf_files() -> None:
+    """The tiny configs name Hugging Face folders shipped beside them (a tiny RoBERTa config, tiny
+    tokenizers); open_clip reads such names as hub ids or paths, so they become absolute paths."""
+    for cfg_file in MODEL_CONFIG_DIR.glob("*.json"):
+        text_cfg = open_clip.factory._MODEL_CONFIGS.get(cfg_file.stem, {}).get("text_cfg", {})
+        for key in HF_NAME_KEYS:
+            if text_cfg.get(key) and (MODEL_CONFIG_DIR / text_cfg[key]).is_dir():
+                text_cfg[key] = str(MODEL_CONFIG_DIR / text_cfg[key])
+
+
+_locate_shipped_hf_files()
 
 RANDOM_INIT_SEED = 0  # random (pretrained=none) backbones are the same in every process
 EVA_LOGIT_SCALE = 100.0  # EVA-CLIP convention for checkpoints with a missing or infinite scale
@@ -51,8 +67,13 @@ class FrozenCLIP:
         self.name, self.pretrained = cfg.model, cfg.pretrained
         self.device = device
         self.preprocess = preprocess  # the backbone's own evaluation transform
-        self.text = TextTower(model)
-        self.tokenizer = PromptTokenizer(tokenizer, self.text.context_length)
+        length = getattr(tokenizer, "context_length", None) or model.context_length
+        try:
+            self._text: TextTower | None = TextTower(model, length)
+            length = self._text.context_length
+        except PromptlearnError as refusal:  # only the methods that run it on embeddings need it
+            self._text, self._text_refusal = None, refusal
+        self.tokenizer = PromptTokenizer(tokenizer, length)
         pp = model.visual.preprocess_cfg
         size = pp["size"]
         self.image_size: int = size if isinstance(size, int) else size[0]
@@ -78,8 +99,18 @@ class FrozenCLIP:
         return scale
 
     @property
+    def text(self) -> TextTower:
+        """The text tower run on token embeddings (CoOp, the decoder); refused, naming the family,
+        where it cannot be."""
+        if self._text is None:
+            raise PromptlearnError(f"{self.name}: {self._text_refusal}")
+        return self._text
+
+    @functools.cached_property
     def embed_dim(self) -> int:
-        return int(self.model.visual.output_dim)
+        """The width of the joint embedding, read off one encoded text: every family's towers differ
+        in where they keep it (visual.output_dim, a timm head, a text projection)."""
+        return int(self.encode_texts(["a"]).shape[1])
 
     def autocast(self):
         """bf16 / fp16 autocast on GPU; a no-op in fp32 and on the CPU."""
@@ -169,14 +200,22 @@ def check_model_name(name: str) -> None:
 
 def load_backbone(cfg: BackboneConfig) -> FrozenCLIP:
     check_model_name(cfg.model)
+    require_transformers(cfg.model)
     pretrained = _resolve_pretrained(cfg)
     device = resolve_device(cfg.device)
     try:
         with torch.random.fork_rng(devices=[]):  # seeded init, without touching the caller's generator
             torch.manual_seed(RANDOM_INIT_SEED)
             model, _, preprocess = open_clip.create_model_and_transforms(
-                cfg.model, pretrained=pretrained, device=device, cache_dir=cfg.cache_dir)
+                cfg.model, pretrained=pretrained, device=device, cache_dir=cfg.cache_dir,
+                # random weights are random in both towers: no separate HF text weights from the hub
+                pretrained_text=False)
     except Exception as e:  # open_clip raises RuntimeError/OSError/HF errors for download and load faults
+        text_model = hf_names(cfg.model).get("hf_model_name")
+        if text_model and not Path(text_model).is_dir():
+            raise PromptlearnError(missing_hf_files_message(
+                cfg, "text tower", text_model, "model files (config.json and, with weights, the weights file)",
+                e)) from None
         if pretrained and Path(pretrained).is_file():
             raise PromptlearnError(
                 f"could not load the checkpoint {pretrained} into {cfg.model}: {e}. Check that the file is "
@@ -185,11 +224,49 @@ def load_backbone(cfg: BackboneConfig) -> FrozenCLIP:
             f"could not load {cfg.model} with pretrained={cfg.pretrained!r}: {e}. If this machine is offline, "
             "download the weights elsewhere and pass the file with --pretrained PATH, point "
             "backbone.cache_dir at a cache that holds them, or use --pretrained none for random weights.") from None
-    try:
-        tokenizer = open_clip.get_tokenizer(cfg.model, cache_dir=cfg.cache_dir)
-    except Exception as e:
+    return FrozenCLIP(model, load_tokenizer(cfg), preprocess, cfg, device)
+
+
+def hf_names(model: str) -> dict[str, str]:
+    """The Hugging Face names a model config needs: its text model (hf_model_name) and tokenizer."""
+    text_cfg = (open_clip.get_model_config(model) or {}).get("text_cfg", {})
+    return {key: text_cfg[key] for key in HF_NAME_KEYS if text_cfg.get(key)}
+
+
+def require_transformers(model: str) -> None:
+    names = hf_names(model)
+    if names and importlib.util.find_spec("transformers") is None:
         raise PromptlearnError(
-            f"the tokenizer of {cfg.model} could not be loaded ({type(e).__name__}: {e}). SigLIP and other "
-            "Hugging Face tokenizers need the model hub or its local cache (set HF_HOME); the open_clip BPE "
-            "models work offline.") from None
-    return FrozenCLIP(model, tokenizer, preprocess, cfg, device)
+            f"{model} needs the Hugging Face package transformers for {' and '.join(sorted(set(names.values())))}"
+            ", which is not installed: pip install 'promptlearn[hf]' (or pip install transformers)")
+
+
+def hf_cache_folder(cfg: BackboneConfig) -> str:
+    if cfg.cache_dir:
+        return str(cfg.cache_dir)
+    from huggingface_hub import constants  # installed with transformers
+    return constants.HF_HUB_CACHE
+
+
+def missing_hf_files_message(cfg: BackboneConfig, what: str, repo: str, files: str, error: Exception) -> str:
+    return (f"the {what} of {cfg.model} comes from the Hugging Face repository {repo}, whose {files} are not "
+            f"in the local Hugging Face cache {hf_cache_folder(cfg)} and could not be downloaded "
+            f"({type(error).__name__}). On a machine with network run `huggingface-cli download {repo}` and copy "
+            "its cache folder here (or point HF_HOME / backbone.cache_dir at a cache that holds it); with the files "
+            "in the cache it works offline (set HF_HUB_OFFLINE=1 to skip the network).")
+
+
+def load_tokenizer(cfg: BackboneConfig):
+    """open_clip's tokenizer of the model: its BPE offline, a Hugging Face tokenizer from the local HF cache
+    (or the hub); what is missing is named."""
+    require_transformers(cfg.model)
+    try:
+        return open_clip.get_tokenizer(cfg.model, cache_dir=cfg.cache_dir)
+    except Exception as e:
+        repo = hf_names(cfg.model).get("hf_tokenizer_name")
+        if repo:
+            raise PromptlearnError(missing_hf_files_message(
+                cfg, "tokenizer", repo, "tokenizer files (tokenizer.json or spiece.model, tokenizer_config.json, "
+                "special_tokens_map.json)", e)) from None
+        raise PromptlearnError(
+            f"the tokenizer of {cfg.model} could not be loaded ({type(e).__name__}: {e})") from None

@@ -104,8 +104,7 @@ def vocabulary(backbone: FrozenCLIP) -> tuple[torch.Tensor, list[int]]:
     """The token-embedding rows the tokenizer can name, and the special ids excluded as candidates."""
     tok = backbone.tokenizer
     table = backbone.text.token_embedding.weight.detach()[:tok.vocab_size]
-    special = set(tok.start_ids) | set(tok.end_ids) | set(getattr(tok.tokenizer, "all_special_ids", []))
-    return table, sorted(special)
+    return table, sorted(tok.special_ids)
 
 
 def vocabulary_spacing(table: torch.Tensor, excluded: list[int], metric: str) -> float:
@@ -125,7 +124,7 @@ def text_of(tok: PromptTokenizer, ids: list[int]) -> str:
     """Readable text of a run of tokens. Decoding the run as a whole (rather than joining single
     tokens) resolves word boundaries (BPE end-of-word, SentencePiece word-start) and multi-byte
     characters split across tokens."""
-    return tok.tokenizer.decode(list(ids)).strip()
+    return tok.decode(ids).strip()
 
 
 def prompt_text(tok: PromptTokenizer, ctx_ids: list[int], name: str, position: str) -> str:

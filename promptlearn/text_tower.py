@@ -2,7 +2,7 @@
 
 CoOp puts learned vectors where words would be, so it needs the tower from the embedding layer on.
 `TextTower` composes open_clip's own modules (positional embedding, attention mask, transformer,
-final norm, pooling, projection) for both model families; the exactness tests compare it with
+final norm, pooling, projection) for every open_clip text tower kind; the exactness tests compare it with
 open_clip's `encode_text` so any drift in open_clip shows up as a failing test.
 `encode_shared_prefix` is the same computation for prompts that share their start, doing the
 start once; tests compare it with `encode`.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from open_clip.hf_model import HFTextEncoder
 from open_clip.model import CLIP
 from open_clip.transformer import ResidualAttentionBlock, TextTransformer, text_global_pool
 
@@ -18,31 +19,40 @@ from promptlearn.errors import PromptlearnError
 
 
 class TextTower:
-    def __init__(self, model: torch.nn.Module):
+    """The text tower of an open_clip model, whatever the family: OpenAI-style CLIP (the text parts on
+    the model itself), CustomTextCLIP and SigLIP (open_clip's TextTransformer), CoCa (a TextTransformer
+    with a class token appended after the text) and Hugging Face text towers (HFTextEncoder, run with
+    `inputs_embeds`). `context_length` is the tokenizer's where it is shorter than the tower's."""
+
+    def __init__(self, model: torch.nn.Module, context_length: int | None = None):
+        text = getattr(model, "text", None)
+        self.hf = isinstance(text, HFTextEncoder)
+        self.cls_emb = None  # CoCa's class token, appended after the text
         if isinstance(model, CLIP):  # OpenAI-style: text parts live on the model itself
             src, self.pool_type, self.eos_id = model, model.text_pool_type, model.text_eos_id
             self.use_pad_mask = False
-        elif isinstance(getattr(model, "text", None), TextTransformer):  # CustomTextCLIP
-            src, self.pool_type, self.eos_id = model.text, model.text.pool_type, model.text.eos_id
-            self.use_pad_mask = model.text.use_pad_mask
-            if model.text.cls_emb is not None:
-                raise PromptlearnError(
-                    "text towers with an appended class token (CoCa) are not supported by promptlearn; "
-                    "choose a CLIP, EVA, MobileCLIP or SigLIP-style model")
+        elif isinstance(text, TextTransformer):  # CustomTextCLIP, SigLIP, CoCa
+            src, self.pool_type, self.eos_id = text, text.pool_type, text.eos_id
+            self.use_pad_mask, self.cls_emb = text.use_pad_mask, text.cls_emb
+        elif self.hf:
+            src, self.pool_type, self.eos_id, self.use_pad_mask = text, "hf", None, True
         else:
-            tower = type(getattr(model, "text", model)).__name__
-            raise PromptlearnError(
-                f"the text tower of {type(model).__name__} is a {tower} (e.g. a Hugging Face text "
-                "tower), which promptlearn does not support; choose an open_clip model whose text "
-                "tower is open_clip's own transformer (CLIP, EVA02, MobileCLIP, SigLIP families)")
+            raise PromptlearnError(unsupported_text_tower(model))
         self.source = src
-        self.token_embedding = src.token_embedding
-        self.positional_embedding = src.positional_embedding
-        self.transformer = src.transformer
-        self.ln_final = src.ln_final
-        self.text_projection = src.text_projection
-        self.attn_mask = src.attn_mask  # None for bidirectional towers
-        self.context_length = self.positional_embedding.shape[0]
+        if self.hf:
+            self.token_embedding = text.transformer.get_input_embeddings()
+            self.positional_embedding = self.transformer = self.ln_final = self.text_projection = None
+            self.attn_mask = None
+            limit = text.context_length or context_length
+        else:
+            self.token_embedding = src.token_embedding
+            self.positional_embedding = src.positional_embedding
+            self.transformer = src.transformer
+            self.ln_final = src.ln_final
+            self.text_projection = src.text_projection
+            self.attn_mask = src.attn_mask  # None for bidirectional towers
+            limit = self.positional_embedding.shape[0] - (self.cls_emb is not None)
+        self.context_length = min(limit, context_length or limit)
         self.width = self.token_embedding.weight.shape[1]
 
     @property
@@ -52,7 +62,7 @@ class TextTower:
     @property
     def can_truncate(self) -> bool:
         """Running at the longest real prompt length is exact only when no position reads the padding."""
-        return self.causal and self.pool_type in ("argmax", "eos", "first")
+        return self.causal and self.cls_emb is None and self.pool_type in ("argmax", "eos", "first")
 
     def can_share_prefix(self, token_ids: torch.Tensor, prefix_length: int) -> bool:
         """Whether `encode_shared_prefix` is exact for these prompts: under a causal mask the first
@@ -60,7 +70,7 @@ class TextTower:
         their hidden states are the same for all prompts. The pooled position must lie after the
         prefix, and every block must be open_clip's plain residual block, whose arithmetic
         `_tail_block` repeats (a block of any other type falls back to `encode`)."""
-        return (self.causal and not self.use_pad_mask and self.transformer.batch_first
+        return (self.causal and not self.use_pad_mask and self.cls_emb is None and self.transformer.batch_first
                 and 0 < prefix_length < token_ids.shape[1]
                 and all(_is_plain_block(b) for b in self.transformer.resblocks)
                 and bool((token_ids[:, :prefix_length] == token_ids[:1, :prefix_length]).all())
@@ -75,16 +85,33 @@ class TextTower:
         return self.token_embedding(token_ids)
 
     def encode(self, embeddings: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        """Text features (not normalised) of prompts given as embeddings [N, L, D] with ids [N, L]."""
+        """Text features (not normalised) of prompts given as embeddings [N, L, D] with ids [N, L]:
+        the arithmetic of the family's own encode_text from the embedding layer on."""
+        if self.hf:
+            return self._encode_hf(embeddings, token_ids)
         length = embeddings.shape[1]
         cast_dtype = self.transformer.get_cast_dtype()
-        x = embeddings.to(cast_dtype) + self.positional_embedding[:length].to(cast_dtype)
+        x = embeddings.to(cast_dtype)
+        if self.cls_emb is not None:
+            x = torch.cat([x, self.cls_emb.to(cast_dtype).expand(x.shape[0], 1, -1)], dim=1)
+            length += 1
+        x = x + self.positional_embedding[:length].to(cast_dtype)
         mask = self.attn_mask[:length, :length] if self.causal else None
-        if self.use_pad_mask:
-            mask = self.source._build_additive_mask(token_ids, length, x.dtype)
+        if self.use_pad_mask or self.cls_emb is not None:  # padding keys (and CoCa's class token)
+            added = self.source._build_additive_mask(token_ids, length, x.dtype)
+            mask = added if mask is None else mask[None] + added
         x = self.transformer(x, attn_mask=mask)
+        if self.cls_emb is not None:  # CoCa reads its class token, normalised after pooling
+            return self._project(self.ln_final(x[:, -1]))
         x = self.ln_final(x)
         return self._project(text_global_pool(x, token_ids, self.pool_type, eos_token_id=self.eos_id))
+
+    def _encode_hf(self, embeddings: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """HFTextEncoder.forward with the word embeddings given: the HF model adds its own positions."""
+        tower = self.source
+        mask = (token_ids != tower.config.pad_token_id).long()
+        out = tower.transformer(inputs_embeds=embeddings, attention_mask=mask)
+        return tower.proj(tower.pooler(out, mask))
 
     def encode_shared_prefix(self, prefix: torch.Tensor, rest: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """`encode` of prompts that all start with `prefix` [P, D], given once, followed by `rest`
@@ -110,6 +137,14 @@ class TextTower:
         if isinstance(self.text_projection, torch.nn.Linear):
             return self.text_projection(x)
         return x @ self.text_projection
+
+
+def unsupported_text_tower(model: torch.nn.Module) -> str:
+    tower = type(getattr(model, "text", model)).__name__
+    return (f"the text tower of {type(model).__name__} is a {tower}, which promptlearn cannot run on learned "
+            "prompt embeddings, so coop and the prompt decoder cannot use it (zeroshot, linear_probe, "
+            "clip_adapter, tip_adapter and tip_adapter_f can); supported text towers: OpenAI-style CLIP, "
+            "open_clip's TextTransformer (CustomTextCLIP, SigLIP, CoCa) and Hugging Face HFTextEncoder")
 
 
 def _is_plain_block(block: torch.nn.Module) -> bool:
