@@ -6,6 +6,8 @@ import functools
 import importlib.util
 import logging
 import math
+import os
+import warnings
 from pathlib import Path
 
 import open_clip
@@ -270,3 +272,86 @@ def load_tokenizer(cfg: BackboneConfig):
                 "special_tokens_map.json)", e)) from None
         raise PromptlearnError(
             f"the tokenizer of {cfg.model} could not be loaded ({type(e).__name__}: {e})") from None
+
+
+# ----------------------------------------------------------------------------- model listing
+
+def tower_kinds(model_cfg: dict) -> tuple[str, str]:
+    """(vision tower kind, text tower kind) of an open_clip model config, as the README's family table
+    names them."""
+    vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+    if vision.get("timm_model_name"):
+        image = f"timm {vision['timm_model_name']}"
+    else:
+        image = "ModifiedResNet" if isinstance(vision.get("layers"), (list, tuple)) else "VisionTransformer"
+    if "multimodal_cfg" in model_cfg:
+        words = "CoCa (class token appended)"
+    elif text.get("hf_model_name"):
+        words = f"Hugging Face {Path(text['hf_model_name']).name}"
+    elif text.get("no_causal_mask") and text.get("pool_type") == "last":
+        words = "SigLIP-style (last token, bidirectional)"
+    else:
+        words = "TextTransformer (" + ("bidirectional" if text.get("no_causal_mask") else "causal") + \
+            f", {text.get('pool_type', 'argmax')} pooling)"
+    return image, words
+
+
+def weights_cached(model: str, tag: str, cache_dir: str | None = None) -> bool:
+    """Whether open_clip would find the weights of `model` / `tag` on this machine without a download."""
+    pretrained = open_clip.get_pretrained_cfg(model, tag)
+    hub = pretrained.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache  # an open_clip dependency
+        repo, filename = os.path.split(hub)
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        return any(isinstance(try_to_load_from_cache(repo, name, cache_dir=cache_dir), str) for name in names)
+    url = pretrained.get("url", "")
+    folder = Path(cache_dir or Path("~/.cache/clip").expanduser())
+    return bool(url) and (folder / os.path.basename(url)).is_file()
+
+
+@contextlib.contextmanager
+def _quiet_open_clip():
+    """open_clip logs a random-weights warning per architecture built, through the root logger."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def count_parameters(model: str) -> int | None:
+    """Parameters of the architecture, built on the meta device (no memory, no weights); None where
+    it cannot be built offline (a Hugging Face text tower whose config is not cached)."""
+    text_model = hf_names(model).get("hf_model_name")
+    if text_model and not Path(text_model).is_dir():
+        from huggingface_hub import try_to_load_from_cache
+        if not isinstance(try_to_load_from_cache(text_model, "config.json"), str):
+            return None  # building it would ask the hub for the config
+    try:
+        with torch.device("meta"), warnings.catch_warnings(), _quiet_open_clip():
+            warnings.simplefilter("ignore")
+            built = open_clip.create_model(model, pretrained=None, pretrained_text=False, device="meta")
+    except Exception:  # any open_clip / timm / transformers failure: unknown, not fatal for a listing
+        return None
+    return sum(p.numel() for p in built.parameters())
+
+
+def model_listing(names: list[str] | None = None, parameters: bool = True,
+                  cache_dir: str | None = None) -> list[dict]:
+    """One row per open_clip architecture (all of them, or `names`): its vision and text tower kinds,
+    pretrained tags, embedding width, parameter count and which tags have their weights in the local
+    cache. For `promptlearn list models`."""
+    rows = []
+    for name in names or open_clip.list_models():
+        check_model_name(name)
+        model_cfg = open_clip.get_model_config(name) or {}
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        vision, text = tower_kinds(model_cfg)
+        rows.append({"model": name, "vision": vision, "text": text, "tags": tags,
+                     "embed_dim": model_cfg.get("embed_dim"),
+                     "parameters": count_parameters(name) if parameters else None,
+                     "cached_tags": [tag for tag in tags if weights_cached(name, tag, cache_dir)]})
+    return rows
