@@ -6,13 +6,16 @@ from pathlib import Path
 import open_clip
 import torch
 
-from promptlearn.backbone import FrozenCLIP, load_backbone
+from open_clip.tokenizer import HFTokenizer
+
+from promptlearn.backbone import MODEL_CONFIG_DIR, FrozenCLIP, load_backbone
 from promptlearn.config import BackboneConfig, RunConfig, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "datasets" / "fashion_mnist_sample"
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 FAMILIES = ["tiny-clip", "tiny-custom-clip", "tiny-bidir-clip", "tiny-rn-clip"]
+SIGLIP_TOKENIZER = "timm/ViT-B-16-SigLIP"  # the tokenizer of open_clip's SigLIP (v1) models
 
 
 def tiny_backbone(model: str = "tiny-clip") -> FrozenCLIP:
@@ -44,6 +47,17 @@ def no_start_backbone() -> FrozenCLIP:
     model, _, preprocess = open_clip.create_model_and_transforms("tiny-bidir-clip", pretrained=None)
     cfg = BackboneConfig(model="tiny-bidir-clip", pretrained="none", device="cpu")
     return FrozenCLIP(model, NoStartTokenizer(32), preprocess, cfg, torch.device("cpu"))
+
+
+def real_siglip_tokenizer_cached() -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    return isinstance(try_to_load_from_cache(SIGLIP_TOKENIZER, "tokenizer_config.json"), str)
+
+
+def tiny_siglip_tokenizer() -> HFTokenizer:
+    """open_clip's HFTokenizer over the tiny SentencePiece-style tokenizer shipped with the tiny configs:
+    SigLIP's rules (test_families checks them on both) with a 69-token vocabulary."""
+    return HFTokenizer(str(MODEL_CONFIG_DIR / "hf-tiny-sentencepiece"), context_length=64, clean="canonicalize")
 
 
 def quick_config(tmp_path: Path, *overrides: str) -> RunConfig:

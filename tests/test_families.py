@@ -10,9 +10,8 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from open_clip.tokenizer import HFTokenizer
 
-from helpers import quick_config, tiny_backbone
+from helpers import SIGLIP_TOKENIZER, quick_config, real_siglip_tokenizer_cached, tiny_backbone, tiny_siglip_tokenizer
 from promptlearn.backbone import MODEL_CONFIG_DIR, load_tokenizer, model_listing
 from promptlearn.config import BackboneConfig
 from promptlearn.errors import PromptlearnError
@@ -25,7 +24,6 @@ TOWER_KINDS = {"openai-resnet": "tiny-rn-clip", "openai-vit": "tiny-clip", "timm
                "timm-convnet": "tiny-timm-convnet-clip", "hf-text": "tiny-hf-clip", "siglip": "tiny-siglip-clip",
                "coca": "tiny-coca"}
 PROMPTS = ["a photo of a dog.", "an origami golden retriever.", "ankle boot"]
-SIGLIP_TOKENIZER = "timm/ViT-B-16-SigLIP"
 
 
 @pytest.fixture(scope="module")
@@ -77,17 +75,8 @@ def check_siglip_tokenizer(tokenizer, context_length: int = 64) -> None:
         assert tok([text])[0].tolist() == expected
 
 
-def tiny_siglip_tokenizer() -> HFTokenizer:
-    return HFTokenizer(str(MODEL_CONFIG_DIR / "hf-tiny-sentencepiece"), context_length=64, clean="canonicalize")
-
-
 def test_siglip_tokenizer_double_follows_the_siglip_rules():
     check_siglip_tokenizer(tiny_siglip_tokenizer())
-
-
-def real_siglip_tokenizer_cached() -> bool:
-    from huggingface_hub import try_to_load_from_cache
-    return isinstance(try_to_load_from_cache(SIGLIP_TOKENIZER, "tokenizer_config.json"), str)
 
 
 @pytest.mark.skipif(not real_siglip_tokenizer_cached(), reason=f"{SIGLIP_TOKENIZER} is not in the local HF cache")
