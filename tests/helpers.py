@@ -5,7 +5,6 @@ from pathlib import Path
 
 import open_clip
 import torch
-
 from open_clip.tokenizer import HFTokenizer
 
 from promptlearn.backbone import MODEL_CONFIG_DIR, FrozenCLIP, load_backbone

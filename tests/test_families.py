@@ -5,7 +5,6 @@ missing named; the model listing."""
 import importlib.util
 import json
 import math
-from pathlib import Path
 
 import open_clip
 import pytest
