@@ -3,12 +3,10 @@ import logging
 import pytest
 import torch
 from helpers import FAMILIES, tiny_backbone
-from torch import nn
 
 from promptlearn.backbone import FrozenCLIP, load_backbone
 from promptlearn.config import BackboneConfig
 from promptlearn.errors import PromptlearnError
-from promptlearn.text_tower import TextTower
 
 
 @pytest.mark.parametrize("model", FAMILIES)
