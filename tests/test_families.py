@@ -9,8 +9,8 @@ import math
 import open_clip
 import pytest
 import torch
-
 from helpers import SIGLIP_TOKENIZER, quick_config, real_siglip_tokenizer_cached, tiny_backbone, tiny_siglip_tokenizer
+
 from promptlearn.backbone import MODEL_CONFIG_DIR, load_tokenizer, model_listing
 from promptlearn.config import BackboneConfig
 from promptlearn.errors import PromptlearnError

@@ -4,8 +4,8 @@ CoOp's prompts through the model's own text tower. SigLIP's tokenizer files come
 are not in the local cache, the tiny SentencePiece-style double of test_families (same rules) stands in."""
 import pytest
 import torch
-
 from helpers import quick_config, real_siglip_tokenizer_cached, tiny_siglip_tokenizer
+
 from promptlearn.backbone import FrozenCLIP, load_backbone
 from promptlearn.config import BackboneConfig
 from promptlearn.methods import METHODS, build_method
