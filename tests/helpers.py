@@ -48,9 +48,9 @@ def no_start_backbone() -> FrozenCLIP:
     return FrozenCLIP(model, NoStartTokenizer(32), preprocess, cfg, torch.device("cpu"))
 
 
-def real_siglip_tokenizer_cached() -> bool:
+def hf_tokenizer_cached(repo: str = SIGLIP_TOKENIZER) -> bool:
     from huggingface_hub import try_to_load_from_cache
-    return isinstance(try_to_load_from_cache(SIGLIP_TOKENIZER, "tokenizer_config.json"), str)
+    return isinstance(try_to_load_from_cache(repo, "tokenizer_config.json"), str)
 
 
 def tiny_siglip_tokenizer() -> HFTokenizer:

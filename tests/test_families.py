@@ -9,7 +9,7 @@ import math
 import open_clip
 import pytest
 import torch
-from helpers import SIGLIP_TOKENIZER, quick_config, real_siglip_tokenizer_cached, tiny_backbone, tiny_siglip_tokenizer
+from helpers import SIGLIP_TOKENIZER, hf_tokenizer_cached, quick_config, tiny_backbone, tiny_siglip_tokenizer
 
 from promptlearn.backbone import MODEL_CONFIG_DIR, load_tokenizer, model_listing
 from promptlearn.config import BackboneConfig
@@ -78,7 +78,7 @@ def test_siglip_tokenizer_double_follows_the_siglip_rules():
     check_siglip_tokenizer(tiny_siglip_tokenizer())
 
 
-@pytest.mark.skipif(not real_siglip_tokenizer_cached(), reason=f"{SIGLIP_TOKENIZER} is not in the local HF cache")
+@pytest.mark.skipif(not hf_tokenizer_cached(), reason=f"{SIGLIP_TOKENIZER} is not in the local HF cache")
 def test_real_siglip_tokenizer_follows_the_same_rules():
     check_siglip_tokenizer(load_tokenizer(BackboneConfig(model="ViT-B-16-SigLIP", pretrained="none")))
 
@@ -106,7 +106,7 @@ def test_missing_transformers_is_named(monkeypatch):
         load_tokenizer(BackboneConfig(model="ViT-B-16-SigLIP", pretrained="none"))
 
 
-@pytest.mark.skipif(real_siglip_tokenizer_cached(), reason="the real tokenizer is cached here")
+@pytest.mark.skipif(hf_tokenizer_cached(), reason="the real tokenizer is cached here")
 def test_missing_tokenizer_files_are_named(monkeypatch, tmp_path):
     import huggingface_hub.constants
 

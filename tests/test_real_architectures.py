@@ -1,23 +1,25 @@
 """The real open_clip architectures of every family, with random weights (no weights exist offline): each
 builds through load_backbone and every registered method runs one forward on a handful of images, with
 CoOp's prompts through the model's own text tower. SigLIP's tokenizer files come from the hub: where they
-are not in the local cache, the tiny SentencePiece-style double of test_families (same rules) stands in."""
+are not in the local cache, the tiny SentencePiece-style double of test_families stands in (SigLIP's rules,
+checked there; the ids of SigLIP2's Gemma tokenizer cannot be compared offline)."""
 import pytest
 import torch
-from helpers import quick_config, real_siglip_tokenizer_cached, tiny_siglip_tokenizer
+from helpers import hf_tokenizer_cached, quick_config, tiny_siglip_tokenizer
 
-from promptlearn.backbone import FrozenCLIP, load_backbone
+from promptlearn.backbone import FrozenCLIP, hf_names, load_backbone
 from promptlearn.config import BackboneConfig
 from promptlearn.methods import METHODS, build_method
 
-ARCHITECTURES = ["RN50", "ViT-B-16", "EVA02-B-16", "MobileCLIP-S1", "convnext_base", "ViT-B-16-SigLIP",
-                 "coca_ViT-B-32"]
+ARCHITECTURES = ["RN50", "ViT-B-16", "EVA02-B-16", "MobileCLIP-S1", "convnext_base", "PE-Core-B-16",
+                 "ViT-B-16-SigLIP", "ViT-B-16-SigLIP2", "coca_ViT-B-32"]
 CLASSNAMES = ["trouser", "ankle boot", "bag"]
 IMAGES = 3
 
 
 def real_backbone(model: str, monkeypatch) -> FrozenCLIP:
-    if "SigLIP" in model and not real_siglip_tokenizer_cached():
+    repo = hf_names(model).get("hf_tokenizer_name")
+    if repo and not hf_tokenizer_cached(repo):
         monkeypatch.setattr("promptlearn.backbone.load_tokenizer", lambda cfg: tiny_siglip_tokenizer())
     return load_backbone(BackboneConfig(model=model, pretrained="none", device="cpu"))
 
