@@ -216,8 +216,8 @@ def load_backbone(cfg: BackboneConfig) -> FrozenCLIP:
         text_model = hf_names(cfg.model).get("hf_model_name")
         if text_model and not Path(text_model).is_dir():
             raise PromptlearnError(missing_hf_files_message(
-                cfg, "text tower", text_model, "model files (config.json and, with weights, the weights file)",
-                e)) from None
+                cfg, "text tower", text_model, "model configuration (config.json)",
+                "config.json", e)) from None
         if pretrained and Path(pretrained).is_file():
             raise PromptlearnError(
                 f"could not load the checkpoint {pretrained} into {cfg.model}: {e}. Check that the file is "
@@ -250,10 +250,12 @@ def hf_cache_folder(cfg: BackboneConfig) -> str:
     return constants.HF_HUB_CACHE
 
 
-def missing_hf_files_message(cfg: BackboneConfig, what: str, repo: str, files: str, error: Exception) -> str:
+def missing_hf_files_message(cfg: BackboneConfig, what: str, repo: str, files: str, include: str,
+                              error: Exception) -> str:
     return (f"the {what} of {cfg.model} comes from the Hugging Face repository {repo}, whose {files} are not "
             f"in the local Hugging Face cache {hf_cache_folder(cfg)} and could not be downloaded "
-            f"({type(error).__name__}). On a machine with network run `huggingface-cli download {repo}` and copy "
+            f"({type(error).__name__}). On a machine with network run `huggingface-cli download {repo} --include "
+            f"{include}` and copy "
             "its cache folder here (or point HF_HOME / backbone.cache_dir at a cache that holds it); with the files "
             "in the cache it works offline (set HF_HUB_OFFLINE=1 to skip the network).")
 
@@ -269,7 +271,7 @@ def load_tokenizer(cfg: BackboneConfig):
         if repo:
             raise PromptlearnError(missing_hf_files_message(
                 cfg, "tokenizer", repo, "tokenizer files (tokenizer.json or spiece.model, tokenizer_config.json, "
-                "special_tokens_map.json)", e)) from None
+                "special_tokens_map.json)", "'*token*' '*.model' special_tokens_map.json", e)) from None
         raise PromptlearnError(
             f"the tokenizer of {cfg.model} could not be loaded ({type(e).__name__}: {e})") from None
 

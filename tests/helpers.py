@@ -48,9 +48,10 @@ def no_start_backbone() -> FrozenCLIP:
     return FrozenCLIP(model, NoStartTokenizer(32), preprocess, cfg, torch.device("cpu"))
 
 
-def hf_tokenizer_cached(repo: str = SIGLIP_TOKENIZER) -> bool:
+def hf_tokenizer_cached(repo: str = SIGLIP_TOKENIZER, filename: str = "tokenizer_config.json") -> bool:
+    """Whether a file of a Hugging Face repository is in the local cache."""
     from huggingface_hub import try_to_load_from_cache
-    return isinstance(try_to_load_from_cache(repo, "tokenizer_config.json"), str)
+    return isinstance(try_to_load_from_cache(repo, filename), str)
 
 
 def tiny_siglip_tokenizer() -> HFTokenizer:

@@ -116,6 +116,18 @@ def test_missing_tokenizer_files_are_named(monkeypatch, tmp_path):
         load_tokenizer(BackboneConfig(model="ViT-B-16-SigLIP", pretrained="none", cache_dir=str(tmp_path)))
 
 
+@pytest.mark.skipif(hf_tokenizer_cached("roberta-base", "config.json"), reason="roberta-base is in the local HF cache")
+def test_missing_hf_text_model_config_is_named(monkeypatch):
+    import huggingface_hub.constants
+
+    from promptlearn.backbone import load_backbone
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PromptlearnError, match=r"text tower of roberta-ViT-B-32 .* roberta-base, whose model "
+                                               r"configuration \(config.json\).*--include config.json"):
+        load_backbone(BackboneConfig(model="roberta-ViT-B-32", pretrained="none", device="cpu"))
+
+
 def test_a_text_tower_that_cannot_take_embeddings_is_refused_for_coop_only():
     class OtherTextTower(torch.nn.Module):
         context_length = 77
