@@ -202,9 +202,9 @@ def check_model_name(name: str) -> None:
 
 def load_backbone(cfg: BackboneConfig) -> FrozenCLIP:
     check_model_name(cfg.model)
-    require_transformers(cfg.model)
     pretrained = _resolve_pretrained(cfg)
     device = resolve_device(cfg.device)
+    tokenizer = load_tokenizer(cfg)  # before the model: a missing tokenizer file is named in seconds
     try:
         with torch.random.fork_rng(devices=[]):  # seeded init, without touching the caller's generator
             torch.manual_seed(RANDOM_INIT_SEED)
@@ -226,7 +226,7 @@ def load_backbone(cfg: BackboneConfig) -> FrozenCLIP:
             f"could not load {cfg.model} with pretrained={cfg.pretrained!r}: {e}. If this machine is offline, "
             "download the weights elsewhere and pass the file with --pretrained PATH, point "
             "backbone.cache_dir at a cache that holds them, or use --pretrained none for random weights.") from None
-    return FrozenCLIP(model, load_tokenizer(cfg), preprocess, cfg, device)
+    return FrozenCLIP(model, tokenizer, preprocess, cfg, device)
 
 
 def hf_names(model: str) -> dict[str, str]:

@@ -123,6 +123,7 @@ def test_missing_hf_text_model_config_is_named(monkeypatch):
     from promptlearn.backbone import load_backbone
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("promptlearn.backbone.load_tokenizer", lambda cfg: open_clip.SimpleTokenizer())  # cached
     with pytest.raises(PromptlearnError, match=r"text tower of roberta-ViT-B-32 .* roberta-base, whose model "
                                                r"configuration \(config.json\).*--include config.json"):
         load_backbone(BackboneConfig(model="roberta-ViT-B-32", pretrained="none", device="cpu"))
