@@ -175,7 +175,7 @@ def backbone_problems(cfg: BackboneConfig) -> list[str]:
     problem = model_problem(cfg.model)
     if problem:
         return [problem]
-    problems = [p for p in [pretrained_problem(cfg.model, cfg.pretrained)] if p]
+    problems = [p for p in [pretrained_problem(cfg.model, cfg.pretrained), transformers_problem(cfg.model)] if p]
     try:
         resolve_device(cfg.device)
     except PromptlearnError as e:
@@ -235,12 +235,13 @@ def hf_names(model: str) -> dict[str, str]:
     return {key: text_cfg[key] for key in HF_NAME_KEYS if text_cfg.get(key)}
 
 
-def require_transformers(model: str) -> None:
+def transformers_problem(model: str) -> str | None:
+    """Why a model with a Hugging Face tokenizer or text tower cannot load here (no transformers), or None."""
     names = hf_names(model)
     if names and importlib.util.find_spec("transformers") is None:
-        raise PromptlearnError(
-            f"{model} needs the Hugging Face package transformers for {' and '.join(sorted(set(names.values())))}"
-            ", which is not installed: pip install 'promptlearn[hf]' (or pip install transformers)")
+        return (f"{model} needs the Hugging Face package transformers for {' and '.join(sorted(set(names.values())))}"
+                ", which is not installed: pip install 'promptlearn[hf]' (or pip install transformers)")
+    return None
 
 
 def hf_cache_folder(cfg: BackboneConfig) -> str:
@@ -263,7 +264,9 @@ def missing_hf_files_message(cfg: BackboneConfig, what: str, repo: str, files: s
 def load_tokenizer(cfg: BackboneConfig):
     """open_clip's tokenizer of the model: its BPE offline, a Hugging Face tokenizer from the local HF cache
     (or the hub); what is missing is named."""
-    require_transformers(cfg.model)
+    problem = transformers_problem(cfg.model)
+    if problem:
+        raise PromptlearnError(problem)
     try:
         return open_clip.get_tokenizer(cfg.model, cache_dir=cfg.cache_dir)
     except Exception as e:

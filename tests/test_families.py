@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import SIGLIP_TOKENIZER, hf_tokenizer_cached, quick_config, tiny_backbone, tiny_siglip_tokenizer
 
-from promptlearn.backbone import MODEL_CONFIG_DIR, load_tokenizer, model_listing
+from promptlearn.backbone import MODEL_CONFIG_DIR, backbone_problems, load_tokenizer, model_listing
 from promptlearn.config import BackboneConfig
 from promptlearn.errors import PromptlearnError
 from promptlearn.methods import METHODS
@@ -102,8 +102,10 @@ def test_decoder_reads_sentencepiece_and_bpe_tokens():
 def test_missing_transformers_is_named(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+    cfg = BackboneConfig(model="ViT-B-16-SigLIP", pretrained="none")
     with pytest.raises(PromptlearnError, match=r"transformers.*pip install 'promptlearn\[hf\]'"):
-        load_tokenizer(BackboneConfig(model="ViT-B-16-SigLIP", pretrained="none"))
+        load_tokenizer(cfg)
+    assert any("pip install 'promptlearn[hf]'" in p for p in backbone_problems(cfg))  # checked before a run starts
 
 
 @pytest.mark.skipif(hf_tokenizer_cached(), reason="the real tokenizer is cached here")
