@@ -172,6 +172,8 @@ LISTINGS = ("methods", "datasets", "models")
 def add_list_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", choices=LISTINGS, help="what to list")
     parser.add_argument("--filter", metavar="TEXT", help="models: only names containing TEXT")
+    parser.add_argument("--parameters", action="store_true",
+                        help="models: count each model's parameters (builds it on the meta device, ~0.5 s each)")
 
 
 def listing(args: argparse.Namespace) -> int:
@@ -201,15 +203,15 @@ def dataset_rows(args: argparse.Namespace) -> list[dict]:
 def model_rows(args: argparse.Namespace) -> list[dict]:
     import open_clip
 
-    rows = []
-    for name in open_clip.list_models():
-        if args.filter and args.filter.lower() not in name.lower():
-            continue
-        config = open_clip.get_model_config(name) or {}
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        rows.append({"model": name, "embed dim": str(config.get("embed_dim", "?")),
-                     "pretrained tags": ", ".join(tags) or "none (random init or a local checkpoint)"})
-    return rows
+    from promptlearn.backbone import model_listing
+
+    names = [n for n in open_clip.list_models() if not args.filter or args.filter.lower() in n.lower()]
+    rows = model_listing(names, parameters=args.parameters) if names else []
+    return [{"model": r["model"], "vision": r["vision"], "text": r["text"], "embed dim": str(r["embed_dim"] or "?"),
+             **({"parameters (M)": f"{r['parameters'] / 1e6:.1f}" if r["parameters"] else "?"} if args.parameters
+                else {}),
+             "pretrained tags": ", ".join(r["tags"]) or "none (random init or a local checkpoint)",
+             "weights in the local cache": ", ".join(r["cached_tags"]) or "-"} for r in rows]
 
 
 def format_table(rows: list[dict]) -> str:

@@ -38,9 +38,9 @@ def test_list_methods_and_datasets(capsys):
 
 
 def test_list_models_shows_widths_and_tags(capsys):
-    main(["list", "models", "--filter", "RN50"])
+    main(["list", "models", "--filter", "RN50", "--parameters"])
     rn50 = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("RN50 "))
-    assert "1024" in rn50 and "openai" in rn50
+    assert "1024" in rn50 and "openai" in rn50 and " 102." in rn50  # RN50 CLIP: 102.0M parameters
 
 
 def test_unknown_command_names_the_nearest():
