@@ -94,6 +94,9 @@ class RunConfig:
     output_dir: str = "output/run"
     cache_dir: str = "~/.cache/promptlearn/features"  # frozen-feature cache shared by runs; "none" disables
     cache_hash_content: bool = False  # key cached features on a hash of each image (default: size and time)
+    protocol: str = "fewshot"  # fewshot | base2novel | cross_dataset | domain_generalization (promptlearn.protocols)
+    targets: list[str] = field(default_factory=list)  # test-only datasets (names or YAML); empty: the protocol's own
+    selection: str = "validation"  # model selection: validation (few-shot val split) | none (fixed hyper-parameters)
     # the methods' own sections, read as attributes: cfg.coop, cfg.tip_adapter, ...
     sections: dict[str, Any] = field(default_factory=default_sections, repr=False)
 
@@ -109,6 +112,7 @@ CLASS_POSITIONS = ("end", "middle", "front")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw")
 DRAWS = ("reference", "sorted")  # few-shot draws, see promptlearn.data.fewshot
+SELECTIONS = ("validation", "none")
 
 
 def protocol_epochs(shots: int, fixed: int | None = None) -> int:
@@ -318,6 +322,8 @@ def config_problems(cfg: RunConfig) -> list[str]:
     need(len(set(cfg.methods)) == len(cfg.methods), f"methods lists a method twice: {cfg.methods}")
     need(cfg.train.optimizer in OPTIMIZERS,
          f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.train.optimizer!r}")
+    need(cfg.selection in SELECTIONS,
+         f"selection must be one of {', '.join(SELECTIONS)}, got {cfg.selection!r}")
     need(cfg.train.eps > 0, f"train.eps must be positive, got {cfg.train.eps}")
     for t in [*([cfg.data.template] if cfg.data.template is not None else []), *cfg.data.templates]:
         need("{}" in t, f"data.template {t!r} must contain {{}} where the class name goes")

@@ -172,12 +172,17 @@ class FeatureBank:
         self.backbone, self.dataset, self.fewshot, self.cache = backbone, dataset, fewshot, cache
         self.batch_size, self.num_workers, self.skip_bad, self.seed = batch_size, num_workers, skip_bad, seed
         self._passes: dict[tuple[int, bool], SplitFeatures] = {}
+        self.extract_seconds = 0.0  # wall-clock spent encoding images (cache misses), for the run's phase times
 
     def _features(self, items: list[Item], transform, aug_seed, desc: str, cached: bool = True) -> SplitFeatures:
         def compute() -> SplitFeatures:
-            return extract_features(self.backbone, items, transform, batch_size=self.batch_size,
-                                    num_workers=self.num_workers, skip_bad=self.skip_bad,
-                                    aug_seed=aug_seed, desc=desc)
+            began = time.perf_counter()
+            try:
+                return extract_features(self.backbone, items, transform, batch_size=self.batch_size,
+                                        num_workers=self.num_workers, skip_bad=self.skip_bad,
+                                        aug_seed=aug_seed, desc=desc)
+            finally:
+                self.extract_seconds += time.perf_counter() - began
         if not cached:
             return compute()
         return self.cache.get_or_compute(self.cache.key(self.backbone, items, transform, aug_seed, self.skip_bad),
@@ -194,6 +199,10 @@ class FeatureBank:
     @cached_property
     def test(self) -> SplitFeatures:
         return self._features(self.dataset.test, eval_transform(self.backbone), None, "test features")
+
+    def test_of(self, dataset: DatasetSplits) -> SplitFeatures:
+        """The test split of another dataset (a protocol's novel classes or target set), same backbone and cache."""
+        return self._features(dataset.test, eval_transform(self.backbone), None, f"{dataset.name} test features")
 
     def train_pass(self, index: int, augment: bool, cached: bool = True) -> SplitFeatures:
         """Training features of augmented pass `index` (a fresh seeded crop and flip per image)."""

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -13,11 +12,12 @@ from promptlearn.config import RunConfig, dump_yaml, protocol_epochs
 from promptlearn.data import DATASETS, build_dataset
 from promptlearn.data.fewshot import FewShotSplit, load_or_draw
 from promptlearn.errors import ConfigError, PromptlearnError, error_line
-from promptlearn.evaluation import evaluate
 from promptlearn.features import FeatureBank, FeatureCache
 from promptlearn.io import RunLock, atomic_write_json, atomic_write_text, check_writable
 from promptlearn.methods import METHODS, build_method, method_class
-from promptlearn.report import comparison_table
+from promptlearn.protocols import evaluate_on, protocol_for
+from promptlearn.report import run_table
+from promptlearn.runinfo import PhaseClock, environment, peak_memory
 from promptlearn.trainer import Trainer
 
 log = logging.getLogger("promptlearn")
@@ -27,54 +27,71 @@ COMPLETE_MARKER = "run_complete.json"
 def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None = None,
                    overwrite: bool = False) -> dict:
     check_run(cfg, eval_only, resume, overwrite)
+    protocol = protocol_for(cfg)
     out = Path(cfg.output_dir)
     with RunLock(out), log_to_file(out / "log.txt"):
         (out / COMPLETE_MARKER).unlink(missing_ok=True)
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
-        dataset = build_dataset(cfg.data)                                               # data
-        check_shots(cfg, dataset)
-        fewshot = few_shot_draw(cfg, dataset, out, eval_only)
+        everything = build_dataset(cfg.data)                                            # data
+        check_shots(cfg, everything)
+        targets = protocol.targets(cfg, everything)  # test sets: e.g. base and novel classes, target datasets
+        dataset, fewshot = protocol.training_split(everything, few_shot_draw(cfg, everything, out, eval_only))
         backbone = load_backbone(cfg.backbone)                                          # frozen backbone
         cache = FeatureCache.from_setting(cfg.cache_dir, cfg.cache_hash_content)
         bank = FeatureBank(backbone, dataset, fewshot, cache=cache, batch_size=cfg.data.eval_batch_size,
                            num_workers=cfg.data.num_workers, skip_bad=cfg.data.skip_bad_images, seed=cfg.data.seed)
+        clock, info_file = PhaseClock(bank), out / "run_info.json"
         fixed = DATASETS[cfg.data.name].epochs
         epochs = protocol_epochs(cfg.data.shots, fixed) if cfg.train.epochs is None else cfg.train.epochs
         trainer = Trainer(cfg.train, epochs, cfg.data.seed, backbone.precision)         # trainer
-        log.info("%s: %d classes, %d-shot draw (seed %d): %d train, %d val, %d test images; %d epochs",
-                 dataset.name, dataset.num_classes, cfg.data.shots, cfg.data.seed, len(fewshot.train),
-                 len(fewshot.val), len(dataset.test), epochs)
+        log.info("%s (protocol %s): %d classes, %d-shot draw (seed %d): %d train, %d val images; test sets %s; "
+                 "%d epochs", dataset.name, protocol.name, dataset.num_classes, cfg.data.shots, cfg.data.seed,
+                 len(fewshot.train), len(fewshot.val), ", ".join(t.name for t in targets), epochs)
         metrics, reports = {}, []
         for name in cfg.methods:
+            unable = protocol.unable(cfg, method_class(name).capabilities_for(cfg))
+            if unable:  # marked n/a with the reason, never dropped
+                metrics[name] = protocol.not_run(unable)
+                continue
             torch.manual_seed(cfg.data.seed)  # a method's random init depends only on the seed
             method = build_method(name, cfg, backbone, dataset.classnames)             # method
-            folder = out / name
-            began = time.perf_counter()
-            if eval_only and method.caps.eval_from_checkpoint:
-                method.restore(eval_only)
-                info = {"checkpoint": str(eval_only)}
-            else:
-                info = method.fit(bank, trainer, folder / "checkpoint.pt", resume)
-            seconds = time.perf_counter() - began
+            folder, phases = out / name, {}
+            with clock.phase("training", phases):
+                if eval_only and method.caps.eval_from_checkpoint:
+                    method.restore(eval_only)
+                    info = {"checkpoint": str(eval_only)}
+                else:
+                    info = method.fit(bank, trainer, folder / "checkpoint.pt", resume)
             history = info.pop("history", None)
             if history is not None:
                 atomic_write_json(folder / "history.json", history)
-            test = bank.test
-            result = evaluate(method.predict(test.features), test.labels, test.paths,   # evaluation
-                              dataset.classnames, folder, cfg.eval.ece_bins)
-            result.update(info, train_seconds=info.get("train_seconds", seconds))
+            with clock.phase("evaluation", phases):                                     # evaluation
+                result = protocol.combine({t.name: evaluate_on(method, t, bank, folder / t.folder, cfg)
+                                           for t in targets})
+            result.update(info, train_seconds=info.get("train_seconds", phases["training_seconds"]),
+                          phases=phases)
             extra = method.after_training(folder)  # e.g. CoOp's prompt read as words
             if extra is not None:
                 result.update(extra.metrics)
                 reports.append(extra.report)
             metrics[name] = result
             atomic_write_json(out / "metrics.json", metrics)
-        table = comparison_table(metrics, f"{dataset.name}, {cfg.data.shots} shots, seed {cfg.data.seed}, "
-                                          f"{backbone.name} ({backbone.pretrained})")
+            atomic_write_json(info_file, run_info(cfg, backbone, clock))
+        table = run_table(protocol, metrics, f"{everything.name}, {cfg.data.shots} shots, seed {cfg.data.seed}, "
+                                             f"{backbone.name} ({backbone.pretrained})", cfg.selection)
+        atomic_write_json(out / "metrics.json", metrics)
+        atomic_write_json(info_file, run_info(cfg, backbone, clock))
         atomic_write_text(out / "summary.md", table + "\n")                             # report
         atomic_write_json(out / COMPLETE_MARKER, {"methods": list(metrics)})
         print("\n\n".join([table, *filter(None, reports)]))
         return metrics
+
+
+def run_info(cfg: RunConfig, backbone, clock: PhaseClock) -> dict:
+    """The protocol, the environment, wall-clock per phase and peak memory (run_info.json)."""
+    return {"protocol": cfg.protocol, "selection": cfg.selection,
+            "environment": environment(backbone.device, backbone.precision),
+            "phase_seconds": clock.record(), **peak_memory(backbone.device)}
 
 
 def check_run(cfg: RunConfig, eval_only: str | None = None, resume: bool = False, overwrite: bool = False) -> None:
@@ -101,6 +118,7 @@ def check_run(cfg: RunConfig, eval_only: str | None = None, resume: bool = False
 
 def check_methods(cfg: RunConfig, eval_only: str | None) -> None:
     caps = {name: method_class(name).capabilities_for(cfg) for name in cfg.methods}  # unknown names stop here
+    protocol_for(cfg)  # an unknown protocol stops here
     if eval_only and not any(c.eval_from_checkpoint for c in caps.values()):
         able = [n for n in METHODS if METHODS[n].capabilities_for(cfg).eval_from_checkpoint]
         raise ConfigError(f"--eval-only evaluates a saved checkpoint, but none of methods={cfg.methods} can be "

@@ -1,0 +1,271 @@
+"""The field's evaluation protocols as named objects, chosen with the config key `protocol`.
+
+- fewshot: train on K shots of every class, test on the dataset's test split (CoOp's protocol).
+- base2novel: CoCoOp's base-to-novel generalisation. Classes sorted by label, the first ceil(n/2) are base,
+  the rest novel, each half relabelled 0..; train on the base classes' shots, test on base and on novel
+  test images, report HM = 2 B N / (B + N).
+- cross_dataset: train on the source dataset (ImageNet, all classes), test on it and on each target dataset.
+- domain_generalization: the same source model tested on ImageNet-V2, -Sketch, -A and -R.
+
+A protocol decides from a method's Capabilities alone: a target whose classes the method did not train on
+needs `unseen_classes` (the trained parameters are loaded into the method rebuilt for the target's
+classes), a target holding a subset of the trained classes (ImageNet-A and -R: 200 of 1000) is scored by
+selecting those classes' rows, so every method can. What a method cannot do is marked "n/a" with the
+reason, never dropped. The runner never names a protocol; it calls these objects.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from promptlearn.config import RunConfig, apply, read_yaml
+from promptlearn.data import build_dataset
+from promptlearn.data.base import DatasetSplits, Item
+from promptlearn.data.fewshot import FewShotSplit
+from promptlearn.errors import ConfigError
+from promptlearn.evaluation import evaluate
+from promptlearn.methods import Capabilities, Method, build_method
+from promptlearn.registry import Registry
+
+if TYPE_CHECKING:
+    from promptlearn.config import DataConfig
+    from promptlearn.features import FeatureBank
+
+CROSS_DATASET_TARGETS = ("caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+                         "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
+IMAGENET_VARIANTS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+SELECTION_TEXT = {"validation": "hyper-parameters chosen on the few-shot validation split",
+                  "none": "validation-free: fixed hyper-parameters, no validation split used"}
+
+
+# ----------------------------------------------------------------------------- class splits
+
+def base_novel_labels(num_classes: int) -> tuple[list[int], list[int]]:
+    """CoCoOp's rule: labels in sorted order, the first ceil(n/2) are base, the remaining floor(n/2) novel."""
+    cut = math.ceil(num_classes / 2)
+    return list(range(cut)), list(range(cut, num_classes))
+
+
+def relabel(items: list[Item], labels: list[int]) -> list[Item]:
+    """The items of `labels` only, relabelled 0.. in the order of `labels`."""
+    new = {old: i for i, old in enumerate(labels)}
+    return [Item(it.path, new[it.label], it.classname) for it in items if it.label in new]
+
+
+def keep_classes(dataset: DatasetSplits, labels: list[int], name: str) -> DatasetSplits:
+    """The dataset restricted to `labels` in every split (other classes' images are gone), relabelled 0.."""
+    return DatasetSplits(name, [dataset.classnames[c] for c in labels], relabel(dataset.train, labels),
+                         relabel(dataset.val, labels), relabel(dataset.test, labels))
+
+
+def keep_draw_classes(draw: FewShotSplit, labels: list[int], name: str) -> FewShotSplit:
+    """A few-shot draw restricted to `labels`, relabelled: CoCoOp draws K shots over all classes and keeps
+    the base classes afterwards."""
+    return FewShotSplit(name, draw.shots, draw.seed, relabel(draw.train, labels), relabel(draw.val, labels))
+
+
+def harmonic_mean(base: float, novel: float) -> float:
+    """HM = 2 B N / (B + N), the base-to-novel summary (0 when both are 0)."""
+    return 2 * base * novel / (base + novel) if base + novel else 0.0
+
+
+# ----------------------------------------------------------------------------- evaluation on a target
+
+@dataclass(frozen=True)
+class Target:
+    """A test set a protocol evaluates on: its name in the tables, its classes and test images, and the data
+    config its zero-shot template comes from."""
+
+    name: str
+    dataset: DatasetSplits
+    data: "DataConfig"
+    folder: str = ""  # where its predictions go, under the method's folder ("": the folder itself)
+
+
+@dataclass(frozen=True)
+class NotApplicable:
+    reason: str
+
+
+def scorer_for(method: Method, target: Target, cfg: "RunConfig"):
+    """Logits over the target's classes from the trained method, or NotApplicable with the reason."""
+    trained, wanted = method.classnames, target.dataset.classnames
+    if wanted == trained:
+        return method.predict
+    rows = {name: i for i, name in enumerate(trained)}
+    if all(name in rows for name in wanted):  # a subset of the trained classes: their rows, in target order
+        index = [rows[name] for name in wanted]
+        return lambda features: method.predict(features)[:, index]
+    if not method.caps.unseen_classes:
+        return NotApplicable(f"{method.name} cannot score classes it did not train on (no unseen_classes "
+                             f"capability; {target.name} has {len(wanted)} classes, not all trained)")
+    run_cfg = copy.copy(cfg)
+    run_cfg.data = target.data
+    moved = build_method(method.name, run_cfg, method.backbone, wanted)
+    moved.load_trainable_state(method.trainable_state(), f"{method.name} trained on {len(trained)} classes")
+    return moved.predict
+
+
+def evaluate_on(method: Method, target: Target, bank: "FeatureBank", folder: Path, cfg: "RunConfig") -> dict:
+    score = scorer_for(method, target, cfg)
+    if isinstance(score, NotApplicable):
+        return {"na": score.reason}
+    test = bank.test_of(target.dataset)
+    return evaluate(score(test.features), test.labels, test.paths, target.dataset.classnames, folder,
+                    cfg.eval.ece_bins)
+
+
+def target_data(cfg: "RunConfig", entry: str) -> "DataConfig":
+    """A target given as a registered dataset name (read under the run's data.root) or a YAML file of data keys."""
+    data = copy.deepcopy(cfg.data)
+    data.template, data.templates = None, []  # the target's own zero-shot template, not the source's
+    if not entry.endswith((".yaml", ".yml")):
+        data.name, data.path = entry, None
+        return data
+    keys = read_yaml(entry)
+    other = [k for k in keys if not k.startswith("data.")]
+    if other:
+        raise ConfigError(f"target {entry}: a target YAML holds data keys only (data.name, data.path, ...), "
+                          f"not {', '.join(other)}")
+    holder = RunConfig()
+    holder.data = data
+    return apply(holder, keys, entry).data
+
+
+# ----------------------------------------------------------------------------- protocols
+
+class Protocol:
+    """What a paper fixes: which classes train, which test sets are evaluated, how results combine."""
+
+    name = "protocol"
+    summary = ""
+    default_targets: tuple[str, ...] = ()
+    columns: tuple[tuple[str, str], ...] = (("accuracy", "accuracy (%)"),)
+
+    def unable(self, cfg: "RunConfig", caps: Capabilities) -> str | None:
+        """Why a method cannot take part at all (n/a for the whole run), or None."""
+        if cfg.selection == "none" and caps.uses_validation:
+            return "chooses its hyper-parameters on the few-shot validation split, which selection=none leaves out"
+        return None
+
+    def training_split(self, dataset: DatasetSplits, draw: FewShotSplit) -> tuple[DatasetSplits, FewShotSplit]:
+        """The classes and few-shot images methods train and select on."""
+        return dataset, draw
+
+    def targets(self, cfg: "RunConfig", dataset: DatasetSplits) -> list[Target]:
+        return [Target(dataset.name, dataset, cfg.data)]
+
+    def table_columns(self, metrics: dict[str, dict]) -> list[tuple[str | tuple[str, str], str]]:
+        """(metric key, header) of a run's table; a tuple key reads a nested entry."""
+        return [*self.columns, ("macro_f1", "macro-F1 (%)"), ("ece", "ECE (%)")]
+
+    def not_run(self, reason: str) -> dict:
+        """The metrics of a method that cannot take part: every column n/a, with the reason."""
+        return {**{key: None for key, _ in self.columns}, "accuracy": None, "na": {"run": reason}}
+
+    def combine(self, results: dict[str, dict]) -> dict:
+        """One method's metrics from its per-target results (the first target's in the usual keys)."""
+        first = next(iter(results.values()))
+        combined = dict(first) if "na" not in first else {"accuracy": None}
+        if len(results) > 1:
+            combined["evaluations"] = results
+        combined["na"] = {name: r["na"] for name, r in results.items() if "na" in r}
+        return combined
+
+
+PROTOCOLS: Registry[Protocol] = Registry("protocol")
+
+
+def register_protocol(cls: type[Protocol]) -> type[Protocol]:
+    PROTOCOLS.add(cls.name, cls())
+    return cls
+
+
+@register_protocol
+class FewShot(Protocol):
+    name = "fewshot"
+    summary = "few-shot on all classes (CoOp): K shots per class, test on the dataset's test split"
+
+    def targets(self, cfg, dataset):
+        if cfg.targets:
+            raise ConfigError("targets lists test sets for protocol=cross_dataset or domain_generalization; "
+                              "protocol=fewshot tests on the dataset itself: remove targets or set protocol")
+        return super().targets(cfg, dataset)
+
+
+@register_protocol
+class BaseToNovel(Protocol):
+    name = "base2novel"
+    summary = ("base-to-novel (CoCoOp): classes sorted by label, first ceil(n/2) base, rest novel; train on "
+               "the base classes' shots, test on base and novel, HM = 2BN/(B+N)")
+    columns = (("base_accuracy", "base (%)"), ("novel_accuracy", "novel (%)"), ("hm", "HM (%)"))
+
+    def training_split(self, dataset, draw):
+        base, _ = base_novel_labels(dataset.num_classes)
+        return (keep_classes(dataset, base, f"{dataset.name}-base"),
+                keep_draw_classes(draw, base, f"{dataset.name}-base"))
+
+    def targets(self, cfg, dataset):
+        FewShot().targets(cfg, dataset)  # the same refusal of `targets`
+        base, novel = base_novel_labels(dataset.num_classes)
+        return [Target("base", keep_classes(dataset, base, f"{dataset.name}-base"), cfg.data, "base"),
+                Target("novel", keep_classes(dataset, novel, f"{dataset.name}-novel"), cfg.data, "novel")]
+
+    def table_columns(self, metrics):
+        return list(self.columns)  # the paper's layout: base / novel / HM
+
+    def combine(self, results):
+        combined = super().combine(results)
+        b, n = (results[k].get("accuracy") for k in ("base", "novel"))
+        combined.update(base_accuracy=b, novel_accuracy=n,
+                        hm=harmonic_mean(b, n) if b is not None and n is not None else None)
+        return combined
+
+
+@register_protocol
+class CrossDataset(Protocol):
+    name = "cross_dataset"
+    summary = ("cross-dataset transfer: train on the source (16-shot ImageNet, all classes), "
+               "test on the source and on each target dataset")
+    default_targets = CROSS_DATASET_TARGETS
+    columns = (("source_accuracy", "source (%)"), ("targets_average", "targets average (%)"))
+
+    def targets(self, cfg, dataset):
+        found = [Target(dataset.name, dataset, cfg.data, dataset.name)]
+        for entry in cfg.targets or self.default_targets:
+            data = target_data(cfg, entry)
+            target = build_dataset(data)
+            if any(t.name == target.name for t in found):
+                raise ConfigError(f"targets: {entry!r} is the dataset {target.name!r}, already a test set of "
+                                  "this run; list each target once and not the source")
+            found.append(Target(target.name, target, data, target.name))
+        return found
+
+    def table_columns(self, metrics):
+        names = dict.fromkeys(t for m in metrics.values() for t in m.get("target_accuracy") or {})
+        return [self.columns[0], *[(("target_accuracy", t), f"{t} (%)") for t in names], self.columns[1]]
+
+    def combine(self, results):
+        combined = super().combine(results)
+        source, *targets = results
+        accuracies = [results[t].get("accuracy") for t in targets]
+        combined.update(source_accuracy=results[source].get("accuracy"),
+                        target_accuracy=dict(zip(targets, accuracies)),
+                        targets_average=(sum(accuracies) / len(accuracies)
+                                         if accuracies and None not in accuracies else None))
+        return combined
+
+
+@register_protocol
+class DomainGeneralization(CrossDataset):
+    name = "domain_generalization"
+    summary = ("domain generalisation: the source model (16-shot ImageNet) tested on ImageNet-V2, -Sketch, -A "
+               "and -R; -A and -R hold 200 classes, scored with those classes' rows")
+    default_targets = IMAGENET_VARIANTS
+
+
+def protocol_for(cfg: "RunConfig") -> Protocol:
+    return PROTOCOLS.get(cfg.protocol)
