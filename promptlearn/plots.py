@@ -41,3 +41,29 @@ def accuracy_plot(path: str | Path, title: str, curve: dict[tuple[str, int], tup
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110))
+
+
+def base_novel_plot(path: str | Path, points: dict[str, dict[str, float]], backbone: str) -> None:
+    """Base against novel accuracy per method (averaged over the sweep's datasets), with HM iso-lines."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.8, 4.2))
+    ax = fig.subplots()
+    for method, means in points.items():
+        if "base" in means and "novel" in means:
+            ax.scatter(means["base"], means["novel"], s=28)
+            ax.annotate(method, (means["base"], means["novel"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    grid = [x / 2 for x in range(1, 201)]
+    for hm in (20, 40, 60, 80):  # novel = hm * base / (2 * base - hm) where that is positive
+        curve = [(b, hm * b / (2 * b - hm)) for b in grid if 2 * b > hm and hm * b / (2 * b - hm) <= 100]
+        ax.plot(*zip(*curve), color="grey", linewidth=0.6, alpha=0.5)
+        ax.annotate(f"HM {hm}", curve[-1], fontsize=6, color="grey")
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("base accuracy (%)")
+    ax.set_ylabel("novel accuracy (%)")
+    ax.set_title(f"base-to-novel, {backbone}", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110))

@@ -162,6 +162,25 @@ class Protocol:
         """(metric key, header) of a run's table; a tuple key reads a nested entry."""
         return [*self.columns, ("macro_f1", "macro-F1 (%)"), ("ece", "ECE (%)")]
 
+    # a sweep's report: the values of one result row, derived columns, and published figures to show beside
+    published: dict[str, dict[str, float]] = {}  # paper label -> column -> value (11-dataset or target averages)
+    published_datasets: tuple[str, ...] = ()  # the datasets the published averages cover
+
+    def report_values(self, row: dict) -> dict[str, float | None]:
+        return {"accuracy": row["accuracy"]}
+
+    def published_applies(self, cfg: "RunConfig", datasets: list[str]) -> bool:
+        """Published figures are shown only for the papers' setting: ViT-B/16 with OpenAI's weights, 16 shots,
+        the same datasets (and targets)."""
+        return (bool(self.published) and cfg.backbone.model in ("ViT-B-16", "ViT-B-16-quickgelu")
+                and cfg.backbone.pretrained == "openai" and cfg.data.shots == 16
+                and sorted(datasets) == sorted(self.published_datasets)
+                and sorted(cfg.targets or self.default_targets) == sorted(self.default_targets))
+
+    def derived(self, means: dict[str, float | None]) -> dict[str, float | None]:
+        """Columns computed from the mean columns (base-to-novel: HM of the mean base and novel accuracies)."""
+        return {}
+
     def not_run(self, reason: str) -> dict:
         """The metrics of a method that cannot take part: every column n/a, with the reason."""
         return {**{key: None for key, _ in self.columns}, "accuracy": None, "na": {"run": reason}}
@@ -214,8 +233,27 @@ class BaseToNovel(Protocol):
         return [Target("base", keep_classes(dataset, base, f"{dataset.name}-base"), cfg.data, "base"),
                 Target("novel", keep_classes(dataset, novel, f"{dataset.name}-novel"), cfg.data, "novel")]
 
+    published_datasets = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+                          "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
+    published = {  # ViT-B/16, 16 shots, 3 seeds, 11-dataset averages: base, novel, HM
+        "CLIP (zero-shot)": {"base": 69.34, "novel": 74.22, "HM": 71.70},
+        "CoOp": {"base": 82.69, "novel": 63.22, "HM": 71.66},
+        "CoCoOp": {"base": 80.47, "novel": 71.69, "HM": 75.83},
+        "ProGrad": {"base": 82.48, "novel": 70.75, "HM": 76.16},
+        "KgCoOp": {"base": 80.73, "novel": 73.60, "HM": 77.00},
+        "MaPLe": {"base": 82.28, "novel": 75.14, "HM": 78.55},
+        "PromptSRC": {"base": 84.26, "novel": 76.10, "HM": 79.97},
+    }
+
     def table_columns(self, metrics):
         return list(self.columns)  # the paper's layout: base / novel / HM
+
+    def report_values(self, row):
+        return {"base": row["base_accuracy"], "novel": row["novel_accuracy"]}
+
+    def derived(self, means):
+        b, n = means.get("base"), means.get("novel")
+        return {"HM": harmonic_mean(b, n) if b is not None and n is not None else None}
 
     def combine(self, results):
         combined = super().combine(results)
@@ -232,6 +270,12 @@ class CrossDataset(Protocol):
                "test on the source and on each target dataset")
     default_targets = CROSS_DATASET_TARGETS
     columns = (("source_accuracy", "source (%)"), ("targets_average", "targets average (%)"))
+    published_datasets = ("imagenet",)
+    published = {"CoOp": {"average": 63.88}, "CoCoOp": {"average": 65.74}, "MaPLe": {"average": 66.30},
+                 "PromptSRC": {"average": 65.81}}  # ViT-B/16, 10-target averages
+
+    def report_values(self, row):
+        return {"source": row["accuracy"], **row["target_accuracy"], "average": row["targets_average"]}
 
     def targets(self, cfg, dataset):
         found = [Target(dataset.name, dataset, cfg.data, dataset.name)]
@@ -265,6 +309,7 @@ class DomainGeneralization(CrossDataset):
     summary = ("domain generalisation: the source model (16-shot ImageNet) tested on ImageNet-V2, -Sketch, -A "
                "and -R; -A and -R hold 200 classes, scored with those classes' rows")
     default_targets = IMAGENET_VARIANTS
+    published = {}  # the issue quotes no domain-generalisation averages
 
 
 def protocol_for(cfg: "RunConfig") -> Protocol:

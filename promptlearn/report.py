@@ -1,7 +1,16 @@
 """Result tables: one run's table in its protocol's layout."""
 from __future__ import annotations
 
+import statistics
+from typing import TYPE_CHECKING
+
 from promptlearn.protocols import SELECTION_TEXT, Protocol
+
+if TYPE_CHECKING:
+    from promptlearn.config import RunConfig
+
+# (method, column) -> (mean, std, seeds); a column every seed has n/a for maps to None
+Cells = dict[tuple[str, str], tuple[float, float, int] | None]
 
 
 def cell(value) -> str:
@@ -27,3 +36,91 @@ def run_table(protocol: Protocol, metrics: dict[str, dict], title: str, selectio
         lines.append(f"| {name} | {cells} | {m.get('train_seconds', 0.0):.1f} |")
         notes += [f"- {name}, {where}: n/a, {why}" for where, why in m.get("na", {}).items()]
     return "\n".join(lines + ([""] + notes if notes else []))
+
+
+# ----------------------------------------------------------------------------- a protocol sweep's report
+
+def mean_std(values: list[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (0 for one value) and count."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+def aggregate(protocol: Protocol, rows: list[dict], datasets: list[str]) -> Cells:
+    """Per seed, each column averaged over `datasets` (n/a if any dataset has it n/a or lacks the seed), then
+    mean +- std over the seeds."""
+    per_seed: dict[tuple[str, str, int], dict[str, float | None]] = {}
+    for r in rows:
+        if r["dataset"] in datasets:
+            for column, value in protocol.report_values(r).items():
+                per_seed.setdefault((r["method"], column, r["seed"]), {})[r["dataset"]] = value
+    by_cell: dict[tuple[str, str], list[float | None]] = {}
+    for (method, column, _), values in per_seed.items():
+        if all(d in values for d in datasets):
+            numbers = [values[d] for d in datasets]
+            by_cell.setdefault((method, column), []).append(
+                None if None in numbers else statistics.fmean(numbers))
+    return {key: None if None in values else mean_std(values) for key, values in by_cell.items()}
+
+
+def columns_of(protocol: Protocol, rows: list[dict], cells: Cells) -> list[str]:
+    columns = list(dict.fromkeys(c for r in rows for c in protocol.report_values(r)))
+    return columns + list(protocol.derived({}))
+
+
+def cell_text(value: tuple[float, float, int] | float | None) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, tuple):
+        return f"{value[0]:.2f} ± {value[1]:.2f}"
+    return f"{value:.2f}"
+
+
+def protocol_table(protocol: Protocol, rows: list[dict], methods: list[str], datasets: list[str],
+                   published: bool) -> str:
+    cells = aggregate(protocol, rows, datasets)
+    columns = columns_of(protocol, rows, cells)
+    lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for method in methods:
+        values = {c: cells[(method, c)] for c in columns if (method, c) in cells}
+        if not values:
+            continue
+        means = {c: v[0] if v else None for c, v in values.items()}
+        values.update(protocol.derived(means))
+        lines.append(f"| {method} | " + " | ".join(cell_text(values[c]) if c in values else "–" for c in columns)
+                     + " |")
+    if published:
+        for label, figures in protocol.published.items():
+            lines.append(f"| {label} (published) | "
+                         + " | ".join(cell_text(figures[c]) if c in figures else "–" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def protocol_summary(protocol: Protocol, rows: list[dict], methods: list[str], datasets: list[str],
+                     seeds: list[int], cfg: "RunConfig") -> str:
+    """A protocol sweep's summary.md in the papers' layout: the average over datasets, then each dataset;
+    mean ± sample std over seeds; published figures beside ours only for the papers' own setting."""
+    published = protocol.published_applies(cfg, datasets)
+    derived = ", ".join(protocol.derived({})) or "none"
+    lines = [f"# Protocol {protocol.name}: accuracy (%)", "", f"{protocol.summary}.", "",
+             f"Backbone {cfg.backbone.model} ({cfg.backbone.pretrained}); {cfg.data.shots} shots; mean ± sample "
+             f"standard deviation over seeds {', '.join(map(str, seeds))}; model selection: "
+             f"{SELECTION_TEXT[cfg.selection]}. Derived columns ({derived}) are computed from the mean columns, "
+             "as the papers do. " + ("Rows marked (published) are the papers' figures, for comparison."
+                                     if published else "No published figures are shown: they exist only for "
+                                     "ViT-B-16 (openai), 16 shots, and the papers' datasets."), ""]
+    if len(datasets) > 1:
+        lines += [f"## Average over {len(datasets)} datasets", "",
+                  protocol_table(protocol, rows, methods, datasets, published), ""]
+    for dataset in datasets:
+        lines += [f"## {dataset}", "", protocol_table(protocol, rows, methods, [dataset],
+                                                      published and len(datasets) == 1), ""]
+    notes = sorted({f"- {r['method']} on {r['dataset']}: {r['na']}" for r in rows if r["na"]})
+    if notes:
+        lines += ["## n/a", "", *notes, ""]
+    return "\n".join(lines)
+
+
+def protocol_points(protocol: Protocol, rows: list[dict], methods: list[str], datasets: list[str]) -> dict:
+    """method -> {column: mean} over all datasets, for the plot."""
+    cells = aggregate(protocol, rows, datasets)
+    return {m: {c: v[0] for (mm, c), v in cells.items() if mm == m and v} for m in methods}

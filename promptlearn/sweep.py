@@ -25,12 +25,15 @@ from promptlearn.config import RunConfig, build_config, flatten_tree, load_confi
 from promptlearn.data import build_dataset
 from promptlearn.errors import ConfigError, PromptlearnError
 from promptlearn.io import atomic_write_text
+from promptlearn.protocols import PROTOCOLS, protocol_for
+from promptlearn.report import protocol_points, protocol_summary
 from promptlearn.runner import is_complete, run_experiment
 
 log = logging.getLogger("promptlearn")
 
-CSV_COLUMNS = ["method", "dataset", "backbone", "pretrained", "shots", "seed", "accuracy", "macro_f1", "ece",
-               "train_seconds", "run_dir"]
+CSV_COLUMNS = ["method", "dataset", "backbone", "pretrained", "protocol", "selection", "shots", "seed", "accuracy",
+               "macro_f1", "ece", "base_accuracy", "novel_accuracy", "hm", "targets_average", "train_seconds", "na",
+               "run_dir"]
 # settings that do not change a run's results: a finished run made under other values is still reused
 NEUTRAL_KEYS = {"methods", "output_dir", "cache_dir", "data.num_workers", "data.eval_batch_size",
                 "data.fewshot_dir", "backbone.device", "backbone.cache_dir", "train.checkpoint_every",
@@ -177,9 +180,13 @@ def collect_rows(runs: list[PlannedRun]) -> list[dict]:
                 continue
             m = metrics[method]
             rows.append({"method": method, "dataset": run.dataset, "backbone": run.cfg.backbone.model,
-                         "pretrained": run.cfg.backbone.pretrained, "shots": run.shots, "seed": run.seed,
-                         "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "ece": m["ece"],
-                         "train_seconds": m.get("train_seconds", 0.0), "run_dir": str(run.folder)})
+                         "pretrained": run.cfg.backbone.pretrained, "protocol": run.cfg.protocol,
+                         "selection": run.cfg.selection, "shots": run.shots, "seed": run.seed,
+                         **{key: m.get(key) for key in ("accuracy", "macro_f1", "ece", "base_accuracy",
+                                                        "novel_accuracy", "hm", "targets_average")},
+                         "train_seconds": m.get("train_seconds", 0.0),
+                         "na": "; ".join(f"{where}: {why}" for where, why in (m.get("na") or {}).items()),
+                         "target_accuracy": m.get("target_accuracy") or {}, "run_dir": str(run.folder)})
     if missing:
         log.warning("sweep: %d of %d runs are not finished and are left out of the report", missing, len(runs))
     return rows
@@ -198,7 +205,8 @@ def dataset_curves(rows: list[dict]) -> dict[str, Curve]:
     """Per dataset: accuracy mean +- std over seeds for each method and shot count."""
     by_key: dict[tuple[str, str, int], list[float]] = {}
     for r in rows:
-        by_key.setdefault((r["dataset"], r["method"], r["shots"]), []).append(r["accuracy"])
+        if r["accuracy"] is not None:  # n/a (e.g. a method that needs validation under selection=none)
+            by_key.setdefault((r["dataset"], r["method"], r["shots"]), []).append(r["accuracy"])
     curves: dict[str, Curve] = {}
     for (dataset, method, shots), values in by_key.items():
         curves.setdefault(dataset, {})[(method, shots)] = (*mean_std(values), len(values))
@@ -209,7 +217,8 @@ def average_curve(rows: list[dict], datasets: list[str]) -> Curve:
     """Accuracy averaged over the datasets per seed, then mean +- std over the seeds that every dataset has."""
     per_seed: dict[tuple[str, int, int], dict[str, float]] = {}
     for r in rows:
-        per_seed.setdefault((r["method"], r["shots"], r["seed"]), {})[r["dataset"]] = r["accuracy"]
+        if r["accuracy"] is not None:
+            per_seed.setdefault((r["method"], r["shots"], r["seed"]), {})[r["dataset"]] = r["accuracy"]
     averages: dict[tuple[str, int], list[float]] = {}
     for (method, shots, _), accs in per_seed.items():
         if all(d in accs for d in datasets):
@@ -219,7 +228,7 @@ def average_curve(rows: list[dict], datasets: list[str]) -> Curve:
 
 def results_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for r in rows:
         writer.writerow({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items()})
@@ -265,9 +274,20 @@ def summary_markdown(sweep: SweepConfig, runs: list[PlannedRun], rows: list[dict
 def write_report(sweep: SweepConfig, runs: list[PlannedRun], rows: list[dict]) -> None:
     out = Path(sweep.output_dir)
     atomic_write_text(out / "results.csv", results_csv(rows))
-    atomic_write_text(out / "summary.md", summary_markdown(sweep, runs, rows))
+    protocol = protocol_for(runs[0].cfg) if runs else PROTOCOLS.get("fewshot")
+    if protocol.name != "fewshot":  # the paper's layout: base / novel / HM, or source / targets / average
+        methods, datasets = methods_and_datasets(runs)
+        summary = protocol_summary(protocol, rows, methods, datasets, sweep.seeds, runs[0].cfg)
+    else:
+        summary = summary_markdown(sweep, runs, rows)
+    atomic_write_text(out / "summary.md", summary)
     written = [out / "results.csv", out / "summary.md"]
-    if sweep.plots and rows:
+    if sweep.plots and rows and protocol.name == "base2novel":
+        from promptlearn.plots import base_novel_plot
+        path = out / "plots" / "base_novel.png"
+        base_novel_plot(path, protocol_points(protocol, rows, methods, datasets), runs[0].cfg.backbone.model)
+        written.append(path)
+    elif sweep.plots and rows and protocol.name == "fewshot":
         from promptlearn.plots import accuracy_plot
         methods, datasets = methods_and_datasets(runs)
         backbone = f"{runs[0].cfg.backbone.model} ({runs[0].cfg.backbone.pretrained})"
