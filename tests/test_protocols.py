@@ -1,0 +1,156 @@
+"""The protocols: CoCoOp's base/novel split rule, HM arithmetic, n/a marking, no novel-class leak into
+training or the feature cache, class-row selection for subset targets, validation-free mode, the run's
+environment record and a protocol sweep's report in the papers' layout."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import SAMPLE, quick_config, tiny_backbone
+
+from promptlearn.config import load_config
+from promptlearn.data import build_dataset
+from promptlearn.data.base import DatasetSplits, Item
+from promptlearn.data.fewshot import FewShotSplit
+from promptlearn.errors import ConfigError
+from promptlearn.methods import build_method
+from promptlearn.protocols import (
+    PROTOCOLS,
+    Target,
+    base_novel_labels,
+    harmonic_mean,
+    keep_classes,
+    scorer_for,
+)
+from promptlearn.report import protocol_summary
+from promptlearn.runner import run_experiment
+
+QUICK = ["train.epochs=1", "train.feature_passes=1", "train.augment=false"]
+
+
+def test_base_novel_split_follows_cocoop_rule():
+    # labels sorted, the first ceil(n/2) are base: 10 -> 5 + 5, 37 (OxfordPets) -> 19 + 18, 1 -> 1 + 0
+    assert base_novel_labels(10) == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9])
+    base, novel = base_novel_labels(37)
+    assert (len(base), len(novel), novel[0]) == (19, 18, 19)
+    assert base_novel_labels(1) == ([0], [])
+    items = [Item(f"/x/{c}-{i}.png", c, f"class {c}") for c in range(5) for i in range(2)]
+    ds = DatasetSplits("d", [f"class {c}" for c in range(5)], train=items, test=items)
+    novel_ds = keep_classes(ds, base_novel_labels(5)[1], "d-novel")
+    assert novel_ds.classnames == ["class 3", "class 4"]  # relabelled 0.. within the half
+    assert {(it.classname, it.label) for it in novel_ds.test} == {("class 3", 0), ("class 4", 1)}
+    assert not {it.path for it in novel_ds.train} & {it.path for it in ds.train if it.label < 3}
+
+
+def test_harmonic_mean_and_published_figures():
+    assert harmonic_mean(80.0, 60.0) == pytest.approx(2 * 80 * 60 / 140)
+    assert harmonic_mean(0.0, 0.0) == 0.0
+    # the papers' HM is the harmonic mean of the averaged base and novel accuracies
+    for label, f in PROTOCOLS.get("base2novel").published.items():
+        assert harmonic_mean(f["base"], f["novel"]) == pytest.approx(f["HM"], abs=0.011), label
+
+
+def test_subset_target_is_scored_on_its_class_rows():
+    backbone = tiny_backbone()
+    cfg = load_config([], ["backbone.model=tiny-clip", "backbone.pretrained=none"])
+    names = ["cat", "dog", "bird", "fish"]
+    method = build_method("linear_probe", cfg, backbone, names)  # no unseen classes, yet scores subsets
+    torch.manual_seed(0)
+    method.weight.copy_(torch.randn_like(method.weight))
+    target = Target("variant", DatasetSplits("variant", ["bird", "cat"]), cfg.data)
+    x = torch.nn.functional.normalize(torch.randn(6, backbone.embed_dim), dim=-1)
+    assert torch.equal(scorer_for(method, target, cfg)(x), method.predict(x)[:, [2, 0]])
+    unseen = Target("other", DatasetSplits("other", ["cat", "horse"]), cfg.data)
+    assert "unseen_classes" in scorer_for(method, unseen, cfg).reason
+
+
+def test_base2novel_run_reports_base_novel_hm_and_never_leaks_novel(tmp_path):
+    cfg = quick_config(tmp_path, "protocol=base2novel", "methods=[zeroshot,coop,linear_probe]",
+                       "coop.class_specific=false", *QUICK)
+    metrics = run_experiment(cfg)
+    dataset = build_dataset(cfg.data)
+    novel_names = set(dataset.classnames[5:])
+    novel_paths = {it.path for it in [*dataset.train, *dataset.val, *dataset.test] if it.classname in novel_names}
+    novel_test = {it.path for it in dataset.test if it.classname in novel_names}
+    for name in ("zeroshot", "coop"):
+        m = metrics[name]
+        assert m["hm"] == pytest.approx(harmonic_mean(m["base_accuracy"], m["novel_accuracy"]))
+        assert m["novel_accuracy"] is not None and m["evaluations"]["novel"]["num_test_images"] == len(novel_test)
+    probe = metrics["linear_probe"]
+    assert probe["base_accuracy"] is not None and probe["novel_accuracy"] is None and probe["hm"] is None
+    assert "unseen_classes" in probe["na"]["novel"]
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert "| base (%) | novel (%) | HM (%) |" in summary and "linear_probe, novel: n/a" in summary
+    # training and selection: the protocol's split of the draw holds base classes only
+    draw = json.loads((tmp_path / "run" / "fewshot" / "shot_16-seed_1.json").read_text())
+    full = FewShotSplit(dataset.name, 16, 1, *[[Item(p, lab, c) for p, lab, c in draw[k]] for k in ("train", "val")])
+    _, training = PROTOCOLS.get("base2novel").training_split(dataset, full)
+    assert training.train and not {it.path for it in [*training.train, *training.val]} & novel_paths
+    # the feature cache: novel images only ever in the novel test features
+    cached = [torch.load(f, weights_only=True)["paths"] for f in (tmp_path / "cache").glob("*.pt")]
+    assert len(cached) >= 4 and any(set(paths) == novel_test for paths in cached)
+    for paths in cached:
+        assert not set(paths) & novel_paths or set(paths) == novel_test
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["protocol"] == "base2novel" and info["environment"]["torch"] == torch.__version__
+    assert set(info["phase_seconds"]) == {"feature_extraction", "training", "evaluation"}
+    assert info["peak_rss_mib"] > 0 and metrics["coop"]["phases"]["training_seconds"] >= 0
+
+
+def variant_folder(tmp_path: Path, folders: list[str]) -> Path:
+    """A test-only set holding some of the sample's classes (their test images), named as the sample names them."""
+    root = tmp_path / "variant"
+    lines = dict(line.split("\t") for line in (SAMPLE / "classnames.txt").read_text().splitlines())
+    for folder in folders:
+        shutil.copytree(SAMPLE / "test" / folder, root / folder)
+    (root / "classnames.txt").write_text("".join(f"{f}\t{lines[f]}\n" for f in folders))
+    target = tmp_path / "variant.yaml"
+    target.write_text(f"data:\n  name: image_folder\n  path: {root}\n  split_seed: 3\n")
+    return target
+
+
+def test_domain_generalization_scores_every_method_on_a_class_subset(tmp_path):
+    target = variant_folder(tmp_path, ["bag", "coat", "trouser"])
+    cfg = quick_config(tmp_path, "protocol=domain_generalization", f"targets=[{target}]",
+                       "methods=[zeroshot,coop_csc,linear_probe]", *QUICK)
+    metrics = run_experiment(cfg)
+    for name, m in metrics.items():
+        assert not m["na"], name
+        assert m["targets_average"] == m["target_accuracy"]["variant"] is not None
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert "| source (%) | variant (%) | targets average (%) |" in summary
+
+
+def test_validation_free_mode_marks_validation_users_na(tmp_path):
+    cfg = quick_config(tmp_path, "selection=none", "methods=[zeroshot,linear_probe,tip_adapter]", *QUICK)
+    metrics = run_experiment(cfg)
+    assert metrics["zeroshot"]["accuracy"] is not None
+    for name in ("linear_probe", "tip_adapter"):
+        assert metrics[name]["accuracy"] is None and "validation" in metrics[name]["na"]["run"]
+    assert "validation-free" in (tmp_path / "run" / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["protocol=base2novl"], "did you mean 'base2novel'"),
+    (["targets=[imagenet_a]"], "protocol=fewshot tests on the dataset itself"),
+    (["selection=test"], "selection must be one of validation, none"),
+])
+def test_bad_protocol_settings_are_one_line_errors(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        run_experiment(quick_config(tmp_path, *overrides))
+
+
+def test_protocol_summary_averages_per_seed_and_shows_published_figures():
+    datasets = list(PROTOCOLS.get("base2novel").published_datasets)
+    cfg = load_config([], ["protocol=base2novel", "backbone.model=ViT-B-16", "backbone.pretrained=openai"])
+    rows = [{"method": "coop", "dataset": d, "seed": s, "base_accuracy": 80.0 + s + i, "novel_accuracy": 60.0 + s,
+             "na": ""} for i, d in enumerate(datasets) for s in (1, 2)]
+    text = protocol_summary(PROTOCOLS.get("base2novel"), rows, ["coop"], datasets, [1, 2], cfg)
+    average = text.split("## Average over 11 datasets")[1]
+    # per seed the mean over datasets: 86 and 87 base, 61 and 62 novel; then mean ± sample std over seeds
+    hm = harmonic_mean(86.5, 61.5)
+    assert f"| coop | 86.50 ± 0.71 | 61.50 ± 0.71 | {hm:.2f} |" in average
+    assert "| CoOp (published) | 82.69 | 63.22 | 71.66 |" in average
+    other = load_config([], ["protocol=base2novel", "backbone.model=RN50"])
+    assert "(published)" not in protocol_summary(PROTOCOLS.get("base2novel"), rows, ["coop"], datasets, [1, 2], other)
