@@ -13,10 +13,6 @@ if TYPE_CHECKING:
 Cells = dict[tuple[str, str], tuple[float, float, int] | None]
 
 
-def cell(value) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
 def metric(entry: dict, key: str | tuple[str, str]):
     if isinstance(key, tuple):
         return (entry.get(key[0]) or {}).get(key[1])
@@ -32,7 +28,7 @@ def run_table(protocol: Protocol, metrics: dict[str, dict], title: str, selectio
              "|---|" + "---:|" * (len(columns) + 1)]
     notes = []
     for name, m in metrics.items():
-        cells = " | ".join(cell(metric(m, key)) for key, _ in columns)
+        cells = " | ".join(cell_text(metric(m, key)) for key, _ in columns)
         lines.append(f"| {name} | {cells} | {m.get('train_seconds', 0.0):.1f} |")
         notes += [f"- {name}, {where}: n/a, {why}" for where, why in m.get("na", {}).items()]
     return "\n".join(lines + ([""] + notes if notes else []))
@@ -62,7 +58,7 @@ def aggregate(protocol: Protocol, rows: list[dict], datasets: list[str]) -> Cell
     return {key: None if None in values else mean_std(values) for key, values in by_cell.items()}
 
 
-def columns_of(protocol: Protocol, rows: list[dict], cells: Cells) -> list[str]:
+def columns_of(protocol: Protocol, rows: list[dict]) -> list[str]:
     columns = list(dict.fromkeys(c for r in rows for c in protocol.report_values(r)))
     return columns + list(protocol.derived({}))
 
@@ -78,7 +74,7 @@ def cell_text(value: tuple[float, float, int] | float | None) -> str:
 def protocol_table(protocol: Protocol, rows: list[dict], methods: list[str], datasets: list[str],
                    published: bool) -> str:
     cells = aggregate(protocol, rows, datasets)
-    columns = columns_of(protocol, rows, cells)
+    columns = columns_of(protocol, rows)
     lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for method in methods:
         values = {c: cells[(method, c)] for c in columns if (method, c) in cells}
