@@ -148,11 +148,16 @@ class Protocol:
     def unable(self, cfg: "RunConfig", caps: Capabilities) -> str | None:
         """Why a method cannot take part at all (n/a for the whole run), or None."""
         if cfg.selection == "none" and caps.uses_validation:
-            return "chooses its hyper-parameters on the few-shot validation split, which selection=none leaves out"
+            return ("chooses its hyper-parameters on the few-shot validation split, which selection=none leaves "
+                    "out (give it fixed values, e.g. linear_probe.c)")
         return None
 
-    def training_split(self, dataset: DatasetSplits, draw: FewShotSplit) -> tuple[DatasetSplits, FewShotSplit]:
-        """The classes and few-shot images methods train and select on."""
+    def training_split(self, cfg: "RunConfig", dataset: DatasetSplits,
+                       draw: FewShotSplit) -> tuple[DatasetSplits, FewShotSplit]:
+        """The classes and few-shot images methods train and select on; validation-free (selection=none)
+        keeps no validation images at all."""
+        if cfg.selection == "none":
+            draw = FewShotSplit(draw.dataset, draw.shots, draw.seed, draw.train, [])
         return dataset, draw
 
     def targets(self, cfg: "RunConfig", dataset: DatasetSplits) -> list[Target]:
@@ -222,10 +227,10 @@ class BaseToNovel(Protocol):
                "the base classes' shots, test on base and novel, HM = 2BN/(B+N)")
     columns = (("base_accuracy", "base (%)"), ("novel_accuracy", "novel (%)"), ("hm", "HM (%)"))
 
-    def training_split(self, dataset, draw):
+    def training_split(self, cfg, dataset, draw):
         base, _ = base_novel_labels(dataset.num_classes)
-        return (keep_classes(dataset, base, f"{dataset.name}-base"),
-                keep_draw_classes(draw, base, f"{dataset.name}-base"))
+        return super().training_split(cfg, keep_classes(dataset, base, f"{dataset.name}-base"),
+                                      keep_draw_classes(draw, base, f"{dataset.name}-base"))
 
     def targets(self, cfg, dataset):
         FewShot().targets(cfg, dataset)  # the same refusal of `targets`

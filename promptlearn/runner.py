@@ -35,7 +35,7 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
         everything = build_dataset(cfg.data)                                            # data
         check_shots(cfg, everything)
         targets = protocol.targets(cfg, everything)  # test sets: e.g. base and novel classes, target datasets
-        dataset, fewshot = protocol.training_split(everything, few_shot_draw(cfg, everything, out, eval_only))
+        dataset, fewshot = protocol.training_split(cfg, everything, few_shot_draw(cfg, everything, out, eval_only))
         backbone = load_backbone(cfg.backbone)                                          # frozen backbone
         cache = FeatureCache.from_setting(cfg.cache_dir, cfg.cache_hash_content)
         bank = FeatureBank(backbone, dataset, fewshot, cache=cache, batch_size=cfg.data.eval_batch_size,

@@ -85,7 +85,7 @@ def test_base2novel_run_reports_base_novel_hm_and_never_leaks_novel(tmp_path):
     # training and selection: the protocol's split of the draw holds base classes only
     draw = json.loads((tmp_path / "run" / "fewshot" / "shot_16-seed_1.json").read_text())
     full = FewShotSplit(dataset.name, 16, 1, *[[Item(p, lab, c) for p, lab, c in draw[k]] for k in ("train", "val")])
-    _, training = PROTOCOLS.get("base2novel").training_split(dataset, full)
+    _, training = PROTOCOLS.get("base2novel").training_split(cfg, dataset, full)
     assert training.train and not {it.path for it in [*training.train, *training.val]} & novel_paths
     # the feature cache: novel images only ever in the novel test features
     cached = [torch.load(f, weights_only=True)["paths"] for f in (tmp_path / "cache").glob("*.pt")]
@@ -122,13 +122,21 @@ def test_domain_generalization_scores_every_method_on_a_class_subset(tmp_path):
     assert "| source (%) | variant (%) | targets average (%) |" in summary
 
 
-def test_validation_free_mode_marks_validation_users_na(tmp_path):
-    cfg = quick_config(tmp_path, "selection=none", "methods=[zeroshot,linear_probe,tip_adapter]", *QUICK)
+def test_validation_free_mode_uses_fixed_values_and_no_validation_images(tmp_path):
+    cfg = quick_config(tmp_path, "selection=none", "methods=[zeroshot,linear_probe,tip_adapter]",
+                       "tip_adapter.init_alpha=2.0", "tip_adapter.init_beta=3.0", *QUICK)
     metrics = run_experiment(cfg)
-    assert metrics["zeroshot"]["accuracy"] is not None
-    for name in ("linear_probe", "tip_adapter"):
-        assert metrics[name]["accuracy"] is None and "validation" in metrics[name]["na"]["run"]
+    # a linear probe without a fixed C would need validation images: n/a with the reason
+    assert metrics["linear_probe"]["accuracy"] is None and "linear_probe.c" in metrics["linear_probe"]["na"]["run"]
+    tip = metrics["tip_adapter"]
+    assert (tip["alpha"], tip["beta"]) == (2.0, 3.0) and "val_accuracy" not in tip and tip["accuracy"] is not None
     assert "validation-free" in (tmp_path / "run" / "summary.md").read_text()
+    cached = [torch.load(f, weights_only=True)["paths"] for f in (tmp_path / "cache").glob("*.pt")]
+    val_paths = {it.path for it in build_dataset(cfg.data).val}
+    assert cached and not any(set(paths) & val_paths for paths in cached)  # no validation image was encoded
+    fixed = run_experiment(quick_config(tmp_path, "selection=none", "methods=[linear_probe]", "linear_probe.c=0.5",
+                                        "output_dir=" + str(tmp_path / "fixed"), *QUICK))
+    assert fixed["linear_probe"]["C"] == 0.5 and fixed["linear_probe"]["accuracy"] is not None
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -66,6 +66,11 @@ class TipAdapter(ZeroShot):
     capabilities = Capabilities(learns=True, uses_validation=True)
     fine_tunes = False  # Tip-Adapter-F learns the keys
 
+    @classmethod
+    def capabilities_for(cls, cfg) -> Capabilities:
+        """Validation-free (selection=none): alpha and beta stay at init_alpha and init_beta, nothing is searched."""
+        return dataclasses.replace(cls.capabilities, uses_validation=cfg.selection != "none")
+
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
         tip = cfg.tip_adapter
@@ -82,7 +87,7 @@ class TipAdapter(ZeroShot):
         return super().forward(image_features) + self.alpha * cache
 
     def fit(self, bank, trainer, checkpoint, resume) -> dict:
-        if len(bank.val) == 0:
+        if self.caps.uses_validation and len(bank.val) == 0:
             raise DataError(f"{self.name} needs a few-shot validation set to choose alpha and beta, but the "
                             "draw has none; the dataset has no val split and no training images left over")
         data = self.training_features(bank)
@@ -91,7 +96,8 @@ class TipAdapter(ZeroShot):
         self.keys = nn.Parameter(keys) if self.fine_tunes else keys
         self.values = F.one_hot(labels, len(self.classnames)).float().to(self.device)
         info = self.fine_tune(data, trainer, checkpoint, resume) if self.fine_tunes else {}
-        return {**info, **self.search(bank.val), "cache_size": len(keys)}
+        chosen = self.search(bank.val) if self.caps.uses_validation else {"alpha": self.alpha, "beta": self.beta}
+        return {**info, **chosen, "cache_size": len(keys)}
 
     def fine_tune(self, data: TrainingFeatures, trainer, checkpoint, resume) -> dict:
         """Tip-Adapter-F's recipe: AdamW with a cosine schedule and no warm-up, at the initial alpha and beta."""
