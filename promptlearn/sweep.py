@@ -25,7 +25,7 @@ from promptlearn.config import RunConfig, build_config, flatten_tree, load_confi
 from promptlearn.data import build_dataset
 from promptlearn.errors import ConfigError, PromptlearnError
 from promptlearn.io import atomic_write_text
-from promptlearn.protocols import PROTOCOLS, protocol_for
+from promptlearn.protocols import PROTOCOLS, SELECTION_TEXT, protocol_for
 from promptlearn.report import protocol_points, protocol_summary
 from promptlearn.runner import is_complete, run_experiment
 
@@ -260,8 +260,8 @@ def summary_markdown(sweep: SweepConfig, runs: list[PlannedRun], rows: list[dict
     lines = ["# Few-shot sweep: test accuracy (%)", "",
              f"Backbone {', '.join(backbones)}; mean ± sample standard deviation over seeds "
              f"{', '.join(map(str, sweep.seeds))}; {finished} of {len(runs)} runs finished. "
-             "Hyperparameters (linear-probe C, Tip-Adapter alpha and beta) are chosen on the few-shot "
-             "validation set; the test split is used only for these numbers.", ""]
+             f"Model selection: {SELECTION_TEXT[runs[0].cfg.selection if runs else 'validation']} (linear-probe C, "
+             "Tip-Adapter alpha and beta); the test split is used only for these numbers.", ""]
     lines += [f"## Average over {len(datasets)} dataset{'s' * (len(datasets) > 1)}", "",
               "Per seed, the accuracy averaged over the datasets; then mean ± std over seeds.", "",
               curve_table(average_curve(rows, datasets), methods, shots), ""]

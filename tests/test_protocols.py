@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SAMPLE, quick_config, tiny_backbone
+from helpers import REPO, SAMPLE, quick_config, tiny_backbone
 
 from promptlearn.config import load_config
 from promptlearn.data import build_dataset
@@ -162,3 +162,38 @@ def test_protocol_summary_averages_per_seed_and_shows_published_figures():
     assert "| CoOp (published) | 82.69 | 63.22 | 71.66 |" in average
     other = load_config([], ["protocol=base2novel", "backbone.model=RN50"])
     assert "(published)" not in protocol_summary(PROTOCOLS.get("base2novel"), rows, ["coop"], datasets, [1, 2], other)
+
+
+def test_protocol_sweeps_run_from_their_configs_and_skip_finished_runs(tmp_path):
+    from promptlearn.sweep import CSV_COLUMNS, load_sweep, plan_runs, run_sweep
+
+    config = REPO / "configs" / "protocols" / "base2novel_sample.yaml"
+    overrides = [f"sweep.output_dir={tmp_path / 'sweep'}", f"cache_dir={tmp_path / 'cache'}", f"data.path={SAMPLE}",
+                 "sweep.seeds=[1]", "sweep.plots=false", "methods=[zeroshot,linear_probe]", *QUICK]
+    sweep, base, run_overrides = load_sweep(config, overrides)
+    rows = run_sweep(sweep, plan_runs(sweep, base, run_overrides))
+    assert {(r["method"], r["novel_accuracy"] is None) for r in rows} == {("zeroshot", False), ("linear_probe", True)}
+    summary = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "# Protocol base2novel" in summary and "| method | base | novel | HM |" in summary
+    assert "linear_probe on fashion_mnist_sample: novel:" in summary
+    header = (tmp_path / "sweep" / "results.csv").read_text().splitlines()[0]
+    assert header.split(",") == CSV_COLUMNS and "hm" in CSV_COLUMNS
+    marker = next((tmp_path / "sweep").rglob("run_complete.json"))
+    before = marker.stat().st_mtime_ns
+    run_sweep(sweep, plan_runs(sweep, base, run_overrides))  # finished: skipped, report rebuilt
+    assert marker.stat().st_mtime_ns == before
+
+
+def test_shipped_protocol_configs():
+    from promptlearn.sweep import load_sweep
+
+    folder = REPO / "configs" / "protocols"
+    for name, protocol, datasets in [("base2novel_vit_b16", "base2novel", 11),
+                                     ("cross_dataset_vit_b16", "cross_dataset", 1),
+                                     ("domain_generalization_vit_b16", "domain_generalization", 1)]:
+        sweep, base, _ = load_sweep(folder / f"{name}.yaml")
+        assert (base.protocol, len(sweep.datasets), sweep.shots) == (protocol, datasets, [16])
+        assert (base.backbone.model, base.backbone.pretrained, base.coop.ctx_init) == ("ViT-B-16", "openai",
+                                                                                        "a photo of a")
+        shows_published = PROTOCOLS.get(protocol).published_applies(base, list(sweep.datasets))
+        assert shows_published == (protocol != "domain_generalization")  # no DG figures quoted
