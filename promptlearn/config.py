@@ -260,6 +260,7 @@ def apply(cfg: RunConfig, flat: dict[str, Any], source: str, extra: dict[str, An
         for part in path[1:] if target is not cfg else path:
             target = getattr(target, part)
         setattr(target, leaf, value)
+        given_keys(cfg).add(key)
     return cfg
 
 
@@ -274,8 +275,21 @@ def build_config(layers: list[tuple[str, dict[str, Any]]], base: RunConfig | Non
     cfg = base or RunConfig()
     for source, flat in layers:
         apply(cfg, flat, source, extra)
+    recipe = {k: v for k, v in PROTOCOL_RECIPES.get(cfg.protocol, {}).items() if k not in given_keys(cfg)}
+    apply(cfg, recipe, f"protocol {cfg.protocol}'s recipe")
+    given_keys(cfg).difference_update(recipe)  # still defaults: a later protocol's recipe may replace them
     validate(cfg)
     return cfg
+
+
+# protocol name -> {dotted key: value}: the settings its papers ran (promptlearn.protocols registers them),
+# taking effect for every key no YAML file or override sets
+PROTOCOL_RECIPES: dict[str, dict[str, Any]] = {}
+
+
+def given_keys(cfg: RunConfig) -> set[str]:
+    """The dotted keys set on this config by files or overrides (kept beside the fields, not dumped)."""
+    return cfg.__dict__.setdefault("_given", set())
 
 
 def validate(cfg: RunConfig) -> None:

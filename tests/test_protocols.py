@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import REPO, SAMPLE, quick_config, tiny_backbone
 
-from promptlearn.config import load_config
+from promptlearn.config import dump_yaml, load_config
 from promptlearn.data import build_dataset
 from promptlearn.data.base import DatasetSplits, Item
 from promptlearn.data.fewshot import FewShotSplit
@@ -197,3 +197,28 @@ def test_shipped_protocol_configs():
                                                                                         "a photo of a")
         shows_published = PROTOCOLS.get(protocol).published_applies(base, list(sweep.datasets))
         assert shows_published == (protocol != "domain_generalization")  # no DG figures quoted
+
+
+def test_unseen_target_gets_the_trained_parameters():
+    backbone = tiny_backbone()
+    cfg = load_config([], ["backbone.model=tiny-clip", "backbone.pretrained=none", "coop.ctx_init=a photo of a"])
+    trained = build_method("coop", cfg, backbone, ["cat", "dog"])
+    with torch.no_grad():
+        trained.prompts.ctx.add_(0.5 * torch.randn_like(trained.prompts.ctx))
+    target = Target("other", DatasetSplits("other", ["horse", "fish", "cat"]), cfg.data)
+    x = torch.nn.functional.normalize(torch.randn(4, backbone.embed_dim), dim=-1)
+    expected = build_method("coop", cfg, backbone, ["horse", "fish", "cat"])
+    untrained = expected.predict(x)
+    expected.load_trainable_state(trained.trainable_state(), "test")
+    logits = scorer_for(trained, target, cfg)(x)
+    assert torch.equal(logits, expected.predict(x)) and not torch.allclose(logits, untrained)
+
+
+def test_protocol_recipe_is_the_default_and_overridable(tmp_path):
+    assert load_config([], []).coop.ctx_init == ""  # CoOp's own paper: random init
+    assert load_config([], ["protocol=base2novel"]).coop.ctx_init == "a photo of a"  # as the CoCoOp paper ran CoOp
+    assert load_config([], ["protocol=cross_dataset", "coop.ctx_init="]).coop.ctx_init == ""
+    explicit = tmp_path / "random_init.yaml"
+    explicit.write_text("protocol: base2novel\ncoop:\n  ctx_init: ''\n")
+    assert load_config([explicit], []).coop.ctx_init == ""
+    assert "_given" not in dump_yaml(load_config([explicit], []))  # which keys were given is not a config key
