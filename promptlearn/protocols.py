@@ -16,6 +16,7 @@ reason, never dropped. The runner never names a protocol; it calls these objects
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +63,9 @@ def keep_classes(dataset: DatasetSplits, labels: list[int], name: str) -> Datase
 
 
 def keep_draw_classes(draw: FewShotSplit, labels: list[int], name: str) -> FewShotSplit:
-    """A few-shot draw restricted to `labels`, relabelled: CoCoOp draws K shots over all classes and keeps
-    the base classes afterwards."""
-    return FewShotSplit(name, draw.shots, draw.seed, relabel(draw.train, labels), relabel(draw.val, labels))
+    """The draw's images of `labels` only, relabelled like keep_classes: CoCoOp draws K shots over all classes
+    and keeps the base classes afterwards (promptlearn.data.fewshot.keep_classes, with labels unchanged)."""
+    return dataclasses.replace(draw, dataset=name, train=relabel(draw.train, labels), val=relabel(draw.val, labels))
 
 
 def harmonic_mean(base: float, novel: float) -> float:
@@ -158,7 +159,7 @@ class Protocol:
         """The classes and few-shot images methods train and select on; validation-free (selection=none)
         keeps no validation images at all."""
         if cfg.selection == "none":
-            draw = FewShotSplit(draw.dataset, draw.shots, draw.seed, draw.train, [])
+            draw = dataclasses.replace(draw, val=[])
         return dataset, draw
 
     def targets(self, cfg: "RunConfig", dataset: DatasetSplits) -> list[Target]:
