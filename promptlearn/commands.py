@@ -4,7 +4,7 @@
     promptlearn sweep      methods x datasets x shots x seeds, with CSV, summary and plots
     promptlearn inspect    a learned prompt read as its nearest vocabulary tokens
     promptlearn benchmark  speed and memory beside a loop faithful to the original code
-    promptlearn list       methods | datasets | models
+    promptlearn list       methods | datasets | protocols | models
 
 tools/*.py are shims onto these subcommands.
 """
@@ -37,8 +37,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoints")
     parser.add_argument("--eval-only", metavar="CKPT", help="evaluate a saved checkpoint (CoOp prompts), no training")
     parser.add_argument("--overwrite", action="store_true", help="replace a complete run in --output-dir")
-    parser.epilog = (f"methods: {', '.join(METHODS)}. datasets: {', '.join(DATASETS)}. "
-                     "Details: promptlearn list methods|datasets|models.")
+    from promptlearn.protocols import PROTOCOLS
+
+    parser.epilog = (f"methods: {', '.join(METHODS)}. datasets: {', '.join(DATASETS)}. protocols (key protocol): "
+                     f"{', '.join(PROTOCOLS)}. Details: promptlearn list methods|datasets|protocols|models.")
 
 
 def train(args: argparse.Namespace) -> int:
@@ -166,7 +168,7 @@ def benchmark(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- list
 
-LISTINGS = ("methods", "datasets", "models")
+LISTINGS = ("methods", "datasets", "protocols", "models")
 
 
 def add_list_arguments(parser: argparse.ArgumentParser) -> None:
@@ -177,7 +179,8 @@ def add_list_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def listing(args: argparse.Namespace) -> int:
-    rows = {"methods": method_rows, "datasets": dataset_rows, "models": model_rows}[args.what](args)
+    rows = {"methods": method_rows, "datasets": dataset_rows, "protocols": protocol_rows,
+            "models": model_rows}[args.what](args)
     print(format_table(rows))
     return 0
 
@@ -198,6 +201,13 @@ def dataset_rows(args: argparse.Namespace) -> list[dict]:
              "epochs": str(info.epochs) if info.epochs else "by shots",
              "use": "test only" if info.evaluation_only else "train + test", "layout under data.root": info.layout}
             for name, info in DATASETS.items()]
+
+
+def protocol_rows(args: argparse.Namespace) -> list[dict]:
+    from promptlearn.protocols import PROTOCOLS
+
+    return [{"protocol": name, "what it fixes": protocol.summary,
+             "default targets": ", ".join(protocol.default_targets) or "-"} for name, protocol in PROTOCOLS.items()]
 
 
 def model_rows(args: argparse.Namespace) -> list[dict]:
@@ -232,7 +242,7 @@ COMMANDS = {
     "inspect": Command("read a learned prompt as its nearest vocabulary tokens", add_inspect_arguments, inspect),
     "benchmark": Command("speed and memory beside a loop faithful to the original code", add_benchmark_arguments,
                          benchmark),
-    "list": Command("list methods, datasets or models", add_list_arguments, listing),
+    "list": Command("list methods, datasets, protocols or models", add_list_arguments, listing),
 }
 
 

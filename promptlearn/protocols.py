@@ -63,8 +63,9 @@ def keep_classes(dataset: DatasetSplits, labels: list[int], name: str) -> Datase
 
 
 def keep_draw_classes(draw: FewShotSplit, labels: list[int], name: str) -> FewShotSplit:
-    """The draw's images of `labels` only, relabelled like keep_classes: CoCoOp draws K shots over all classes
-    and keeps the base classes afterwards (promptlearn.data.fewshot.keep_classes, with labels unchanged)."""
+    """The draw's images of `labels` only, relabelled like keep_classes. CoCoOp draws the K shots over all
+    classes and keeps the base classes afterwards: a draw over the base classes alone would give other
+    images (other classes consume the generator in between)."""
     return dataclasses.replace(draw, dataset=name, train=relabel(draw.train, labels), val=relabel(draw.val, labels))
 
 

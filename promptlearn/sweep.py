@@ -26,7 +26,7 @@ from promptlearn.data import build_dataset
 from promptlearn.errors import ConfigError, PromptlearnError
 from promptlearn.io import atomic_write_text
 from promptlearn.protocols import PROTOCOLS, SELECTION_TEXT, protocol_for
-from promptlearn.report import protocol_points, protocol_summary
+from promptlearn.report import mean_std, protocol_points, protocol_summary
 from promptlearn.runner import is_complete, run_experiment
 
 log = logging.getLogger("promptlearn")
@@ -192,11 +192,6 @@ def collect_rows(runs: list[PlannedRun]) -> list[dict]:
     return rows
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 # (method, shots) -> (mean, std, number of seeds)
 Curve = dict[tuple[str, int], tuple[float, float, int]]
 
@@ -209,7 +204,7 @@ def dataset_curves(rows: list[dict]) -> dict[str, Curve]:
             by_key.setdefault((r["dataset"], r["method"], r["shots"]), []).append(r["accuracy"])
     curves: dict[str, Curve] = {}
     for (dataset, method, shots), values in by_key.items():
-        curves.setdefault(dataset, {})[(method, shots)] = (*mean_std(values), len(values))
+        curves.setdefault(dataset, {})[(method, shots)] = mean_std(values)
     return curves
 
 
@@ -223,7 +218,7 @@ def average_curve(rows: list[dict], datasets: list[str]) -> Curve:
     for (method, shots, _), accs in per_seed.items():
         if all(d in accs for d in datasets):
             averages.setdefault((method, shots), []).append(statistics.fmean(accs[d] for d in datasets))
-    return {key: (*mean_std(values), len(values)) for key, values in averages.items()}
+    return {key: mean_std(values) for key, values in averages.items()}
 
 
 def results_csv(rows: list[dict]) -> str:

@@ -37,6 +37,13 @@ def test_list_methods_and_datasets(capsys):
     assert sum(line.split(" ")[0] in DATASETS for line in datasets.splitlines()) == len(DATASETS)
 
 
+def test_list_protocols(capsys):
+    main(["list", "protocols"])
+    protocols = capsys.readouterr().out
+    assert "base2novel" in protocols and "ceil(n/2)" in protocols
+    assert "imagenet_v2, imagenet_sketch, imagenet_a, imagenet_r" in protocols.split("domain_generalization")[1]
+
+
 def test_list_models_shows_widths_and_tags(capsys):
     main(["list", "models", "--filter", "RN50", "--parameters"])
     rn50 = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("RN50 "))

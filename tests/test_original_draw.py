@@ -25,8 +25,9 @@ from fixtures_data import IMAGENET_CLASSES, make_imagenet, make_oxford_pets, wri
 
 from promptlearn.config import DataConfig, load_config
 from promptlearn.data import DatasetSplits, build_dataset
-from promptlearn.data.fewshot import draw_few_shot, fewshot_path, keep_classes, load_or_draw
+from promptlearn.data.fewshot import draw_few_shot, fewshot_path, load_or_draw
 from promptlearn.errors import ConfigError, DataError
+from promptlearn.protocols import keep_draw_classes
 
 RULES = {"integer_seed": True, "first_appearance": True, "file_order": True, "short_untouched": True,
          "same_generator": True}
@@ -122,13 +123,13 @@ def test_base_classes_are_kept_from_the_all_class_draw(pets):
     base = range(math.ceil(ds.num_classes / 2))
     for seed, shots in CASES:
         train, val = original_draw(split, shots, seed)
-        kept = keep_classes(draw_few_shot(ds, shots, seed), base)
+        kept = keep_draw_classes(draw_few_shot(ds, shots, seed), list(base), "base")  # base labels stay 0..
         assert relative(kept.train, root) == [row[0] for row in train if row[1] in base]
         assert relative(kept.val, root) == [row[0] for row in val if row[1] in base]
     # drawing over the base classes alone gives other images: novel classes come first in the file
     base_only = DatasetSplits(ds.name, ds.classnames[:len(base)], *([it for it in items if it.label in base]
                                                                       for items in (ds.train, ds.val, ds.test)))
-    assert draw_few_shot(base_only, 4, 1).train != keep_classes(draw_few_shot(ds, 4, 1), base).train
+    assert draw_few_shot(base_only, 4, 1).train != keep_draw_classes(draw_few_shot(ds, 4, 1), list(base), "b").train
 
 
 # ----------------------------------------------------------------------------- the original's cached pickles

@@ -99,15 +99,6 @@ def not_drawn(items: list[Item], drawn: list[Item]) -> list[Item]:
     return [it for it in items if it.path not in chosen]
 
 
-def keep_classes(split: FewShotSplit, labels: Iterable[int]) -> FewShotSplit:
-    """The draw restricted to `labels`, labels unchanged. CoCoOp's base-to-novel draws the K shots over
-    all classes and keeps the base classes after, so its base draw is `keep_classes(all-class draw, base)`,
-    not a draw over the base classes alone (other classes consume the generator in between)."""
-    keep = set(labels)
-    return FewShotSplit(split.dataset, split.shots, split.seed, [it for it in split.train if it.label in keep],
-                        [it for it in split.val if it.label in keep], split.draw)
-
-
 def fewshot_path(folder: str | Path, shots: int, seed: int) -> Path:
     return Path(folder) / f"shot_{shots}-seed_{seed}.json"
 
