@@ -109,6 +109,16 @@ class PromptLearner(nn.Module):
         rows = torch.arange(n_cls, device=ctx.device)[:, None].expand_as(self.ctx_positions)
         return self.token_embeds.index_put((rows, self.ctx_positions), ctx.to(self.token_embeds.dtype))
 
+    def with_contexts(self, ctx: torch.Tensor, classes: slice = slice(None)) -> torch.Tensor:
+        """Prompt embeddings [B, c, L, D] of the classes in `classes`, one unified context [M, D] per
+        row of `ctx` [B, M, D] (CoCoOp: a context per image)."""
+        base, positions = self.token_embeds[classes], self.ctx_positions[classes]
+        b, c, m = ctx.shape[0], base.shape[0], positions.shape[1]
+        batch = torch.arange(b, device=ctx.device)[:, None, None].expand(b, c, m)
+        rows = torch.arange(c, device=ctx.device)[None, :, None].expand(b, c, m)
+        values = ctx.to(base.dtype)[:, None].expand(b, c, m, ctx.shape[-1])
+        return base.expand(b, -1, -1, -1).index_put((batch, rows, positions.expand(b, c, m)), values)
+
     def shared_prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The start every prompt shares, context in place [P, D], and each prompt's rest [C, L-P, D]
         (only when `prefix_length` is set)."""
@@ -140,20 +150,22 @@ class CoOp(Method):
     @classmethod
     def capabilities_for(cls, cfg) -> Capabilities:
         """A class-specific context has no row for a class it never trained on."""
-        specific = cfg.coop.class_specific if cls.force_class_specific is None else cls.force_class_specific
+        own = getattr(cfg, cls.section)
+        specific = own.class_specific if cls.force_class_specific is None else cls.force_class_specific
         return dataclasses.replace(cls.capabilities, unseen_classes=not specific)
 
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
-        specific = cfg.coop.class_specific if self.force_class_specific is None else self.force_class_specific
-        self.prompts = PromptLearner(backbone, classnames, cfg.coop, specific)
+        self.own = own = getattr(cfg, self.section)  # coop, or the section of a method built on CoOp
+        specific = own.class_specific if self.force_class_specific is None else self.force_class_specific
+        self.prompts = PromptLearner(backbone, classnames, own, specific)
         prefix = self.prompts.prefix_length
-        self.share_prefix = (cfg.coop.share_prefix and prefix is not None
+        self.share_prefix = (own.share_prefix and prefix is not None
                              and backbone.text.can_share_prefix(self.prompts.token_ids, prefix))
         ids = self.prompts.token_ids
-        exact = cfg.coop.truncate_prompts and backbone.text.can_truncate
+        exact = own.truncate_prompts and backbone.text.can_truncate
         lengths = backbone.text.pooled_positions(ids) + 1 if exact else torch.full((len(ids),), ids.shape[1])
-        self.groups = length_groups(lengths, cfg.coop.class_chunk)
+        self.groups = length_groups(lengths, own.class_chunk)
         order = torch.cat([rows for rows, _ in self.groups])
         self.register_buffer("group_order", torch.argsort(order), persistent=False)  # back to class order
 
@@ -171,7 +183,7 @@ class CoOp(Method):
             encode, shared, skip = self.backbone.text.encode_shared_prefix, (prefix,), prefix.shape[0]
         else:
             embeds, encode, shared, skip = self.prompts(), self._encode, (), 0
-        checkpointed = torch.is_grad_enabled() and self.cfg.coop.class_chunk > 0
+        checkpointed = torch.is_grad_enabled() and self.own.class_chunk > 0
         parts = []
         for rows, length in self.groups:
             args = (*shared, embeds[rows, :length - skip], ids[rows, :length])
@@ -199,7 +211,7 @@ class CoOp(Method):
             meta.pop("classnames")
         return {**meta, "n_ctx": self.prompts.n_ctx,
                 "class_specific": self.prompts.class_specific, "class_position": self.prompts.position,
-                "ctx_init": self.cfg.coop.ctx_init}
+                "ctx_init": self.own.ctx_init}
 
 
 @register_method("coop_csc", section="coop")
