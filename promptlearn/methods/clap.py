@@ -47,10 +47,10 @@ def raw_text_prototypes(backbone, classnames: list[str], templates: list[str]) -
                         for t in templates]).mean(0)
 
 
-def class_adaptive_multipliers(zero_shot_logits: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+def class_adaptive_multipliers(zero_shot_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """lambda_c: mean zero-shot softmax probability of class c over the training features of class c
     (0 for a class without training features)."""
-    one_hot = F.one_hot(labels, n_classes).float()
+    one_hot = F.one_hot(labels, zero_shot_logits.shape[-1]).float()
     confidence = (F.softmax(zero_shot_logits.float(), dim=-1) * one_hot).sum(0)
     return confidence / one_hot.sum(0).clamp(min=1)
 
@@ -92,7 +92,7 @@ class Clap(Method):
         labels = torch.cat([s.labels for s in splits]).to(self.device)
         with torch.no_grad():  # the prototypes are still the zero-shot ones here, also on --resume
             zero_shot = self.backbone.logits(features, F.normalize(self.anchors, dim=-1))
-        self.multipliers = class_adaptive_multipliers(zero_shot, labels, len(self.classnames))
+        self.multipliers = class_adaptive_multipliers(zero_shot, labels)
         trainer = own_recipe(trainer, self.cfg.train, own.epochs, lr=own.lr, batch_size=own.batch_size,
                              weight_decay=own.weight_decay)
         info = trainer.fit(self, data, checkpoint, resume)
