@@ -1,7 +1,7 @@
 """LP++ (Huang et al., CVPR 2024): a linear probe whose class scores blend visual prototypes and the
 zero-shot text embeddings with a learned class-wise weight:
     logits(f) = f W^T + b + alpha_c * (f . t_c),
-trained full batch on the few-shot features with the authors' data-driven step sizes and start:
+trained full batch on one augmented pass of the few-shot features with the authors' data-driven step sizes and start:
     W starts at the per-class *sums* of the training features, b at nn.Linear's default,
     lr_W = 4 N / lambda_max(F^T F) (SGD, momentum 0.9),
     alpha_c starts at 250 * mean over (class c, text k) of the class-c mean of f . t_k,
@@ -75,7 +75,8 @@ class LinearProbePlusPlus(Method):
         return self.visual(image_features) + self.alpha * (image_features @ self.text.t())
 
     def fit(self, bank, trainer, checkpoint, resume) -> dict:
-        own, train, val = self.cfg.lp_pp, bank.train, bank.val
+        # one augmented pass of the training images, as the authors' loader gives (their crop scale is (0.5, 1))
+        own, train, val = self.cfg.lp_pp, bank.train_pass(0, self.cfg.train.augment), bank.val
         if len(val) == 0:
             raise DataError("lp_pp needs a few-shot validation set to choose its epoch, but the draw has none; "
                             "the dataset has no val split and no training images left over")
