@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers import FAMILIES, quick_config, tiny_backbone
+from promptlearn.benchmark_methods import MethodsBenchmarkSpec, measure
+from promptlearn.checkpoint import load_checkpoint
+from promptlearn.config import RunConfig
 from promptlearn.data import build_dataset
 from promptlearn.data.fewshot import load_or_draw
 from promptlearn.errors import ConfigError
@@ -138,8 +141,6 @@ def test_every_method_runs_end_to_end_and_training_lowers_the_loss(tmp_path):
 
 
 def test_capabilities_declared():
-    from promptlearn.config import RunConfig
-
     cfg = RunConfig()
     for name in ["cocoop", "kgcoop", "prograd", "clap"]:
         caps = method_class(name).capabilities_for(cfg)
@@ -149,13 +150,30 @@ def test_capabilities_declared():
 
 
 def test_published_defaults():
-    cfg = quick_config(__import__("pathlib").Path("/nonexistent"))
-    assert (cfg.cocoop.ctx_init, cfg.cocoop.lr, cfg.cocoop.batch_size, cfg.cocoop.epochs) == ("a photo of a", 0.002, 1, 10)
-    assert (cfg.kgcoop.weight, cfg.kgcoop.ctx_init, cfg.kgcoop.batch_size, cfg.kgcoop.epochs) == (8.0, "a photo of a", 128, 100)
-    assert (cfg.prograd.projection, cfg.prograd.temperature) == (1.0, 1.0)
-    assert (cfg.clap.lr, cfg.clap.batch_size, cfg.clap.epochs, cfg.clap.feature_passes, cfg.clap.weight_decay) == \
-        (0.1, 256, 300, 20, 0.0)
-    assert (cfg.lp_pp.epochs, cfg.lp_pp.alpha_every, cfg.lp_pp.alpha_init_scale) == (300, 10, 250.0)
+    cfg = RunConfig()
+    cocoop, kgcoop, prograd, clap, lp = cfg.cocoop, cfg.kgcoop, cfg.prograd, cfg.clap, cfg.lp_pp
+    assert (cocoop.ctx_init, cocoop.lr, cocoop.batch_size, cocoop.epochs) == ("a photo of a", 0.002, 1, 10)
+    assert (kgcoop.weight, kgcoop.ctx_init, kgcoop.lr, kgcoop.batch_size, kgcoop.epochs) == \
+        (8.0, "a photo of a", 0.002, 128, 100)
+    assert (prograd.ctx_init, prograd.projection, prograd.temperature) == ("a photo of a", 1.0, 1.0)
+    assert (clap.lr, clap.batch_size, clap.epochs, clap.feature_passes, clap.weight_decay) == (0.1, 256, 300, 20, 0.0)
+    assert (lp.epochs, lp.alpha_every, lp.alpha_init_scale) == (300, 10, 250.0)
+
+
+def test_bad_values_name_their_own_section(tmp_path):
+    with pytest.raises(ConfigError, match="kgcoop.n_ctx must be at least 1.*prograd.projection must be in"):
+        quick_config(tmp_path, "kgcoop.n_ctx=0", "prograd.projection=2")
+    with pytest.raises(ConfigError, match="cocoop.n_ctx=3 conflicts with cocoop.ctx_init 'a photo of a'"):
+        run_experiment(quick_config(tmp_path, "methods=[cocoop]", "cocoop.n_ctx=3"))
+
+
+def test_cocoop_evaluates_from_its_checkpoint(tmp_path):
+    common = ["methods=[cocoop]", "cocoop.epochs=2", "cocoop.batch_size=32"]
+    trained = run_experiment(quick_config(tmp_path, *common, f"output_dir={tmp_path / 'train'}"))
+    ckpt = str(tmp_path / "train" / "cocoop" / "checkpoint.pt")
+    again = run_experiment(quick_config(tmp_path, *common, f"output_dir={tmp_path / 'eval'}"), eval_only=ckpt)
+    assert again["cocoop"]["accuracy"] == trained["cocoop"]["accuracy"]
+    assert any(k.startswith("meta_net.") for k in load_checkpoint(ckpt)["state"])
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +197,14 @@ def test_every_method_on_every_family(tmp_path, shared_cache, model):
         method.fit(bank, trainer, tmp_path / name / "checkpoint.pt", resume=False)
         logits = method.predict(bank.test.features[:16])
         assert logits.shape == (16, len(dataset.classnames)) and torch.isfinite(logits).all(), (model, name)
+
+
+def test_methods_benchmark_measures_both_paths():
+    """The measurements in this process (the tool runs each in a process of its own); timings are not asserted."""
+    spec = MethodsBenchmarkSpec(steps=1)
+    theirs, ours = measure(spec, "cocoop", 3, reference=True), measure(spec, "cocoop", 3, reference=False)
+    assert theirs["prompt_length"] == 77 > ours["prompt_length"]
+    assert theirs["images_per_step"] == ours["images_per_step"] == spec.cocoop_batch_size
+    lp = measure(spec, "lp_pp", 3, reference=False)
+    for path in (theirs, ours, lp):
+        assert path["time_per_step_s"] > 0 and path["step_memory_mb"] > 0 and path["memory_kind"] == "peak RSS"

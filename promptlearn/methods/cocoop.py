@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ META_REDUCTION = 16  # the meta-network's bottleneck: feature width // 16
 
 @dataclass
 class CoCoOpConfig(CoOpConfig):
+    section: ClassVar[str] = "cocoop"
     ctx_init: str = "a photo of a"
     prompts_per_pass: int = 4096  # prompts (image x class) per text-tower pass; bounds memory
     lr: Optional[float] = 0.002  # None: train.lr

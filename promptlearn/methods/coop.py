@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ RANDOM_CTX_STD = 0.02
 
 @dataclass
 class CoOpConfig:
+    section: ClassVar[str] = "coop"  # the section's name in messages (methods built on CoOp have their own)
     n_ctx: Optional[int] = None  # context length M (16 when unset); with ctx_init, the phrase's token count
     ctx_init: str = ""  # e.g. "a photo of a"; empty: random normal init, std 0.02
     class_specific: bool = False  # one context per class (CSC)
@@ -38,12 +39,13 @@ class CoOpConfig:
     def problems(self) -> list[str]:
         found = []
         if self.n_ctx is not None and self.n_ctx < 1:
-            found.append(f"coop.n_ctx must be at least 1, got {self.n_ctx} (or set coop.ctx_init to a phrase)")
+            found.append(f"{self.section}.n_ctx must be at least 1, got {self.n_ctx} "
+                         f"(or set {self.section}.ctx_init to a phrase)")
         if self.class_position not in CLASS_POSITIONS:
-            found.append(f"coop.class_position must be one of {', '.join(CLASS_POSITIONS)}, "
+            found.append(f"{self.section}.class_position must be one of {', '.join(CLASS_POSITIONS)}, "
                          f"got {self.class_position!r}")
         if self.class_chunk < 0:
-            found.append(f"coop.class_chunk must be 0 or more, got {self.class_chunk}")
+            found.append(f"{self.section}.class_chunk must be 0 or more, got {self.class_chunk}")
         return found
 
 
@@ -53,10 +55,10 @@ def context_length_and_init(backbone: FrozenCLIP, cfg: CoOpConfig) -> tuple[int,
         return cfg.n_ctx or DEFAULT_N_CTX, None
     ids = backbone.tokenizer.encode(cfg.ctx_init)
     if not ids:
-        raise ConfigError(f"coop.ctx_init {cfg.ctx_init!r} has no tokens; give a phrase or leave it empty")
+        raise ConfigError(f"{cfg.section}.ctx_init {cfg.ctx_init!r} has no tokens; give a phrase or leave it empty")
     if cfg.n_ctx is not None and cfg.n_ctx != len(ids):
-        raise ConfigError(f"coop.n_ctx={cfg.n_ctx} conflicts with coop.ctx_init {cfg.ctx_init!r}, which is "
-                          f"{len(ids)} tokens; drop n_ctx or set it to {len(ids)}")
+        raise ConfigError(f"{cfg.section}.n_ctx={cfg.n_ctx} conflicts with {cfg.section}.ctx_init {cfg.ctx_init!r}, "
+                          f"which is {len(ids)} tokens; drop n_ctx or set it to {len(ids)}")
     return len(ids), ids
 
 
@@ -87,7 +89,7 @@ class PromptLearner(nn.Module):
                 raise PromptlearnError(
                     f"the prompt for class {name!r} is {len(ids)} tokens ({n_ctx} of them context), more than the "
                     f"text tower's context length {tower.context_length}; shorten the class name, or the context "
-                    "(a shorter coop.ctx_init phrase or a smaller coop.n_ctx)")
+                    f"(a shorter {cfg.section}.ctx_init phrase or a smaller {cfg.section}.n_ctx)")
             rows.append(ids)
             positions.append(pos)
         length = max(map(len, rows)) if cfg.truncate_prompts and tower.can_truncate else tower.context_length

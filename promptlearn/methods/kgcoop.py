@@ -7,7 +7,7 @@ SGD lr 0.002, batch 128, 100 epochs, CoOp's warm-up and cosine schedule.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from promptlearn.trainer import StepLosses
 
 @dataclass
 class KgCoOpConfig(CoOpConfig):
+    section: ClassVar[str] = "kgcoop"
     ctx_init: str = "a photo of a"
     weight: float = 8.0  # of the knowledge-guidance penalty
     lr: Optional[float] = 0.002  # None: train.lr

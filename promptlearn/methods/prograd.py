@@ -9,6 +9,7 @@ Defaults are the authors': lambda 1, T 1, CoOp's recipe (SGD lr 0.002, batch 32,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from promptlearn.trainer import StepLosses
 
 @dataclass
 class ProGradConfig(CoOpConfig):
+    section: ClassVar[str] = "prograd"
     ctx_init: str = "a photo of a"
     projection: float = 1.0  # lambda: the share of the conflicting component removed (1: all of it)
     temperature: float = 1.0  # of the distillation towards zero-shot CLIP
