@@ -207,4 +207,4 @@ def test_methods_benchmark_measures_both_paths():
     assert theirs["images_per_step"] == ours["images_per_step"] == spec.cocoop_batch_size
     lp = measure(spec, "lp_pp", 3, reference=False)
     for path in (theirs, ours, lp):
-        assert path["time_per_step_s"] > 0 and path["step_memory_mb"] > 0 and path["memory_kind"] == "peak RSS"
+        assert path["time_per_step_s"] > 0 and path["step_memory_mb"] >= 0 and "peak RSS" in path["memory_kind"]

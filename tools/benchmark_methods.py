@@ -32,8 +32,9 @@ def main(argv=None) -> int:
     print(f"{result['device']}; {spec.model} (random weights)")
     for row in result["results"]:
         ours, ratio = row["promptlearn"], row["step_time_ratio"]
-        against = f", reference / promptlearn: time {ratio:.1f}x, step memory {row['step_memory_ratio']:.2f}x" \
-            if ratio else ""
+        memory = row["step_memory_ratio"]
+        against = f", reference / promptlearn: time {ratio:.1f}x" if ratio else ""
+        against += f", step memory {memory:.2f}x" if memory else ""
         print(f"  {row['method']:7s} {row['classes']:5d} classes: {ours['time_per_step_s'] * 1e3:8.1f} ms/step, "
               f"step memory {ours['step_memory_mb']:.0f} MB{against}")
     print(f"wrote {args.output}")
