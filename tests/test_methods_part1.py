@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import FAMILIES, quick_config, tiny_backbone
+
 from promptlearn.benchmark_methods import MethodsBenchmarkSpec, measure
 from promptlearn.checkpoint import load_checkpoint
 from promptlearn.config import RunConfig
