@@ -8,11 +8,13 @@ truncated and in bounded passes; KgCoOp and ProGrad with truncated prompts and t
 start. CLAP and LP++ compute on cached features exactly as their authors' code does (a linear layer),
 so they are measured alone. Each measurement runs in its own process; memory is compared as the rise
 of the peak during the steps above the memory in use before them (`step_memory_mb`: the peak resident
-set on Linux CPUs, so the allocator's reuse blurs differences of a few MB; CUDA peak allocated on a GPU).
+set on Linux CPUs, after freed heap memory is handed back, so allocator reuse blurs differences of a
+few MB; CUDA peak allocated on a GPU).
 The features are random unit vectors (a step's cost does not depend on their values).
 """
 from __future__ import annotations
 
+import ctypes
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -76,8 +78,18 @@ def reset_peak(device: torch.device) -> float:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device) / 2**20
+    release_freed_heap()
     Path("/proc/self/clear_refs").write_text("5")
     return proc_status_mb("VmRSS")
+
+
+def release_freed_heap() -> None:
+    """Hand memory freed before the steps (building the method encodes every class's prompts) back to
+    the OS, so that the steps' allocations raise the resident set instead of reusing it (glibc only)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the rise is then a lower bound
+        pass
 
 
 def proc_status_mb(key: str) -> float:
