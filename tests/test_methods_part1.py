@@ -208,3 +208,20 @@ def test_methods_benchmark_measures_both_paths():
     lp = measure(spec, "lp_pp", 3, reference=False)
     for path in (theirs, ours, lp):
         assert path["time_per_step_s"] > 0 and path["step_memory_mb"] >= 0 and "peak RSS" in path["memory_kind"]
+
+
+def test_clap_restored_for_other_classes_keeps_zero_shot_prototypes_for_novel_ones(tmp_path):
+    cfg = quick_config(tmp_path, "clap.epochs=2", "clap.feature_passes=1", "train.augment=false")
+    dataset = build_dataset(cfg.data)
+    fewshot = load_or_draw(dataset, 2, cfg.data.seed, tmp_path / "fewshot")
+    backbone = tiny_backbone()
+    bank = FeatureBank(backbone, dataset, fewshot, cache=FeatureCache(cfg.cache_dir), batch_size=128,
+                       num_workers=0, skip_bad=False, seed=cfg.data.seed)
+    base = build_method("clap", cfg, backbone, dataset.classnames)
+    base.fit(bank, Trainer(cfg.train, 5, cfg.data.seed), tmp_path / "clap.pt", resume=False)
+    names = [dataset.classnames[2], "hot air balloon", dataset.classnames[0]]
+    other = build_method("clap", cfg, backbone, names)
+    other.restore(tmp_path / "clap.pt")
+    assert torch.equal(other.prototypes[0], base.prototypes[2]) and torch.equal(other.prototypes[2], base.prototypes[0])
+    assert torch.equal(other.prototypes[1], other.anchors[1])  # the novel class: its zero-shot prototype
+    assert not torch.equal(base.prototypes[0], base.anchors[0])  # training moved the trained ones

@@ -6,7 +6,9 @@ normalised); logits = logit_scale * cos(f, w_c). The loss is cross-entropy +
 mean_c lambda_c ||w_c - t_c||^2, where lambda_c is zero-shot CLIP's mean softmax probability of the
 true class over the training features of class c (all augmented passes). Recipe: SGD lr 0.1,
 momentum 0.9, no weight decay, batch 256, 300 epochs, 20 augmented passes of cached features.
-`clap.constraint=false` is the authors' ZS-LP baseline (the same probe with no penalty).
+`clap.constraint=false` is the authors' ZS-LP baseline (the same probe with no penalty). Restored from
+a checkpoint for other classes (base-to-novel), a class it never trained on scores with its zero-shot
+prototype.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from promptlearn.checkpoint import check_meta, load_checkpoint
 from promptlearn.data import dataset_templates
+from promptlearn.errors import CheckpointError
 from promptlearn.features import TrainingFeatures
 from promptlearn.methods.base import Capabilities, Method, own_recipe, register_method
 from promptlearn.trainer import StepLosses
@@ -100,3 +104,19 @@ class Clap(Method):
 
     def checkpoint_meta(self) -> dict:
         return {**super().checkpoint_meta(), "constraint": self.cfg.clap.constraint}
+
+    def restore(self, path) -> dict:
+        """Prototypes matched by class name: a class the checkpoint never trained on (a novel class)
+        keeps its zero-shot prototype, where CLAP starts and what its penalty pulls towards."""
+        payload = load_checkpoint(path)
+        saved = payload.get("meta", {})
+        check_meta(path, saved, {k: v for k, v in self.checkpoint_meta().items() if k != "classnames"})
+        trained = payload.get("state", {}).get("prototypes")
+        if trained is None or trained.shape[-1] != self.prototypes.shape[-1]:
+            raise CheckpointError(f"checkpoint {path} has no CLAP prototypes of width {self.prototypes.shape[-1]}")
+        rows = {name: i for i, name in enumerate(saved.get("classnames", []))}
+        with torch.no_grad():
+            for i, name in enumerate(self.classnames):
+                if name in rows:
+                    self.prototypes[i] = trained[rows[name]].to(self.prototypes.device)
+        return payload
