@@ -186,7 +186,7 @@ def test_every_method_on_every_family(tmp_path, shared_cache, model):
     cfg = quick_config(tmp_path, "data.shots=2", f"backbone.model={model}", f"cache_dir={shared_cache}", *QUICK,
                        "train.epochs=1", "cocoop.epochs=1", "kgcoop.epochs=1", "clap.epochs=1", "lp_pp.epochs=3")
     dataset = build_dataset(cfg.data)
-    fewshot = load_or_draw(dataset, cfg.data.shots, cfg.data.seed, tmp_path / "fewshot")
+    fewshot = load_or_draw(dataset, cfg.data, tmp_path / "fewshot")
     backbone = tiny_backbone(model)
     bank = FeatureBank(backbone, dataset, fewshot, cache=FeatureCache(cfg.cache_dir), batch_size=128,
                        num_workers=0, skip_bad=False, seed=cfg.data.seed)
@@ -211,9 +211,9 @@ def test_methods_benchmark_measures_both_paths():
 
 
 def test_clap_restored_for_other_classes_keeps_zero_shot_prototypes_for_novel_ones(tmp_path):
-    cfg = quick_config(tmp_path, "clap.epochs=2", "clap.feature_passes=1", "train.augment=false")
+    cfg = quick_config(tmp_path, "data.shots=2", "clap.epochs=2", "clap.feature_passes=1", "train.augment=false")
     dataset = build_dataset(cfg.data)
-    fewshot = load_or_draw(dataset, 2, cfg.data.seed, tmp_path / "fewshot")
+    fewshot = load_or_draw(dataset, cfg.data, tmp_path / "fewshot")
     backbone = tiny_backbone()
     bank = FeatureBank(backbone, dataset, fewshot, cache=FeatureCache(cfg.cache_dir), batch_size=128,
                        num_workers=0, skip_bad=False, seed=cfg.data.seed)
