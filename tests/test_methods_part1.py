@@ -225,3 +225,6 @@ def test_clap_restored_for_other_classes_keeps_zero_shot_prototypes_for_novel_on
     assert torch.equal(other.prototypes[0], base.prototypes[2]) and torch.equal(other.prototypes[2], base.prototypes[0])
     assert torch.equal(other.prototypes[1], other.anchors[1])  # the novel class: its zero-shot prototype
     assert not torch.equal(base.prototypes[0], base.anchors[0])  # training moved the trained ones
+    moved = build_method("clap", cfg, backbone, names)  # what base2novel does: the trained state, other classes
+    moved.load_trainable_state(base.trainable_state(), "base")
+    assert torch.equal(moved.prototypes, other.prototypes)

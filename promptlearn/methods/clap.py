@@ -6,9 +6,8 @@ normalised); logits = logit_scale * cos(f, w_c). The loss is cross-entropy +
 mean_c lambda_c ||w_c - t_c||^2, where lambda_c is zero-shot CLIP's mean softmax probability of the
 true class over the training features of class c (all augmented passes). Recipe: SGD lr 0.1,
 momentum 0.9, no weight decay, batch 256, 300 epochs, 20 augmented passes of cached features.
-`clap.constraint=false` is the authors' ZS-LP baseline (the same probe with no penalty). Restored from
-a checkpoint for other classes (base-to-novel), a class it never trained on scores with its zero-shot
-prototype.
+`clap.constraint=false` is the authors' ZS-LP baseline (the same probe with no penalty). Loaded for
+other classes (base-to-novel, a checkpoint), a class it never trained on keeps its zero-shot prototype.
 """
 from __future__ import annotations
 
@@ -24,6 +23,8 @@ from promptlearn.errors import CheckpointError
 from promptlearn.features import TrainingFeatures
 from promptlearn.methods.base import Capabilities, Method, own_recipe, register_method
 from promptlearn.trainer import StepLosses
+
+PROTOTYPE_NAMES = "prototype_classnames"  # in the trainable state: the class of each prototype row
 
 
 @dataclass
@@ -105,18 +106,26 @@ class Clap(Method):
     def checkpoint_meta(self) -> dict:
         return {**super().checkpoint_meta(), "constraint": self.cfg.clap.constraint}
 
-    def restore(self, path) -> dict:
-        """Prototypes matched by class name: a class the checkpoint never trained on (a novel class)
-        keeps its zero-shot prototype, where CLAP starts and what its penalty pulls towards."""
-        payload = load_checkpoint(path)
-        saved = payload.get("meta", {})
-        check_meta(path, saved, {k: v for k, v in self.checkpoint_meta().items() if k != "classnames"})
-        trained = payload.get("state", {}).get("prototypes")
-        if trained is None or trained.shape[-1] != self.prototypes.shape[-1]:
-            raise CheckpointError(f"checkpoint {path} has no CLAP prototypes of width {self.prototypes.shape[-1]}")
-        rows = {name: i for i, name in enumerate(saved.get("classnames", []))}
+    def trainable_state(self) -> dict:
+        return {**super().trainable_state(), PROTOTYPE_NAMES: list(self.classnames)}
+
+    def load_trainable_state(self, state: dict, source) -> None:
+        """Prototypes matched by class name: a class the state never trained (a novel class) keeps its
+        zero-shot prototype, where CLAP starts and what its penalty pulls towards."""
+        trained, names = state.get("prototypes"), state.get(PROTOTYPE_NAMES)
+        if trained is None or names is None or tuple(trained.shape) != (len(names), self.prototypes.shape[-1]):
+            raise CheckpointError(f"{source} holds no CLAP prototypes of width {self.prototypes.shape[-1]} "
+                                  "with their class names")
+        rows = {name: i for i, name in enumerate(names)}
         with torch.no_grad():
             for i, name in enumerate(self.classnames):
                 if name in rows:
                     self.prototypes[i] = trained[rows[name]].to(self.prototypes.device)
+
+    def restore(self, path) -> dict:
+        """A checkpoint for any class list of the same setup (see load_trainable_state)."""
+        payload = load_checkpoint(path)
+        check_meta(path, payload.get("meta", {}), {k: v for k, v in self.checkpoint_meta().items()
+                                                    if k != "classnames"})
+        self.load_trainable_state(payload.get("state", {}), path)
         return payload
