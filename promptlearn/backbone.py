@@ -129,14 +129,16 @@ class FrozenCLIP:
         return F.normalize(features.float(), dim=-1)
 
     @torch.no_grad()
-    def encode_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        """L2-normalised fp32 text features of sentences, through open_clip's own encode_text."""
+    def encode_texts(self, texts: list[str], batch_size: int = 256, normalize: bool = True) -> torch.Tensor:
+        """fp32 text features of sentences, through open_clip's own encode_text; L2-normalised unless
+        `normalize` is false (CLAP keeps the raw features' norms)."""
         out = []
         for i in range(0, len(texts), batch_size):
             ids = self.tokenizer(texts[i:i + batch_size]).to(self.device)
             with self.autocast():
                 out.append(self.model.encode_text(ids).float())
-        return F.normalize(torch.cat(out), dim=-1)
+        out = torch.cat(out)
+        return F.normalize(out, dim=-1) if normalize else out
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         return self.logit_scale * image_features @ text_features.t() + self.logit_bias

@@ -26,7 +26,6 @@ from typing import Callable
 import numpy as np
 import open_clip
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
@@ -189,8 +188,8 @@ def reference_training(method: CoOp, items: list[Item], cfg: RunConfig, epochs: 
         for x, y, _, _ in loader:
             features = backbone.encode_images(x)
             with backbone.autocast():
-                loss = F.cross_entropy(method(features).float(), y.to(backbone.device))
-            optimizer_step(loss, optimizer, scaler)
+                losses = method.training_step(features, y.to(backbone.device)).losses
+            optimizer_step(method, losses, optimizer, scaler)
             steps += 1
             if on_step is not None:
                 on_step()

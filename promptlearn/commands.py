@@ -4,6 +4,7 @@
     promptlearn sweep      methods x datasets x shots x seeds, with CSV, summary and plots
     promptlearn inspect    a learned prompt read as its nearest vocabulary tokens
     promptlearn benchmark  speed and memory beside a loop faithful to the original code
+    promptlearn benchmark-methods  CoCoOp, KgCoOp, ProGrad, CLAP, LP++: step time and memory by class count
     promptlearn list       methods | datasets | protocols | models
 
 tools/*.py are shims onto these subcommands.
@@ -166,6 +167,42 @@ def benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_methods_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    from promptlearn.benchmark_methods import MethodsBenchmarkSpec
+
+    default = MethodsBenchmarkSpec()
+    parser.add_argument("--model", default=default.model, help="open_clip model name (random weights)")
+    parser.add_argument("--methods", nargs="+", default=default.methods, help="methods to measure")
+    parser.add_argument("--classes", nargs="+", type=int, default=default.classes, help="class counts")
+    parser.add_argument("--steps", type=int, default=default.steps, help="measured steps after one warm-up")
+    parser.add_argument("--device", default=default.device, help="cpu, cuda, cuda:N")
+    parser.add_argument("--output", default="output/benchmark-methods.json", help="where the JSON goes")
+
+
+def methods_benchmark(args: argparse.Namespace) -> int:
+    from promptlearn.benchmark_methods import MethodsBenchmarkSpec, run_methods_benchmark
+    from promptlearn.io import atomic_write_json
+    from promptlearn.methods import method_class
+
+    for name in args.methods:
+        method_class(name)  # an unknown name stops here, with the nearest known one
+    if args.steps < 1 or min(args.classes) < 1:
+        raise ConfigError("--steps and every --classes value must be at least 1")
+    spec = MethodsBenchmarkSpec(model=args.model, methods=args.methods, classes=args.classes, steps=args.steps,
+                                device=args.device)
+    result = run_methods_benchmark(spec, log=lambda m: print(m, file=sys.stderr))
+    atomic_write_json(args.output, result)
+    print(f"{result['device']}; {spec.model} (random weights)")
+    for row in result["results"]:
+        ours, ratio, memory = row["promptlearn"], row["step_time_ratio"], row["step_memory_ratio"]
+        against = f", reference / promptlearn: time {ratio:.1f}x" if ratio else ""
+        against += f", step memory {memory:.2f}x" if memory else ""
+        print(f"  {row['method']:7s} {row['classes']:5d} classes: {ours['time_per_step_s'] * 1e3:8.1f} ms/step, "
+              f"step memory {ours['step_memory_mb']:.0f} MB{against}")
+    print(f"wrote {args.output}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- list
 
 LISTINGS = ("methods", "datasets", "protocols", "models")
@@ -242,6 +279,9 @@ COMMANDS = {
     "inspect": Command("read a learned prompt as its nearest vocabulary tokens", add_inspect_arguments, inspect),
     "benchmark": Command("speed and memory beside a loop faithful to the original code", add_benchmark_arguments,
                          benchmark),
+    "benchmark-methods": Command("CoCoOp, KgCoOp, ProGrad, CLAP, LP++: step time and memory at several class "
+                                 "counts beside the original computation", add_methods_benchmark_arguments,
+                                 methods_benchmark),
     "list": Command("list methods, datasets, protocols or models", add_list_arguments, listing),
 }
 

@@ -37,7 +37,9 @@ CSV_COLUMNS = ["method", "dataset", "backbone", "pretrained", "protocol", "selec
 # settings that do not change a run's results: a finished run made under other values is still reused
 NEUTRAL_KEYS = {"methods", "output_dir", "cache_dir", "data.num_workers", "data.eval_batch_size",
                 "data.fewshot_dir", "backbone.device", "backbone.cache_dir", "train.checkpoint_every",
-                "coop.class_chunk", "coop.truncate_prompts", "coop.share_prefix"}
+                *(f"{m}.{k}" for m in ("coop", "cocoop", "kgcoop", "prograd")
+                  for k in ("class_chunk", "truncate_prompts", "share_prefix")),
+                "cocoop.prompts_per_pass"}
 # run keys the sweep itself sets for every run
 SWEEP_SET_KEYS = {"data.shots": "sweep.shots", "data.seed": "sweep.seeds", "output_dir": "sweep.output_dir"}
 

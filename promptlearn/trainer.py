@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,24 @@ if TYPE_CHECKING:
     from promptlearn.features import TrainingFeatures
 
 
+class StepLosses(NamedTuple):
+    """One training batch: the logits and the named losses (the reported loss is their sum)."""
+
+    logits: torch.Tensor
+    losses: dict[str, torch.Tensor]
+
+
+def cross_entropy_step(method, image_features: torch.Tensor, labels: torch.Tensor) -> StepLosses:
+    """The default step: cross-entropy of the method's logits."""
+    logits = method(image_features)
+    return StepLosses(logits, {"cross_entropy": F.cross_entropy(logits.float(), labels)})
+
+
+def backward_sum(losses: dict[str, torch.Tensor], scale: Callable) -> None:
+    """The default backward: gradients of the sum of the losses."""
+    scale(sum(losses.values())).backward()
+
+
 class Trainable(Protocol):
     """What the trainer needs of a method: its parameters, logits for image features, and its state."""
 
@@ -33,6 +51,8 @@ class Trainable(Protocol):
     def train(self, mode: bool = True) -> object: ...
     def eval(self) -> object: ...
     def __call__(self, image_features: torch.Tensor) -> torch.Tensor: ...
+    def training_step(self, image_features: torch.Tensor, labels: torch.Tensor) -> "StepLosses": ...
+    def backward(self, losses: dict[str, torch.Tensor], scale: Callable) -> None: ...
     def checkpoint_meta(self) -> dict: ...
     def trainable_state(self) -> dict[str, torch.Tensor]: ...
     def restore(self, path: str | Path) -> dict: ...
@@ -70,9 +90,10 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and precision == "fp16")
 
 
-def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+def optimizer_step(method: Trainable, losses: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler) -> None:
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    method.backward(losses, scaler.scale)  # a method may reshape its gradients (ProGrad projects them)
     scaler.step(optimizer)
     scaler.update()
 
@@ -152,25 +173,28 @@ class Trainer:
         features, labels = split.features.to(device, non_blocking=True), split.labels.to(device, non_blocking=True)
         batches = batch_order(len(labels), self.cfg.batch_size, self.seed, epoch)
         method.train()
-        total_loss, correct, seen = 0.0, 0, 0
+        total_loss, correct, seen, parts = 0.0, 0, 0, {}
         bar = tqdm(batches, desc=f"{method.name} epoch {epoch + 1}/{self.epochs}", leave=False, dynamic_ncols=True)
         for step, idx in enumerate(bar):
             idx = idx.to(device)
             x, y = features[idx], labels[idx]
             with method.backbone.autocast():
-                logits = method(x)
-                loss = F.cross_entropy(logits.float(), y)
+                logits, losses = method.training_step(x, y)
+                loss = sum(losses.values())
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(
                     f"{method.name}: the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
                     f"training stopped before the parameters were updated; the checkpoint keeps the state "
                     f"after epoch {checkpoint_epoch}. Try a lower train.lr or backbone.precision=fp32.")
-            optimizer_step(loss, optimizer, scaler)
+            optimizer_step(method, losses, optimizer, scaler)
             total_loss += loss.item() * len(y)
+            for name, value in losses.items():
+                parts[name] = parts.get(name, 0.0) + value.item() * len(y)
             correct += int((logits.argmax(-1) == y).sum())
             seen += len(y)
             bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
                             lr=f"{optimizer.param_groups[0]['lr']:.1e}")
         method.eval()
+        parts = {name: value / max(seen, 1) for name, value in parts.items()} if len(parts) > 1 else {}
         return {"epoch": epoch + 1, "loss": total_loss / max(seen, 1), "accuracy": 100.0 * correct / max(seen, 1),
-                "lr": optimizer.param_groups[0]["lr"]}
+                "lr": optimizer.param_groups[0]["lr"], **parts}

@@ -6,6 +6,7 @@ entry-point group): a Method subclass decorated with `register_method(name, conf
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -18,10 +19,11 @@ from promptlearn.config import register_section
 from promptlearn.errors import CheckpointError, ConfigError
 from promptlearn.features import TrainingFeatures
 from promptlearn.registry import Registry
+from promptlearn.trainer import StepLosses, backward_sum, cross_entropy_step
 
 if TYPE_CHECKING:
     from promptlearn.backbone import FrozenCLIP
-    from promptlearn.config import RunConfig
+    from promptlearn.config import RunConfig, TrainConfig
     from promptlearn.features import FeatureBank
     from promptlearn.trainer import Trainer
 
@@ -87,6 +89,13 @@ def refuse_unable(cfg: "RunConfig", need: dict[str, str]) -> None:
         raise ConfigError("; ".join(problems) + "; remove it from methods or change the setting")
 
 
+def own_recipe(trainer: "Trainer", train: "TrainConfig", epochs: int | None = None, **fields) -> "Trainer":
+    """`trainer` under a method's published recipe: each field given (not None) replaces train.<field>,
+    and `epochs` (not None) the run's epochs."""
+    recipe = dataclasses.replace(train, **{k: v for k, v in fields.items() if v is not None})
+    return trainer.with_recipe(recipe, trainer.epochs if epochs is None else epochs)
+
+
 class Method(nn.Module):
     name = "method"
     section: str | None = None  # its config section, if any
@@ -112,6 +121,15 @@ class Method(nn.Module):
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def training_step(self, image_features: torch.Tensor, labels: torch.Tensor) -> StepLosses:
+        """Hook: the logits and named losses of one training batch (default: cross-entropy alone)."""
+        return cross_entropy_step(self, image_features, labels)
+
+    def backward(self, losses: dict[str, torch.Tensor], scale: Callable) -> None:
+        """Hook: fill the parameters' gradients from the step's losses (default: of their sum);
+        `scale` is the loss scaler's (identity outside fp16)."""
+        backward_sum(losses, scale)
 
     def training_features(self, bank: "FeatureBank") -> TrainingFeatures:
         """The features a learning method trains on: cached augmented passes (see train.feature_passes)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ RANDOM_CTX_STD = 0.02
 
 @dataclass
 class CoOpConfig:
+    section: ClassVar[str] = "coop"  # the section's name in messages (methods built on CoOp have their own)
     n_ctx: Optional[int] = None  # context length M (16 when unset); with ctx_init, the phrase's token count
     ctx_init: str = ""  # e.g. "a photo of a"; empty: random normal init, std 0.02
     class_specific: bool = False  # one context per class (CSC)
@@ -38,12 +39,13 @@ class CoOpConfig:
     def problems(self) -> list[str]:
         found = []
         if self.n_ctx is not None and self.n_ctx < 1:
-            found.append(f"coop.n_ctx must be at least 1, got {self.n_ctx} (or set coop.ctx_init to a phrase)")
+            found.append(f"{self.section}.n_ctx must be at least 1, got {self.n_ctx} "
+                         f"(or set {self.section}.ctx_init to a phrase)")
         if self.class_position not in CLASS_POSITIONS:
-            found.append(f"coop.class_position must be one of {', '.join(CLASS_POSITIONS)}, "
+            found.append(f"{self.section}.class_position must be one of {', '.join(CLASS_POSITIONS)}, "
                          f"got {self.class_position!r}")
         if self.class_chunk < 0:
-            found.append(f"coop.class_chunk must be 0 or more, got {self.class_chunk}")
+            found.append(f"{self.section}.class_chunk must be 0 or more, got {self.class_chunk}")
         return found
 
 
@@ -53,10 +55,10 @@ def context_length_and_init(backbone: FrozenCLIP, cfg: CoOpConfig) -> tuple[int,
         return cfg.n_ctx or DEFAULT_N_CTX, None
     ids = backbone.tokenizer.encode(cfg.ctx_init)
     if not ids:
-        raise ConfigError(f"coop.ctx_init {cfg.ctx_init!r} has no tokens; give a phrase or leave it empty")
+        raise ConfigError(f"{cfg.section}.ctx_init {cfg.ctx_init!r} has no tokens; give a phrase or leave it empty")
     if cfg.n_ctx is not None and cfg.n_ctx != len(ids):
-        raise ConfigError(f"coop.n_ctx={cfg.n_ctx} conflicts with coop.ctx_init {cfg.ctx_init!r}, which is "
-                          f"{len(ids)} tokens; drop n_ctx or set it to {len(ids)}")
+        raise ConfigError(f"{cfg.section}.n_ctx={cfg.n_ctx} conflicts with {cfg.section}.ctx_init {cfg.ctx_init!r}, "
+                          f"which is {len(ids)} tokens; drop n_ctx or set it to {len(ids)}")
     return len(ids), ids
 
 
@@ -87,7 +89,7 @@ class PromptLearner(nn.Module):
                 raise PromptlearnError(
                     f"the prompt for class {name!r} is {len(ids)} tokens ({n_ctx} of them context), more than the "
                     f"text tower's context length {tower.context_length}; shorten the class name, or the context "
-                    "(a shorter coop.ctx_init phrase or a smaller coop.n_ctx)")
+                    f"(a shorter {cfg.section}.ctx_init phrase or a smaller {cfg.section}.n_ctx)")
             rows.append(ids)
             positions.append(pos)
         length = max(map(len, rows)) if cfg.truncate_prompts and tower.can_truncate else tower.context_length
@@ -108,6 +110,16 @@ class PromptLearner(nn.Module):
         ctx = self.ctx if self.class_specific else self.ctx.expand(n_cls, -1, -1)
         rows = torch.arange(n_cls, device=ctx.device)[:, None].expand_as(self.ctx_positions)
         return self.token_embeds.index_put((rows, self.ctx_positions), ctx.to(self.token_embeds.dtype))
+
+    def with_contexts(self, ctx: torch.Tensor, classes: slice = slice(None)) -> torch.Tensor:
+        """Prompt embeddings [B, c, L, D] of the classes in `classes`, one unified context [M, D] per
+        row of `ctx` [B, M, D] (CoCoOp: a context per image)."""
+        base, positions = self.token_embeds[classes], self.ctx_positions[classes]
+        b, c, m = ctx.shape[0], base.shape[0], positions.shape[1]
+        batch = torch.arange(b, device=ctx.device)[:, None, None].expand(b, c, m)
+        rows = torch.arange(c, device=ctx.device)[None, :, None].expand(b, c, m)
+        values = ctx.to(base.dtype)[:, None].expand(b, c, m, ctx.shape[-1])
+        return base.expand(b, -1, -1, -1).index_put((batch, rows, positions.expand(b, c, m)), values)
 
     def shared_prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The start every prompt shares, context in place [P, D], and each prompt's rest [C, L-P, D]
@@ -140,20 +152,22 @@ class CoOp(Method):
     @classmethod
     def capabilities_for(cls, cfg) -> Capabilities:
         """A class-specific context has no row for a class it never trained on."""
-        specific = cfg.coop.class_specific if cls.force_class_specific is None else cls.force_class_specific
+        own = getattr(cfg, cls.section)
+        specific = own.class_specific if cls.force_class_specific is None else cls.force_class_specific
         return dataclasses.replace(cls.capabilities, unseen_classes=not specific)
 
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
-        specific = cfg.coop.class_specific if self.force_class_specific is None else self.force_class_specific
-        self.prompts = PromptLearner(backbone, classnames, cfg.coop, specific)
+        self.own = own = getattr(cfg, self.section)  # coop, or the section of a method built on CoOp
+        specific = own.class_specific if self.force_class_specific is None else self.force_class_specific
+        self.prompts = PromptLearner(backbone, classnames, own, specific)
         prefix = self.prompts.prefix_length
-        self.share_prefix = (cfg.coop.share_prefix and prefix is not None
+        self.share_prefix = (own.share_prefix and prefix is not None
                              and backbone.text.can_share_prefix(self.prompts.token_ids, prefix))
         ids = self.prompts.token_ids
-        exact = cfg.coop.truncate_prompts and backbone.text.can_truncate
+        exact = own.truncate_prompts and backbone.text.can_truncate
         lengths = backbone.text.pooled_positions(ids) + 1 if exact else torch.full((len(ids),), ids.shape[1])
-        self.groups = length_groups(lengths, cfg.coop.class_chunk)
+        self.groups = length_groups(lengths, own.class_chunk)
         order = torch.cat([rows for rows, _ in self.groups])
         self.register_buffer("group_order", torch.argsort(order), persistent=False)  # back to class order
 
@@ -171,7 +185,7 @@ class CoOp(Method):
             encode, shared, skip = self.backbone.text.encode_shared_prefix, (prefix,), prefix.shape[0]
         else:
             embeds, encode, shared, skip = self.prompts(), self._encode, (), 0
-        checkpointed = torch.is_grad_enabled() and self.cfg.coop.class_chunk > 0
+        checkpointed = torch.is_grad_enabled() and self.own.class_chunk > 0
         parts = []
         for rows, length in self.groups:
             args = (*shared, embeds[rows, :length - skip], ids[rows, :length])
@@ -199,7 +213,7 @@ class CoOp(Method):
             meta.pop("classnames")
         return {**meta, "n_ctx": self.prompts.n_ctx,
                 "class_specific": self.prompts.class_specific, "class_position": self.prompts.position,
-                "ctx_init": self.cfg.coop.ctx_init}
+                "ctx_init": self.own.ctx_init}
 
 
 @register_method("coop_csc", section="coop")

@@ -1,0 +1,131 @@
+"""CLAP (Silva-Rodríguez et al., CVPR 2024): a linear probe initialised from the zero-shot class
+prototypes and kept near them by a class-adaptive penalty; no validation set is used.
+
+Prototypes w_c start at t_c, the class's raw text features averaged over the templates (not
+normalised); logits = logit_scale * cos(f, w_c). The loss is cross-entropy +
+mean_c lambda_c ||w_c - t_c||^2, where lambda_c is zero-shot CLIP's mean softmax probability of the
+true class over the training features of class c (all augmented passes). Recipe: SGD lr 0.1,
+momentum 0.9, no weight decay, batch 256, 300 epochs, 20 augmented passes of cached features.
+`clap.constraint=false` is the authors' ZS-LP baseline (the same probe with no penalty). Loaded for
+other classes (base-to-novel, a checkpoint), a class it never trained on keeps its zero-shot prototype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from promptlearn.checkpoint import check_meta, load_checkpoint
+from promptlearn.data import dataset_templates
+from promptlearn.errors import CheckpointError
+from promptlearn.features import TrainingFeatures
+from promptlearn.methods.base import Capabilities, Method, own_recipe, register_method
+from promptlearn.trainer import StepLosses
+
+PROTOTYPE_NAMES = "prototype_classnames"  # in the trainable state: the class of each prototype row
+
+
+@dataclass
+class ClapConfig:
+    constraint: bool = True  # the class-adaptive penalty (false: ZS-LP)
+    lr: float = 0.1
+    batch_size: int = 256
+    epochs: int = 300
+    weight_decay: float = 0.0
+    feature_passes: int = 20  # augmented passes of the training images
+
+    def problems(self) -> list[str]:
+        found = []
+        if not (self.lr > 0 and self.batch_size >= 1 and self.epochs >= 0 and self.weight_decay >= 0):
+            found.append("clap.lr must be positive, clap.batch_size at least 1, clap.epochs and "
+                         "clap.weight_decay 0 or more")
+        if self.feature_passes < 0:
+            found.append(f"clap.feature_passes must be 0 or more, got {self.feature_passes}")
+        return found
+
+
+def raw_text_prototypes(backbone, classnames: list[str], templates: list[str]) -> torch.Tensor:
+    """[C, D] text features averaged over templates, with their norms (CLAP's initialisation)."""
+    return torch.stack([backbone.encode_texts([t.format(c) for c in classnames], normalize=False)
+                        for t in templates]).mean(0)
+
+
+def class_adaptive_multipliers(zero_shot_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """lambda_c: mean zero-shot softmax probability of class c over the training features of class c
+    (0 for a class without training features)."""
+    one_hot = F.one_hot(labels, zero_shot_logits.shape[-1]).float()
+    confidence = (F.softmax(zero_shot_logits.float(), dim=-1) * one_hot).sum(0)
+    return confidence / one_hot.sum(0).clamp(min=1)
+
+
+def prototype_penalty(prototypes: torch.Tensor, anchors: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
+    """mean_c lambda_c ||w_c - t_c||^2."""
+    return (multipliers * (prototypes - anchors).pow(2).sum(-1)).mean()
+
+
+@register_method("clap", config=ClapConfig)
+class Clap(Method):
+    capabilities = Capabilities(learns=True, trains=True, unseen_classes=True, eval_from_checkpoint=True)
+
+    def __init__(self, cfg, backbone, classnames):
+        super().__init__(cfg, backbone, classnames)
+        anchors = raw_text_prototypes(backbone, classnames, dataset_templates(cfg.data))
+        self.register_buffer("anchors", anchors, persistent=False)
+        self.register_buffer("multipliers", torch.zeros(len(classnames), device=anchors.device), persistent=False)
+        self.prototypes = nn.Parameter(anchors.clone())
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.backbone.logits(image_features, F.normalize(self.prototypes, dim=-1))
+
+    def training_step(self, image_features, labels) -> StepLosses:
+        logits = self(image_features)
+        losses = {"cross_entropy": F.cross_entropy(logits.float(), labels)}
+        if self.cfg.clap.constraint:
+            losses["constraint"] = prototype_penalty(self.prototypes, self.anchors, self.multipliers)
+        return StepLosses(logits, losses)
+
+    def training_features(self, bank) -> TrainingFeatures:
+        return TrainingFeatures(bank, self.cfg.clap.feature_passes, self.cfg.train.augment)
+
+    def fit(self, bank, trainer, checkpoint, resume) -> dict:
+        own, data = self.cfg.clap, self.training_features(bank)
+        passes = max(data.passes, 1) if data.augment else 1
+        splits = [bank.train_pass(p, data.augment) for p in range(passes)]
+        features = torch.cat([s.features for s in splits]).to(self.device)
+        labels = torch.cat([s.labels for s in splits]).to(self.device)
+        with torch.no_grad():  # the prototypes are still the zero-shot ones here, also on --resume
+            zero_shot = self.backbone.logits(features, F.normalize(self.anchors, dim=-1))
+        self.multipliers = class_adaptive_multipliers(zero_shot, labels)
+        trainer = own_recipe(trainer, self.cfg.train, own.epochs, lr=own.lr, batch_size=own.batch_size,
+                             weight_decay=own.weight_decay)
+        info = trainer.fit(self, data, checkpoint, resume)
+        return {**info, "multipliers_mean": float(self.multipliers.mean())}
+
+    def checkpoint_meta(self) -> dict:
+        return {**super().checkpoint_meta(), "constraint": self.cfg.clap.constraint}
+
+    def trainable_state(self) -> dict:
+        return {**super().trainable_state(), PROTOTYPE_NAMES: list(self.classnames)}
+
+    def load_trainable_state(self, state: dict, source) -> None:
+        """Prototypes matched by class name: a class the state never trained (a novel class) keeps its
+        zero-shot prototype, where CLAP starts and what its penalty pulls towards."""
+        trained, names = state.get("prototypes"), state.get(PROTOTYPE_NAMES)
+        if trained is None or names is None or tuple(trained.shape) != (len(names), self.prototypes.shape[-1]):
+            raise CheckpointError(f"{source} holds no CLAP prototypes of width {self.prototypes.shape[-1]} "
+                                  "with their class names")
+        rows = {name: i for i, name in enumerate(names)}
+        with torch.no_grad():
+            for i, name in enumerate(self.classnames):
+                if name in rows:
+                    self.prototypes[i] = trained[rows[name]].to(self.prototypes.device)
+
+    def restore(self, path) -> dict:
+        """A checkpoint for any class list of the same setup (see load_trainable_state)."""
+        payload = load_checkpoint(path)
+        check_meta(path, payload.get("meta", {}), {k: v for k, v in self.checkpoint_meta().items()
+                                                    if k != "classnames"})
+        self.load_trainable_state(payload.get("state", {}), path)
+        return payload

@@ -1,0 +1,65 @@
+"""KgCoOp (Yao et al., CVPR 2023): CoOp plus a penalty that keeps the learned class text features near
+the hand-crafted prompt's: loss = cross-entropy + weight * (1 - mean_c cos(w_c, w_c^clip)).
+
+Defaults are the authors' base-to-novel recipe: context "a photo of a" (4 tokens), weight 8.0,
+SGD lr 0.002, batch 128, 100 epochs, CoOp's warm-up and cosine schedule.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+import torch.nn.functional as F
+
+from promptlearn.data import dataset_templates
+from promptlearn.methods.base import Capabilities, own_recipe, register_method
+from promptlearn.methods.coop import CoOp, CoOpConfig
+from promptlearn.methods.zeroshot import text_classifier
+from promptlearn.trainer import StepLosses
+
+
+@dataclass
+class KgCoOpConfig(CoOpConfig):
+    section: ClassVar[str] = "kgcoop"
+    ctx_init: str = "a photo of a"
+    weight: float = 8.0  # of the knowledge-guidance penalty
+    lr: Optional[float] = 0.002  # None: train.lr
+    batch_size: Optional[int] = 128  # None: train.batch_size
+    epochs: Optional[int] = 100  # None: the run's epochs (train.epochs or the protocol's)
+
+    def problems(self) -> list[str]:
+        found = super().problems()
+        if self.weight < 0:
+            found.append(f"kgcoop.weight must be 0 or more, got {self.weight}")
+        return found
+
+
+def knowledge_guidance(text_features: torch.Tensor, hand_crafted: torch.Tensor) -> torch.Tensor:
+    """1 - mean over classes of the cosine between learned and hand-crafted class text features."""
+    return 1.0 - F.cosine_similarity(text_features, hand_crafted, dim=-1, eps=1e-7).mean()
+
+
+@register_method("kgcoop", config=KgCoOpConfig)
+class KgCoOp(CoOp):
+    capabilities = Capabilities(learns=True, trains=True, unseen_classes=True, decodes_prompt=True,
+                                eval_from_checkpoint=True)
+
+    def __init__(self, cfg, backbone, classnames):
+        super().__init__(cfg, backbone, classnames)
+        self.register_buffer("hand_crafted", text_classifier(backbone, classnames, dataset_templates(cfg.data)),
+                             persistent=False)
+
+    def training_step(self, image_features, labels) -> StepLosses:
+        text = self.text_features()
+        logits = self.backbone.logits(image_features, text)
+        return StepLosses(logits, {"cross_entropy": F.cross_entropy(logits.float(), labels),
+                                   "knowledge_guidance": self.own.weight * knowledge_guidance(text, self.hand_crafted)})
+
+    def fit(self, bank, trainer, checkpoint, resume) -> dict:
+        own = self.own
+        trainer = own_recipe(trainer, self.cfg.train, own.epochs, lr=own.lr, batch_size=own.batch_size)
+        return trainer.fit(self, self.training_features(bank), checkpoint, resume)
+
+    def checkpoint_meta(self) -> dict:
+        return {**super().checkpoint_meta(), "weight": self.own.weight}

@@ -1,0 +1,110 @@
+"""LP++ (Huang et al., CVPR 2024): a linear probe whose class scores blend visual prototypes and the
+zero-shot text embeddings with a learned class-wise weight:
+    logits(f) = f W^T + b + alpha_c * (f . t_c),
+trained full batch on one augmented pass of the few-shot features with the authors' data-driven step sizes and start:
+    W starts at the per-class *sums* of the training features, b at nn.Linear's default,
+    lr_W = 4 N / lambda_max(F^T F) (SGD, momentum 0.9),
+    alpha_c starts at 250 * mean over (class c, text k) of the class-c mean of f . t_k,
+    lr_alpha = N / (4 max_k sum_i (f_i . t_k)^2), alpha updated every 10 epochs by plain gradient
+    descent on its gradient accumulated since the start (the authors' code never clears it).
+The state of the last epoch with the best few-shot validation accuracy is kept (300 epochs).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from promptlearn.data import dataset_templates
+from promptlearn.errors import DataError
+from promptlearn.methods.base import Capabilities, Method, register_method
+from promptlearn.methods.zeroshot import text_classifier
+
+
+@dataclass
+class LpPlusPlusConfig:
+    epochs: int = 300
+    alpha_every: int = 10  # epochs between updates of the blending weights
+    alpha_init_scale: float = 250.0
+
+    def problems(self) -> list[str]:
+        if self.epochs < 0 or self.alpha_every < 1 or self.alpha_init_scale < 0:
+            return [f"lp_pp.epochs must be 0 or more (got {self.epochs}), lp_pp.alpha_every at least 1 "
+                    f"(got {self.alpha_every}) and lp_pp.alpha_init_scale 0 or more (got {self.alpha_init_scale})"]
+        return []
+
+
+def class_sums(features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    return F.one_hot(labels, n_classes).to(features.dtype).t() @ features
+
+
+def visual_step_size(features: torch.Tensor) -> float:
+    """4 N / the largest eigenvalue of F^T F."""
+    gram = (features.t() @ features).double()
+    return 4 * len(features) / float(torch.linalg.eigvalsh(gram).max())
+
+
+def blend_step_size(features: torch.Tensor, text: torch.Tensor) -> float:
+    """N / (4 max_k sum_i (f_i . t_k)^2)."""
+    return len(features) / (4 * float((features @ text.t()).pow(2).sum(0).max()))
+
+
+def initial_blend(features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, scale: float) -> float:
+    """scale * the mean over (class c, text k) of the class-c mean of f . t_k (classes present)."""
+    present = labels.unique()
+    one_hot = F.one_hot(labels, len(text)).to(features.dtype)[:, present]
+    means = (one_hot.t() @ (features @ text.t())) / one_hot.sum(0)[:, None]
+    return scale * float(means.mean())
+
+
+@register_method("lp_pp", config=LpPlusPlusConfig)
+class LinearProbePlusPlus(Method):
+    capabilities = Capabilities(learns=True, uses_validation=True)
+
+    def __init__(self, cfg, backbone, classnames):
+        super().__init__(cfg, backbone, classnames)
+        self.register_buffer("text", text_classifier(backbone, classnames, dataset_templates(cfg.data)))
+        self.visual = nn.Linear(backbone.embed_dim, len(classnames)).to(self.text.device)
+        self.alpha = nn.Parameter(torch.zeros(len(classnames), device=self.text.device))
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.visual(image_features) + self.alpha * (image_features @ self.text.t())
+
+    def fit(self, bank, trainer, checkpoint, resume) -> dict:
+        # one augmented pass of the training images, as the authors' loader gives (their crop scale is (0.5, 1))
+        own, train, val = self.cfg.lp_pp, bank.train_pass(0, self.cfg.train.augment), bank.val
+        if len(val) == 0:
+            raise DataError("lp_pp needs a few-shot validation set to choose its epoch, but the draw has none; "
+                            "the dataset has no val split and no training images left over")
+        x, y = train.features.to(self.device), train.labels.to(self.device)
+        xv, yv = val.features.to(self.device), val.labels.to(self.device)
+        lr_visual, lr_alpha = visual_step_size(x), blend_step_size(x, self.text)
+        with torch.no_grad():
+            self.visual.weight.copy_(class_sums(x, y, len(self.classnames)))
+            self.alpha.fill_(initial_blend(x, y, self.text, own.alpha_init_scale))
+        optimizer = torch.optim.SGD(self.visual.parameters(), lr=lr_visual, momentum=0.9)
+        best, best_epoch, best_state = -1.0, 0, copy.deepcopy(self.state_dict())
+        history = []
+        for epoch in tqdm(range(own.epochs), desc="lp_pp", leave=False, dynamic_ncols=True):
+            self.train()
+            loss = F.cross_entropy(self(x), y)
+            optimizer.zero_grad()
+            loss.backward()  # alpha's gradient accumulates: it is never cleared, as in the authors' code
+            optimizer.step()
+            if (epoch + 1) % own.alpha_every == 0:
+                with torch.no_grad():
+                    self.alpha -= lr_alpha * self.alpha.grad
+            self.eval()
+            with torch.no_grad():
+                accuracy = 100.0 * float((self(xv).argmax(-1) == yv).float().mean())
+            history.append({"epoch": epoch + 1, "loss": loss.item(), "val_accuracy": accuracy})
+            if accuracy >= best:  # the last of the best, as the authors keep it
+                best, best_epoch, best_state = accuracy, epoch + 1, copy.deepcopy(self.state_dict())
+        self.load_state_dict(best_state)
+        self.alpha.grad = None
+        return {"epoch": best_epoch, "val_accuracy": best, "lr_visual": lr_visual, "lr_alpha": lr_alpha,
+                "history": history}
