@@ -59,7 +59,7 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
             history = info.pop("history", None)
             if history is not None:
                 atomic_write_json(folder / "history.json", history)
-            test = bank.test
+            test = method.test_features(bank)  # a method that learns inside the image encoder uses its own
             result = evaluate(method.predict(test.features), test.labels, test.paths,   # evaluation
                               dataset.classnames, folder, cfg.eval.ece_bins)
             result.update(info, train_seconds=info.get("train_seconds", seconds))

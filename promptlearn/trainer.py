@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Protocol
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from promptlearn.checkpoint import DamagedCheckpoint, check_meta, save_checkpoint, set_aside
@@ -19,11 +18,12 @@ from promptlearn.config import TrainConfig
 from promptlearn.errors import PromptlearnError
 
 if TYPE_CHECKING:
-    from promptlearn.features import TrainingFeatures
+    from promptlearn.features import TrainingFeatures, TrainingImages
 
 
 class Trainable(Protocol):
-    """What the trainer needs of a method: its parameters, logits for image features, and its state."""
+    """What the trainer needs of a method: its parameters, its loss and logits on a batch (image features,
+    or images for methods that learn inside the image encoder), and its state."""
 
     name: str
     device: torch.device
@@ -32,7 +32,8 @@ class Trainable(Protocol):
     def parameters(self) -> Iterator[torch.nn.Parameter]: ...
     def train(self, mode: bool = True) -> object: ...
     def eval(self) -> object: ...
-    def __call__(self, image_features: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor: ...
+    def training_loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
     def checkpoint_meta(self) -> dict: ...
     def trainable_state(self) -> dict[str, torch.Tensor]: ...
     def restore(self, path: str | Path) -> dict: ...
@@ -95,12 +96,12 @@ class Trainer:
         """This trainer (seed, precision) under a method's own recipe: optimiser, lr, batch size, epochs."""
         return Trainer(cfg, epochs, self.seed, self.precision)
 
-    def recipe(self, data: "TrainingFeatures") -> dict:
+    def recipe(self, data: "TrainingFeatures | TrainingImages") -> dict:
         """Everything that changes the result of training: resuming under another recipe is refused."""
         settings = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "checkpoint_every"}
         return {**settings, "epochs": self.epochs, "seed": self.seed, **data.draw}
 
-    def fit(self, method: Trainable, data: "TrainingFeatures", checkpoint: Path, resume: bool = False) -> dict:
+    def fit(self, method: Trainable, data: "TrainingFeatures | TrainingImages", checkpoint: Path, resume: bool = False) -> dict:
         cfg, device = self.cfg, method.device
         params = [p for p in method.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, cfg)
@@ -146,20 +147,13 @@ class Trainer:
         return {"epochs": self.epochs, "train_seconds": last_done["train_seconds"], "history": history}
 
     def _epoch(self, method, data, optimizer, scaler, epoch: int, checkpoint_epoch: int) -> dict:
-        device = method.device
-        split = data.epoch(epoch)
-        # one host-to-device copy per epoch, not one per step
-        features, labels = split.features.to(device, non_blocking=True), split.labels.to(device, non_blocking=True)
-        batches = batch_order(len(labels), self.cfg.batch_size, self.seed, epoch)
         method.train()
         total_loss, correct, seen = 0.0, 0, 0
+        batches = data.batches(epoch, self.cfg.batch_size, self.seed, method.device)
         bar = tqdm(batches, desc=f"{method.name} epoch {epoch + 1}/{self.epochs}", leave=False, dynamic_ncols=True)
-        for step, idx in enumerate(bar):
-            idx = idx.to(device)
-            x, y = features[idx], labels[idx]
+        for step, (x, y) in enumerate(bar):
             with method.backbone.autocast():
-                logits = method(x)
-                loss = F.cross_entropy(logits.float(), y)
+                loss, logits = method.training_loss(x, y)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(
                     f"{method.name}: the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "

@@ -11,18 +11,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from promptlearn.checkpoint import check_meta, load_checkpoint
 from promptlearn.config import register_section
 from promptlearn.errors import CheckpointError, ConfigError
-from promptlearn.features import TrainingFeatures
+from promptlearn.features import TrainingFeatures, TrainingImages
 from promptlearn.registry import Registry
 
 if TYPE_CHECKING:
     from promptlearn.backbone import FrozenCLIP
     from promptlearn.config import RunConfig
-    from promptlearn.features import FeatureBank
+    from promptlearn.features import FeatureBank, SplitFeatures
     from promptlearn.trainer import Trainer
 
 
@@ -117,6 +118,15 @@ class Method(nn.Module):
         """The features a learning method trains on: cached augmented passes (see train.feature_passes)."""
         return TrainingFeatures(bank, self.cfg.train.feature_passes, self.cfg.train.augment)
 
+    def training_loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss the trainer minimises on one batch, and the batch's logits (for train accuracy)."""
+        logits = self(inputs)
+        return F.cross_entropy(logits.float(), labels), logits
+
+    def test_features(self, bank: "FeatureBank") -> "SplitFeatures":
+        """The test images' features that `predict` scores: the frozen backbone's, cached."""
+        return bank.test
+
     def scorer(self):
         """Logits as a function of image features, with any per-call work done once (for predict)."""
         return self
@@ -158,3 +168,40 @@ class Method(nn.Module):
                                       f"{self.name} expects {tuple(own[name].shape)}")
             with torch.no_grad():
                 own[name].copy_(value.to(own[name].device))
+
+
+class ImageMethod(Method):
+    """A method that learns inside the towers (deep prompts, LoRA): it cannot use cached image features.
+    It trains on augmented images streamed through its own image encoder at every step, and is
+    evaluated on test features of that encoder. Subclasses give `encode_images` (with gradients)
+    and `text_features`."""
+
+    capabilities = Capabilities(learns=True, trains=True, cached_features=False, unseen_classes=True,
+                                eval_from_checkpoint=True)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image features through the method's own (prompted or adapted) image encoder."""
+        raise NotImplementedError
+
+    def text_features(self) -> torch.Tensor:
+        """[C, D] L2-normalised class features."""
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone.logits(self.encode_images(images), self.text_features())
+
+    def scorer(self):
+        text = self.text_features().float()  # once for all test images
+        return lambda image_features: self.backbone.logits(image_features, text)
+
+    @torch.no_grad()
+    def _encode_for_test(self, images: torch.Tensor) -> torch.Tensor:
+        self.eval()
+        with self.backbone.autocast():
+            return self.encode_images(images.to(self.device, non_blocking=True)).float()
+
+    def test_features(self, bank: "FeatureBank") -> "SplitFeatures":
+        return bank.test_encoded_by(self._encode_for_test, f"{self.name} test features")
+
+    def training_images(self, bank: "FeatureBank") -> TrainingImages:
+        return TrainingImages(bank, self.cfg.train.augment)
