@@ -81,9 +81,9 @@ class TextPrompts(nn.Module):
             else:
                 ctx = torch.empty(n_ctx, tower.width, device=backbone.device).normal_(std=PROMPT_STD)
         self.start = len(tok.start_ids)
-        self.ctx = nn.Parameter(ctx)
+        self.ctx = nn.Parameter(ctx, requires_grad=n_ctx > 0)  # none: the text side stays frozen
         deep = torch.empty(max(depth - 1, 0) if n_ctx else 0, n_ctx, tower.width, device=backbone.device)
-        self.deep = nn.Parameter(deep.normal_(std=PROMPT_STD))
+        self.deep = nn.Parameter(deep.normal_(std=PROMPT_STD), requires_grad=deep.numel() > 0)
         self.tower = tower
 
     def embeddings(self) -> torch.Tensor:
@@ -150,7 +150,8 @@ class IVLP(DeepPromptMethod):
         super().__init__(cfg, backbone, classnames)
         own, width = self.own, self.visual.transformer.width
         shape = (own.depth_vision if own.n_ctx_vision else 0, own.n_ctx_vision, width)
-        self.vision = nn.Parameter(torch.empty(shape, device=backbone.device).normal_(std=PROMPT_STD))
+        vision = torch.empty(shape, device=backbone.device).normal_(std=PROMPT_STD)
+        self.vision = nn.Parameter(vision, requires_grad=vision.numel() > 0)
 
     def vision_prompt_list(self) -> list[torch.Tensor]:
         return list(self.vision)

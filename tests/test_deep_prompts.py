@@ -1,0 +1,179 @@
+"""Deep prompts and LoRA inside open_clip's towers: exactness against straightforward loops over the
+towers' own modules, zero-effect insertions, gradients, training, runs and refusals."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import quick_config, tiny_backbone
+from promptlearn.deep_prompts import text_prompts, vision_prompts
+from promptlearn.errors import ConfigError
+from promptlearn.lora import LoRAAttention, attached
+from promptlearn.methods import build_method
+from promptlearn.runner import run_experiment
+
+VIT_FAMILIES = ["tiny-clip", "tiny-custom-clip", "tiny-bidir-clip"]
+IMAGE_METHODS = ["vpt_deep", "ivlp", "maple", "clip_lora"]
+SHALLOW = [f"{m}.depth_vision=2" for m in ("vpt_deep", "ivlp", "maple")] + [f"{m}.depth_text=2" for m in ("ivlp", "maple")]
+CLASSES = ["cat", "dog", "traffic light"]
+
+
+@pytest.fixture(scope="module")
+def backbones():
+    return {name: tiny_backbone(name) for name in VIT_FAMILIES}
+
+
+def reference_vision(visual, images, prompts):
+    """What the authors' prompted ViT computes, written out over open_clip's modules: prompts[0]
+    appended after the positional embedding, before ln_pre; prompts[i] replacing the last n tokens
+    before block i; the class token read after the last block."""
+    x = visual.conv1(images).flatten(2).transpose(1, 2)
+    cls = visual.class_embedding.expand(len(x), 1, -1)
+    x = torch.cat([cls, x], dim=1) + visual.positional_embedding
+    n = prompts[0].shape[0]
+    x = visual.ln_pre(torch.cat([x, prompts[0].expand(len(x), -1, -1)], dim=1))
+    for i, block in enumerate(visual.transformer.resblocks):
+        if 0 < i < len(prompts):
+            x = torch.cat([x[:, :-n], prompts[i].expand(len(x), -1, -1)], dim=1)
+        x = block(x)
+    return visual.ln_post(x[:, 0]) @ visual.proj
+
+
+@pytest.mark.parametrize("family", VIT_FAMILIES)
+def test_vision_prompts_match_the_straightforward_loop(backbones, family):
+    visual = backbones[family].model.visual
+    torch.manual_seed(0)
+    images = torch.randn(3, 3, 32, 32)
+    prompts = [torch.randn(4, visual.transformer.width) for _ in range(2)]
+    with torch.no_grad(), vision_prompts(visual, prompts):
+        hooked = visual(images)
+    torch.testing.assert_close(hooked, reference_vision(visual, images, prompts), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the hooks are gone after the `with`: the tower is the frozen one again
+        torch.testing.assert_close(visual(images), backbones[family].model.encode_image(images), rtol=0, atol=0)
+        with vision_prompts(visual, []):
+            torch.testing.assert_close(visual(images), backbones[family].model.encode_image(images), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["tiny-clip", "tiny-custom-clip"])
+def test_text_deep_prompts_equal_to_the_hidden_states_change_nothing(backbones, family):
+    """Under a causal mask the context positions 1..n hold the same hidden states in every prompt;
+    deep prompts equal to those states are a zero-effect insertion."""
+    backbone = backbones[family]
+    tower = backbone.text
+    method = build_method("ivlp", quick_config_for(family), backbone, CLASSES)
+    ids, embeds, n = method.text.token_ids, method.text.embeddings().detach(), method.text.ctx.shape[0]
+    seen = {}
+    blocks = tower.transformer.resblocks
+    handle = blocks[1].register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].detach()))
+    with torch.no_grad():
+        plain = tower.encode(embeds, ids)
+    handle.remove()
+    states = seen["x"] if tower.transformer.batch_first else seen["x"].transpose(0, 1)
+    with torch.no_grad(), text_prompts(tower.transformer, 1, [states[0, 1:1 + n]]):
+        same = tower.encode(embeds, ids)
+        different = None
+    torch.testing.assert_close(same, plain, rtol=1e-6, atol=1e-6)
+    with torch.no_grad(), text_prompts(tower.transformer, 1, [torch.randn(n, tower.width)]):
+        different = tower.encode(embeds, ids)
+    assert not torch.allclose(different, plain, atol=1e-3)  # the hook does reach the block
+
+
+def quick_config_for(family: str, *extra: str):
+    import tempfile
+    from pathlib import Path
+    return quick_config(Path(tempfile.mkdtemp()), f"backbone.model={family}", *SHALLOW, *extra)
+
+
+@pytest.mark.parametrize("family", VIT_FAMILIES)
+def test_lora_with_zero_b_leaves_both_towers_unchanged(backbones, family):
+    backbone = backbones[family]
+    method = build_method("clip_lora", quick_config_for(family), backbone, CLASSES).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(method.encode_images(images), backbone.encode_images(images), rtol=1e-5, atol=1e-6)
+        expected = F.normalize(backbone.model.encode_text(method.token_ids), dim=-1)
+        torch.testing.assert_close(method.text_features(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_equals_merged_weights(backbones):
+    """In eval mode (no dropout) a LoRA on q, k, v, o is the frozen attention with W + s B A."""
+    backbone = backbones["tiny-clip"]
+    block = backbone.model.visual.transformer.resblocks[0]
+    torch.manual_seed(1)
+    adapter = LoRAAttention(block.attn, "qkvo", rank=2, alpha=1.0, dropout=0.25).eval()
+    for lora in adapter.lora.values():
+        torch.nn.init.normal_(lora.B)
+    merged = copy.deepcopy(block)
+    width = block.attn.embed_dim
+    with torch.no_grad():
+        for i, p in enumerate("qkv"):
+            lora = adapter.lora[p]
+            merged.attn.in_proj_weight[i * width:(i + 1) * width] += lora.scaling * lora.B @ lora.A
+        merged.attn.out_proj.weight += adapter.lora["o"].scaling * adapter.lora["o"].B @ adapter.lora["o"].A
+        assert adapter.lora["q"].scaling == pytest.approx(2 ** -0.5)  # CLIP-LoRA: alpha / sqrt(rank)
+        x = torch.randn(2, 17, width)
+        with attached([block], [adapter]):
+            adapted = block(x)
+        torch.testing.assert_close(adapted, merged(x), rtol=1e-5, atol=1e-5)
+        assert block.attn is not adapter  # swapped back
+
+
+@pytest.mark.parametrize("name", IMAGE_METHODS)
+def test_only_the_learned_parameters_get_gradients(backbones, name):
+    backbone = backbones["tiny-clip"]
+    method = build_method(name, quick_config_for("tiny-clip"), backbone, CLASSES)
+    loss, logits = method.training_loss(torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2]))
+    loss.backward()
+    learned = [(n, p) for n, p in method.named_parameters() if p.requires_grad]
+    assert learned and [n for n, p in learned if p.grad is None] == []
+    # every learned tensor moves (LoRA's A has no gradient while B is zero, as in any LoRA)
+    assert [n for n, p in learned if p.grad.abs().sum() == 0 and not n.endswith(".A")] == []
+    assert all(p.grad is None and not p.requires_grad for p in backbone.model.parameters())
+    assert logits.shape == (3, len(CLASSES))
+
+
+@pytest.mark.parametrize("name", IMAGE_METHODS)
+def test_gradient_checkpointing_gives_the_same_gradients(backbones, name):
+    backbone = backbones["tiny-clip"]
+    grads = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        method = build_method(name, quick_config_for("tiny-clip", f"{name}.grad_checkpointing={flag}"),
+                              backbone, CLASSES).eval()  # eval: no LoRA dropout
+        torch.manual_seed(1)
+        method.training_loss(torch.randn(2, 3, 32, 32), torch.tensor([0, 2]))[0].backward()
+        grads.append([p.grad for p in method.parameters() if p.requires_grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", IMAGE_METHODS)
+def test_towers_that_cannot_be_reached_are_refused(name):
+    with pytest.raises(ConfigError, match="VisionTransformer|open_clip's own Transformer"):
+        build_method(name, quick_config_for("tiny-rn-clip"), tiny_backbone("tiny-rn-clip"), CLASSES)
+
+
+@pytest.mark.parametrize("name", ["ivlp", "maple"])
+def test_a_prompt_deeper_than_the_tower_is_refused(backbones, name):
+    with pytest.raises(ConfigError, match="depth"):
+        build_method(name, quick_config_for("tiny-clip", f"{name}.depth_vision=5", f"{name}.depth_text=5"),
+                     backbones["tiny-clip"], CLASSES)
+
+
+def test_runs_train_on_streamed_images_and_evaluate_through_their_own_encoder(tmp_path):
+    """One run with every image method beside zero-shot: each trains on streamed images (the loss
+    falls), saves its checkpoint and is evaluated through its own encoder."""
+    cfg = quick_config(tmp_path, *SHALLOW, "methods=[zeroshot,vpt_deep,ivlp,maple,clip_lora]", "data.shots=4",
+                       *[f"{m}.epochs=6" for m in ("vpt_deep", "ivlp", "maple")], *[f"{m}.lr=0.05" for m in
+                                                                                   ("vpt_deep", "ivlp", "maple")],
+                       "clip_lora.iterations_per_shot=3", "clip_lora.lr=0.01", "clip_lora.batch_size=8")
+    metrics = run_experiment(cfg)
+    for name in IMAGE_METHODS:
+        history = json.loads((tmp_path / "run" / name / "history.json").read_text())
+        assert history[-1]["loss"] < history[0]["loss"], (name, [h["loss"] for h in history])
+        assert (tmp_path / "run" / name / "checkpoint.pt").is_file()
+        assert 0 <= metrics[name]["accuracy"] <= 100
