@@ -220,7 +220,23 @@ class FeatureBank:
         return self._passes[(index, augment)]
 
 
-class TrainingFeatures:
+class EpochFeatures:
+    """Training data given as one SplitFeatures per epoch (`epoch`), served in shuffled batches."""
+
+    def epoch(self, epoch: int) -> SplitFeatures:
+        raise NotImplementedError
+
+    def batches(self, epoch: int, batch_size: int, seed: int, device: torch.device) -> Iterator[Batch]:
+        """(features, labels) batches of epoch `epoch`, on `device`, in the order `batch_order` gives."""
+        split = self.epoch(epoch)
+        # one host-to-device copy per epoch, not one per step
+        features, labels = split.features.to(device, non_blocking=True), split.labels.to(device, non_blocking=True)
+        for idx in batch_order(len(labels), batch_size, seed, epoch):
+            idx = idx.to(device)
+            yield features[idx], labels[idx]
+
+
+class TrainingFeatures(EpochFeatures):
     """What the trainer draws batches from: epoch e uses cached pass e mod P, or (P = 0) encodes
     the training images afresh every epoch as the reference implementation does."""
 
@@ -236,15 +252,6 @@ class TrainingFeatures:
         if self.passes == 0:
             return self.bank.train_pass(epoch, self.augment, cached=False)
         return self.bank.train_pass(epoch % self.passes, self.augment)
-
-    def batches(self, epoch: int, batch_size: int, seed: int, device: torch.device) -> Iterator[Batch]:
-        """(features, labels) batches of epoch `epoch`, on `device`, in the order `batch_order` gives."""
-        split = self.epoch(epoch)
-        # one host-to-device copy per epoch, not one per step
-        features, labels = split.features.to(device, non_blocking=True), split.labels.to(device, non_blocking=True)
-        for idx in batch_order(len(labels), batch_size, seed, epoch):
-            idx = idx.to(device)
-            yield features[idx], labels[idx]
 
     def mean_over_passes(self) -> torch.Tensor:
         """Features averaged over the cached passes, re-normalised (Tip-Adapter's cache keys)."""

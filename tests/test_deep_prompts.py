@@ -14,11 +14,13 @@ from promptlearn.deep_prompts import text_prompts, vision_prompts
 from promptlearn.errors import ConfigError
 from promptlearn.lora import LoRAAttention, attached
 from promptlearn.methods import build_method
+from promptlearn.methods.promptsrc import IMAGENET_TEMPLATES_60, gpa_weights
 from promptlearn.runner import run_experiment
 
 VIT_FAMILIES = ["tiny-clip", "tiny-custom-clip", "tiny-bidir-clip"]
-IMAGE_METHODS = ["vpt_deep", "ivlp", "maple", "clip_lora"]
-SHALLOW = [f"{m}.depth_vision=2" for m in ("vpt_deep", "ivlp", "maple")] + [f"{m}.depth_text=2" for m in ("ivlp", "maple")]
+IMAGE_METHODS = ["vpt_deep", "ivlp", "maple", "promptsrc", "clip_lora"]
+PROMPTED = ("vpt_deep", "ivlp", "maple", "promptsrc")
+SHALLOW = [f"{m}.depth_vision=2" for m in PROMPTED] + [f"{m}.depth_text=2" for m in PROMPTED if m != "vpt_deep"]
 CLASSES = ["cat", "dog", "traffic light"]
 
 
@@ -157,7 +159,40 @@ def test_towers_that_cannot_be_reached_are_refused(name):
         build_method(name, quick_config_for("tiny-rn-clip"), tiny_backbone("tiny-rn-clip"), CLASSES)
 
 
-@pytest.mark.parametrize("name", ["ivlp", "maple"])
+def test_gpa_weights_and_the_kept_prompts_are_the_gaussian_weighted_average(backbones):
+    weights = gpa_weights(20, 15, 1)  # the published recipe: 20 epochs, mean 15, std 1
+    assert max(range(20), key=weights.__getitem__) == 14 and sum(weights) == pytest.approx(1)
+    assert weights[13] == pytest.approx(weights[15]) and weights[14] == pytest.approx(0.3989, abs=1e-4)
+    assert sum(gpa_weights(3, 15, 1)) == pytest.approx(1)  # far from the mean it still normalises
+    method = build_method("promptsrc", quick_config_for("tiny-clip", "promptsrc.gpa_mean=2"), backbones["tiny-clip"],
+                          CLASSES)
+    seen = []
+    for epoch in (1, 2, 3):
+        with torch.no_grad():
+            method.vision.fill_(float(epoch))
+        seen.append(method.vision.detach().clone())
+        method.end_of_epoch(epoch, 3)
+    expected = sum(w * v for w, v in zip(gpa_weights(3, 2, 1), seen))
+    torch.testing.assert_close(method.vision.detach(), expected)
+    assert len(IMAGENET_TEMPLATES_60) == 60 and IMAGENET_TEMPLATES_60[0] == "a photo of a {}."
+
+
+def test_promptsrc_adds_nothing_to_the_loss_at_the_frozen_model(backbones):
+    """With no prompt tokens the image side is the frozen one and, with the teacher's text features
+    set to the prompt's own, the three self-regulating terms vanish: the loss is the cross-entropy.
+    With the real teacher (60 templates) they do not."""
+    cfg = quick_config_for("tiny-clip", "promptsrc.n_ctx_text=0", "promptsrc.n_ctx_vision=0")
+    method = build_method("promptsrc", cfg, backbones["tiny-clip"], CLASSES)
+    images, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        loss, logits = method.training_loss(images, labels)
+        assert loss > F.cross_entropy(logits, labels) + 1e-3
+        method.teacher_text = method.text_features()
+        loss, logits = method.training_loss(images, labels)
+        torch.testing.assert_close(loss, F.cross_entropy(logits, labels), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ivlp", "maple", "promptsrc"])
 def test_a_prompt_deeper_than_the_tower_is_refused(backbones, name):
     with pytest.raises(ConfigError, match="depth"):
         build_method(name, quick_config_for("tiny-clip", f"{name}.depth_vision=5", f"{name}.depth_text=5"),
@@ -167,9 +202,8 @@ def test_a_prompt_deeper_than_the_tower_is_refused(backbones, name):
 def test_runs_train_on_streamed_images_and_evaluate_through_their_own_encoder(tmp_path):
     """One run with every image method beside zero-shot: each trains on streamed images (the loss
     falls), saves its checkpoint and is evaluated through its own encoder."""
-    cfg = quick_config(tmp_path, *SHALLOW, "methods=[zeroshot,vpt_deep,ivlp,maple,clip_lora]", "data.shots=4",
-                       *[f"{m}.epochs=6" for m in ("vpt_deep", "ivlp", "maple")], *[f"{m}.lr=0.05" for m in
-                                                                                   ("vpt_deep", "ivlp", "maple")],
+    cfg = quick_config(tmp_path, *SHALLOW, f"methods=[zeroshot,{','.join(IMAGE_METHODS)}]", "data.shots=4",
+                       *[f"{m}.epochs=6" for m in PROMPTED], *[f"{m}.lr=0.05" for m in PROMPTED], "promptsrc.lr=0.005",
                        "clip_lora.iterations_per_shot=3", "clip_lora.lr=0.01", "clip_lora.batch_size=8")
     metrics = run_experiment(cfg)
     for name in IMAGE_METHODS:

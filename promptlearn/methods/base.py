@@ -123,6 +123,9 @@ class Method(nn.Module):
         logits = self(inputs)
         return F.cross_entropy(logits.float(), labels), logits
 
+    def end_of_epoch(self, epoch: int, epochs: int) -> None:
+        """Hook: called by the trainer after epoch `epoch` (1-based) of `epochs`, before the checkpoint."""
+
     def test_features(self, bank: "FeatureBank") -> "SplitFeatures":
         """The test images' features that `predict` scores: the frozen backbone's, cached."""
         return bank.test
