@@ -9,13 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import quick_config, tiny_backbone
+from helpers import REPO, SAMPLE, quick_config, tiny_backbone
 from promptlearn.deep_prompts import text_prompts, vision_prompts
 from promptlearn.errors import ConfigError
 from promptlearn.lora import LoRAAttention, attached
 from promptlearn.methods import build_method
 from promptlearn.methods.promptsrc import IMAGENET_TEMPLATES_60, gpa_weights
 from promptlearn.runner import run_experiment
+from promptlearn.sweep import load_sweep, plan_runs, run_sweep
+
+QUICK = REPO / "configs" / "sweeps" / "quick_sample.yaml"
 
 VIT_FAMILIES = ["tiny-clip", "tiny-custom-clip", "tiny-bidir-clip"]
 IMAGE_METHODS = ["vpt_deep", "ivlp", "maple", "promptsrc", "clip_lora"]
@@ -211,3 +214,14 @@ def test_runs_train_on_streamed_images_and_evaluate_through_their_own_encoder(tm
         assert history[-1]["loss"] < history[0]["loss"], (name, [h["loss"] for h in history])
         assert (tmp_path / "run" / name / "checkpoint.pt").is_file()
         assert 0 <= metrics[name]["accuracy"] <= 100
+
+
+def test_a_sweep_runs_an_image_method_and_the_shipped_sweep_loads(tmp_path):
+    sweep, base, run_overrides = load_sweep(QUICK, [
+        f"sweep.output_dir={tmp_path / 'sweep'}", f"cache_dir={tmp_path / 'cache'}", f"data.path={SAMPLE}",
+        "sweep.shots=[1]", "sweep.seeds=[1]", "methods=[zeroshot, clip_lora]", "clip_lora.iterations_per_shot=2"])
+    rows = run_sweep(sweep, plan_runs(sweep, base, run_overrides))
+    assert sorted(r["method"] for r in rows) == ["clip_lora", "zeroshot"]
+    shipped, shipped_base, _ = load_sweep(REPO / "configs" / "sweeps" / "vit_b16_deep_prompts.yaml")
+    assert set(IMAGE_METHODS) <= set(shipped_base.methods) and len(shipped.datasets) == 11
+    assert shipped_base.backbone.model == "ViT-B-16-quickgelu"  # the authors' CLIP uses QuickGELU
