@@ -38,9 +38,9 @@ from promptlearn.data.base import Item
 from promptlearn.data.loader import ImageItems, collate_images
 from promptlearn.data.transforms import eval_transform, train_transform
 from promptlearn.errors import ConfigError
-from promptlearn.features import EpochFeatures, SplitFeatures, extract_features
+from promptlearn.features import EpochFeatures, SplitFeatures, batch_order, extract_features
 from promptlearn.methods.coop import CoOp
-from promptlearn.trainer import Trainer, batch_order, build_optimizer, grad_scaler, lr_factor, optimizer_step
+from promptlearn.trainer import Trainer, build_optimizer, grad_scaler, lr_factor, optimizer_step
 
 SEED = 1
 SYNTHETIC_IMAGE_SIZE = 320  # about the size of a decoded ImageNet photo

@@ -24,7 +24,6 @@ from promptlearn.data.loader import ImageItems, collate_images, image_loader
 from promptlearn.data.transforms import eval_transform, train_transform
 from promptlearn.errors import DataError
 from promptlearn.io import TEMP_SUFFIX, atomic_write_bytes
-from promptlearn.trainer import batch_order
 
 log = logging.getLogger("promptlearn")
 Batch = tuple[torch.Tensor, torch.Tensor]  # (features or images, labels) of one training step
@@ -218,6 +217,14 @@ class FeatureBank:
             self._passes[(index, augment)] = self._features(
                 self.fewshot.train, train_transform(self.backbone), (self.seed, index), f"train pass {index}")
         return self._passes[(index, augment)]
+
+
+def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """Shuffled batches that depend only on (seed, epoch); the last short batch is dropped as CoOp does."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g)
+    full = n - n % batch_size if n >= batch_size else n
+    return list(order[:full].split(batch_size))
 
 
 class EpochFeatures:

@@ -53,14 +53,6 @@ def lr_factor(epoch: int, cfg: TrainConfig, epochs: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / max(epochs, 1)))
 
 
-def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
-    """Shuffled batches that depend only on (seed, epoch); the last short batch is dropped as CoOp does."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n, generator=g)
-    full = n - n % batch_size if n >= batch_size else n
-    return list(order[:full].split(batch_size))
-
-
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
@@ -102,7 +94,8 @@ class Trainer:
         settings = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "checkpoint_every"}
         return {**settings, "epochs": self.epochs, "seed": self.seed, **data.draw}
 
-    def fit(self, method: Trainable, data: "TrainingFeatures | TrainingImages", checkpoint: Path, resume: bool = False) -> dict:
+    def fit(self, method: Trainable, data: "TrainingFeatures | TrainingImages", checkpoint: Path,
+            resume: bool = False) -> dict:
         cfg, device = self.cfg, method.device
         params = [p for p in method.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, cfg)

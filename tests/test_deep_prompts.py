@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import REPO, SAMPLE, quick_config, tiny_backbone
+
 from promptlearn.deep_prompts import text_prompts, vision_prompts
 from promptlearn.errors import ConfigError
 from promptlearn.lora import LoRAAttention, attached

@@ -18,9 +18,9 @@ from torch import nn
 from promptlearn.data import dataset_templates
 from promptlearn.deep_prompts import checkpointed
 from promptlearn.errors import ConfigError
+from promptlearn.features import batch_order
 from promptlearn.lora import PROJECTIONS, LoRAAttention, adaptable_blocks, attached
 from promptlearn.methods.base import ImageMethod, register_method
-from promptlearn.trainer import batch_order
 
 ENCODERS = ("both", "vision", "text")
 
