@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from helpers import REPO, SAMPLE, quick_config, tiny_backbone
 
+from promptlearn import deep_benchmark
+from promptlearn.deep_benchmark import reference_image_features, reference_text_features
 from promptlearn.deep_prompts import text_prompts, vision_prompts
 from promptlearn.errors import ConfigError
 from promptlearn.lora import LoRAAttention, attached
@@ -225,3 +227,27 @@ def test_a_sweep_runs_an_image_method_and_the_shipped_sweep_loads(tmp_path):
     shipped, shipped_base, _ = load_sweep(REPO / "configs" / "sweeps" / "vit_b16_deep_prompts.yaml")
     assert set(IMAGE_METHODS) <= set(shipped_base.methods) and len(shipped.datasets) == 11
     assert shipped_base.backbone.model == "ViT-B-16-quickgelu"  # the authors' CLIP uses QuickGELU
+
+
+@pytest.mark.parametrize("name", ["ivlp", "maple"])
+def test_the_benchmark_reference_loop_computes_what_the_hooks_compute(backbones, name):
+    method = build_method(name, quick_config_for("tiny-clip"), backbones["tiny-clip"], CLASSES)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reference_image_features(method, images), method.encode_images(images),
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(reference_text_features(method), method.text_features(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_benchmark_measures_a_step_of_each_kind():
+    """`_measure` is what each benchmark process runs (in-process here: spawning is slow on 2 cores)."""
+    figures = []
+    for reference in (False, True):
+        deep_benchmark._measure("maple", "tiny-clip", reference, False, 2, 1,
+                                ["maple.depth_vision=2", "maple.depth_text=2"], FakeQueue(figures))
+    assert all(f["time_per_step_s"] > 0 and f["peak_memory_mb"] > 0 and f["image_size"] == 32 for f in figures)
+
+
+class FakeQueue(list):
+    def __init__(self, into: list):
+        self.put = into.append
