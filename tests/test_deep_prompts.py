@@ -197,6 +197,11 @@ def test_promptsrc_adds_nothing_to_the_loss_at_the_frozen_model(backbones):
         torch.testing.assert_close(loss, F.cross_entropy(logits, labels), rtol=1e-6, atol=1e-6)
 
 
+def test_a_class_name_longer_than_the_context_is_refused(backbones):
+    with pytest.raises(ConfigError, match="'word word .*' is \\d+ tokens, more than the text tower's context length 77"):
+        build_method("ivlp", quick_config_for("tiny-clip"), backbones["tiny-clip"], ["word " * 80])
+
+
 @pytest.mark.parametrize("name", ["ivlp", "maple", "promptsrc"])
 def test_a_prompt_deeper_than_the_tower_is_refused(backbones, name):
     with pytest.raises(ConfigError, match="depth"):

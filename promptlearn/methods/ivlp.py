@@ -66,12 +66,15 @@ class TextPrompts(nn.Module):
         rows, positions = [], []
         for name in classnames:
             ids, pos = layout_prompt(tok, placeholder, name, tok.encode("."), "end")
+            if len(ids) > tower.context_length:
+                raise ConfigError(f"the prompt for class {name!r} is {len(ids)} tokens, more than the text tower's "
+                                  f"context length {tower.context_length}; shorten the class name or ctx_init")
             rows.append(ids)
             positions.append(pos[:n_ctx])
         length = max(map(len, rows)) if tower.can_truncate else tower.context_length
         token_ids = torch.full((len(rows), length), tok.pad_id, dtype=torch.long)
         for i, ids in enumerate(rows):
-            token_ids[i, :len(ids)] = torch.tensor(ids[:length])
+            token_ids[i, :len(ids)] = torch.tensor(ids)
         token_ids = token_ids.to(backbone.device)
         self.register_buffer("token_ids", token_ids, persistent=False)
         with torch.no_grad():
