@@ -13,31 +13,55 @@ backbone is shared by every method of a run, so nothing stays attached):
 - text: the first-layer prompts are part of the prompt embeddings (as CoOp's context); block i's
   input has the context positions replaced.
 
-Only open_clip's own VisionTransformer and Transformer are reached; other towers are refused by
-`check_vision_tower` / `check_text_tower` with a message naming the tower.
+The image side reaches open_clip's own VisionTransformer and timm's VisionTransformer trunks (the
+appended tokens are dropped before timm's final norm there); the text side open_clip's Transformer.
+Other towers are refused by `image_tower` / `check_text_tower` with a message naming the tower.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
+from open_clip.timm_model import TimmModel
 from open_clip.transformer import Transformer, VisionTransformer
+from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from promptlearn.errors import ConfigError
 
 
-def check_vision_tower(model: nn.Module, method: str) -> VisionTransformer:
-    """open_clip's own ViT image tower, or a ConfigError naming what the model has instead."""
+@dataclass(frozen=True)
+class ImageTower:
+    """Where the hooks reach into an image tower: `entry` outputs the token sequence [N, L, D] after the
+    positional embedding (prompts are appended to it), `blocks` are the transformer blocks (the
+    prompts are replaced at their input, sequence on `seq_dim`), `exit` takes the tokens after the last
+    block (the prompts are dropped from its input) and `width` is the token width."""
+
+    entry: nn.Module
+    blocks: Sequence[nn.Module]
+    exit: nn.Module
+    width: int
+    seq_dim: int
+
+
+def image_tower(model: nn.Module, method: str) -> ImageTower:
+    """open_clip's own ViT image tower or a timm ViT trunk, or a ConfigError naming the tower."""
     visual = getattr(model, "visual", None)
     if isinstance(visual, VisionTransformer) and isinstance(visual.transformer, Transformer):
-        return visual
+        t = visual.transformer
+        return ImageTower(visual.patch_dropout, t.resblocks, t, t.width, 1 if t.batch_first else 0)
+    trunk = getattr(visual, "trunk", None)
+    if isinstance(visual, TimmModel) and isinstance(trunk, TimmViT):
+        return ImageTower(trunk.patch_drop, trunk.blocks, trunk.norm, trunk.embed_dim, 1)
+    inner = f" ({type(trunk).__name__})" if trunk is not None else ""
     raise ConfigError(
-        f"{method} learns inside the image encoder, which must be open_clip's own VisionTransformer; this "
-        f"model's image tower is a {type(visual).__name__} (a ResNet, timm or Hugging Face tower cannot be "
-        "prompted or adapted here). Choose a ViT model such as ViT-B-16, or a method on cached features (coop)")
+        f"{method} learns inside the image encoder, which must be open_clip's own VisionTransformer or a timm "
+        f"VisionTransformer; this model's image tower is a {type(visual).__name__}{inner} (a ResNet, ConvNeXt or "
+        "Hugging Face tower cannot be prompted here). Choose a ViT model such as ViT-B-16, or a method on "
+        "cached features (coop)")
 
 
 def check_text_tower(transformer: nn.Module, method: str) -> Transformer:
@@ -85,25 +109,29 @@ def _removing(handles: list) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def vision_prompts(visual: VisionTransformer, prompts: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Run `visual` with learned tokens: prompts[0] [n, D] appended after the positional embedding,
-    prompts[i] (i >= 1) replacing them at the input of block i. Every entry has the same n."""
+def vision_prompts(tower: ImageTower, prompts: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Run the image tower with learned tokens: prompts[0] [n, D] appended after the positional
+    embedding, prompts[i] (i >= 1) replacing them at the input of block i. Every entry has the same n."""
     if not prompts:
         yield
         return
-    n, blocks = prompts[0].shape[0], visual.transformer.resblocks
-    if len(prompts) > len(blocks):
-        raise ConfigError(f"a prompt depth of {len(prompts)} exceeds the image tower's {len(blocks)} layers")
-    seq_dim = _seq_dim(visual.transformer)
+    n = prompts[0].shape[0]
+    if len(prompts) > len(tower.blocks):
+        raise ConfigError(f"a prompt depth of {len(prompts)} exceeds the image tower's {len(tower.blocks)} layers")
 
-    def append(module, args, out):  # patch_dropout's output is batch-first [N, L, D]
+    def append(module, args, out):  # the entry's output is batch-first [N, L, D]
         return torch.cat([out, _as_tokens(prompts[0], out, 1)], dim=1)
 
-    def drop(module, args, out):  # the transformer returns [N, L, D] whatever its internal layout
+    def drop_before(module, args):  # timm's final norm gets [N, L, D]
+        return (args[0][:, :-n], *args[1:])
+
+    def drop_after(module, args, out):  # open_clip's transformer returns [N, L, D] whatever its inner layout
         return out[:, :-n]
 
-    handles = [visual.patch_dropout.register_forward_hook(append), visual.transformer.register_forward_hook(drop)]
-    handles += [_replace_block_input(blocks[i], p, None, seq_dim) for i, p in enumerate(prompts) if i > 0]
+    exit_hook = (tower.exit.register_forward_hook(drop_after) if isinstance(tower.exit, Transformer)
+                 else tower.exit.register_forward_pre_hook(drop_before))
+    handles = [tower.entry.register_forward_hook(append), exit_hook]
+    handles += [_replace_block_input(tower.blocks[i], p, None, tower.seq_dim) for i, p in enumerate(prompts) if i > 0]
     with _removing(handles):
         yield
 

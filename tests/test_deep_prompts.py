@@ -12,7 +12,7 @@ from helpers import REPO, SAMPLE, quick_config, tiny_backbone
 
 from promptlearn import deep_benchmark
 from promptlearn.deep_benchmark import reference_image_features, reference_text_features
-from promptlearn.deep_prompts import text_prompts, vision_prompts
+from promptlearn.deep_prompts import image_tower, text_prompts, vision_prompts
 from promptlearn.errors import ConfigError
 from promptlearn.lora import LoRAAttention, attached
 from promptlearn.methods import build_method
@@ -56,13 +56,38 @@ def test_vision_prompts_match_the_straightforward_loop(backbones, family):
     torch.manual_seed(0)
     images = torch.randn(3, 3, 32, 32)
     prompts = [torch.randn(4, visual.transformer.width) for _ in range(2)]
-    with torch.no_grad(), vision_prompts(visual, prompts):
+    with torch.no_grad(), vision_prompts(image_tower(backbones[family].model, "test"), prompts):
         hooked = visual(images)
     torch.testing.assert_close(hooked, reference_vision(visual, images, prompts), rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # the hooks are gone after the `with`: the tower is the frozen one again
         torch.testing.assert_close(visual(images), backbones[family].model.encode_image(images), rtol=0, atol=0)
-        with vision_prompts(visual, []):
+        with vision_prompts(image_tower(backbones[family].model, "test"), []):
             torch.testing.assert_close(visual(images), backbones[family].model.encode_image(images), rtol=0, atol=0)
+
+
+def test_timm_vit_towers_take_prompts_like_the_straightforward_loop():
+    """A timm ViT trunk: prompts appended after the position embedding (before norm_pre), replaced
+    before each block, dropped before the final norm, the class token pooled by timm's head."""
+    backbone = tiny_backbone("tiny-timm-clip")
+    visual, trunk = backbone.model.visual, backbone.model.visual.trunk
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 224, 224)
+    prompts = [torch.randn(3, trunk.embed_dim) for _ in range(3)]
+    with torch.no_grad():
+        with vision_prompts(image_tower(backbone.model, "test"), prompts):
+            hooked = visual(images)
+        x = trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(images)))
+        x = trunk.norm_pre(torch.cat([x, prompts[0].expand(len(x), -1, -1)], dim=1))
+        for i, block in enumerate(trunk.blocks):
+            if 0 < i < len(prompts):
+                x = torch.cat([x[:, :-3], prompts[i].expand(len(x), -1, -1)], dim=1)
+            x = block(x)
+        expected = visual.head(trunk.forward_head(trunk.norm(x[:, :-3])))
+        torch.testing.assert_close(hooked, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(visual(images), backbone.model.encode_image(images), rtol=0, atol=0)
+    method = build_method("maple", quick_config_for("tiny-timm-clip"), backbone, CLASSES)
+    method.training_loss(images, torch.tensor([0, 1]))[0].backward()
+    assert all(p.grad is not None for p in method.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("family", ["tiny-clip", "tiny-custom-clip"])
@@ -160,7 +185,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(backbones, name):
 
 @pytest.mark.parametrize("name", IMAGE_METHODS)
 def test_towers_that_cannot_be_reached_are_refused(name):
-    with pytest.raises(ConfigError, match="VisionTransformer|open_clip's own Transformer"):
+    with pytest.raises(ConfigError, match="ModifiedResNet"):
         build_method(name, quick_config_for("tiny-rn-clip"), tiny_backbone("tiny-rn-clip"), CLASSES)
 
 

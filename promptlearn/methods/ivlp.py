@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptlearn.backbone import FrozenCLIP
-from promptlearn.deep_prompts import check_text_tower, check_vision_tower, checkpointed, text_prompts, vision_prompts
+from promptlearn.deep_prompts import check_text_tower, checkpointed, image_tower, text_prompts, vision_prompts
 from promptlearn.errors import ConfigError
 from promptlearn.methods.base import ImageMethod, register_method
 from promptlearn.prompts import layout_prompt
@@ -109,12 +109,11 @@ class DeepPromptMethod(ImageMethod):
         super().__init__(cfg, backbone, classnames)
         own = getattr(cfg, self.section)
         self.own = own
-        self.visual = check_vision_tower(backbone.model, self.name)
+        self.visual, self.tower = backbone.model.visual, image_tower(backbone.model, self.name)
         check_text_tower(backbone.text.transformer, self.name)
-        if own.depth_vision > len(self.visual.transformer.resblocks) or \
-                own.depth_text > len(backbone.text.transformer.resblocks):
+        if own.depth_vision > len(self.tower.blocks) or own.depth_text > len(backbone.text.transformer.resblocks):
             raise ConfigError(f"{self.name}.depth_vision={own.depth_vision} / depth_text={own.depth_text} exceed "
-                              f"the towers' {len(self.visual.transformer.resblocks)} image and "
+                              f"the towers' {len(self.tower.blocks)} image and "
                               f"{len(backbone.text.transformer.resblocks)} text layers of {backbone.name}")
         self.text = TextPrompts(backbone, classnames, own.n_ctx_text, own.ctx_init, own.depth_text)
 
@@ -127,7 +126,7 @@ class DeepPromptMethod(ImageMethod):
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         def run(x: torch.Tensor) -> torch.Tensor:
-            with vision_prompts(self.visual, self.vision_prompt_list()):
+            with vision_prompts(self.tower, self.vision_prompt_list()):
                 return self.visual(x)
         return F.normalize(checkpointed(run, images, enabled=self.own.grad_checkpointing).float(), dim=-1)
 
@@ -151,7 +150,7 @@ class DeepPromptMethod(ImageMethod):
 class IVLP(DeepPromptMethod):
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
-        own, width = self.own, self.visual.transformer.width
+        own, width = self.own, self.tower.width
         shape = (own.depth_vision if own.n_ctx_vision else 0, own.n_ctx_vision, width)
         vision = torch.empty(shape, device=backbone.device).normal_(std=PROMPT_STD)
         self.vision = nn.Parameter(vision, requires_grad=vision.numel() > 0)

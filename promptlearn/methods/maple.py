@@ -38,7 +38,7 @@ class MapleConfig(DeepPromptConfig):
 class MaPLe(DeepPromptMethod):
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
-        text_width, image_width = backbone.text.width, self.visual.transformer.width
+        text_width, image_width = backbone.text.width, self.tower.width
         self.proj = nn.Linear(text_width, image_width).to(backbone.device)
         layer = nn.Linear(text_width, image_width).to(backbone.device)
         self.deep_proj = nn.ModuleList([copy.deepcopy(layer) for _ in range(self.own.depth_vision - 1)])
