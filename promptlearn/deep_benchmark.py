@@ -117,26 +117,32 @@ def measure(name: str, model: str, reference: bool, checkpointing: bool, batch: 
 
 
 def run(model: str = "ViT-B-16", batch: int = 4, steps: int = 2, methods: list[str] = METHODS,
-        overrides: list[str] = ()) -> dict:
+        overrides: list[str] = (), checkpointing: bool = False, out: Path | None = None) -> dict:
+    """Figures per method; with `out`, the JSON is rewritten after each method (a long run keeps
+    what it has measured)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    figures = {}
+    result = {"device": device_name(torch.device(device)), "torch": torch.__version__,
+              "open_clip": open_clip.__version__, "backbone": model, "pretrained": "none",
+              "classes": len(CLASSNAMES), "batch_size": batch, "methods": {},
+              "note": "each measurement in its own process; the recipes' default prompt lengths and depths"}
     for name in methods:
         own = measure(name, model, reference=False, checkpointing=False, batch=batch, steps=steps,
                       overrides=list(overrides))
-        saved = measure(name, model, reference=False, checkpointing=True, batch=batch, steps=steps,
-                        overrides=list(overrides))
-        entry = {"promptlearn": own, "promptlearn_grad_checkpointing": saved}
+        entry = {"promptlearn": own}
+        if checkpointing:
+            saved = measure(name, model, reference=False, checkpointing=True, batch=batch, steps=steps,
+                            overrides=list(overrides))
+            entry["promptlearn_grad_checkpointing"] = saved
+            entry["memory_ratio_checkpointing_over_plain"] = saved["peak_memory_mb"] / own["peak_memory_mb"]
         if name != "clip_lora":  # CLIP-LoRA's own code is the same per-projection arithmetic as promptlearn.lora
             ref = measure(name, model, reference=True, checkpointing=False, batch=batch, steps=steps,
-                      overrides=list(overrides))
+                          overrides=list(overrides))
             entry["reference_loop"] = ref
             entry["time_ratio_reference_over_promptlearn"] = ref["time_per_step_s"] / own["time_per_step_s"]
-        entry["memory_ratio_checkpointing_over_plain"] = saved["peak_memory_mb"] / own["peak_memory_mb"]
-        figures[name] = entry
-    return {"device": device_name(torch.device(device)), "torch": torch.__version__,
-            "open_clip": open_clip.__version__, "backbone": model, "pretrained": "none",
-            "classes": len(CLASSNAMES), "batch_size": batch, "methods": figures,
-            "note": "each measurement in its own process; the recipes' default prompt lengths and depths"}
+        result["methods"][name] = entry
+        if out is not None:
+            atomic_write_json(out, result)
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,10 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--methods", nargs="*", default=METHODS)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--checkpointing", action="store_true", help="also measure with gradient checkpointing")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. maple.depth_vision=2")
     args = parser.parse_args(argv)
-    result = run(args.model, args.batch, args.steps, args.methods, args.overrides)
-    atomic_write_json(args.out, result)
+    run(args.model, args.batch, args.steps, args.methods, args.overrides, args.checkpointing, args.out)
     print(f"wrote {args.out}", file=sys.stderr)
 
 
