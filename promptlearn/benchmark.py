@@ -37,9 +37,9 @@ from promptlearn.data.base import Item
 from promptlearn.data.loader import ImageItems, collate_images
 from promptlearn.data.transforms import eval_transform, train_transform
 from promptlearn.errors import ConfigError
-from promptlearn.features import SplitFeatures, extract_features
+from promptlearn.features import EpochFeatures, SplitFeatures, batch_order, extract_features
 from promptlearn.methods.coop import CoOp
-from promptlearn.trainer import Trainer, batch_order, build_optimizer, grad_scaler, lr_factor, optimizer_step
+from promptlearn.trainer import Trainer, build_optimizer, grad_scaler, lr_factor, optimizer_step
 
 SEED = 1
 SYNTHETIC_IMAGE_SIZE = 320  # about the size of a decoded ImageNet photo
@@ -239,7 +239,7 @@ def measure_reference(spec: BenchmarkSpec, classnames: list[str], items: list[It
             **memory}
 
 
-class _FixedFeatures:
+class _FixedFeatures(EpochFeatures):
     """Trainer data that gives the same features every epoch."""
 
     draw = {"dataset": "benchmark", "shots": 0}

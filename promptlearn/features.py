@@ -10,21 +10,23 @@ import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from promptlearn.backbone import FrozenCLIP
 from promptlearn.checkpoint import content_digest
 from promptlearn.data.base import DatasetSplits, Item
 from promptlearn.data.fewshot import FewShotSplit
-from promptlearn.data.loader import ImageItems, image_loader
+from promptlearn.data.loader import ImageItems, collate_images, image_loader
 from promptlearn.data.transforms import eval_transform, train_transform
 from promptlearn.errors import DataError
 from promptlearn.io import TEMP_SUFFIX, atomic_write_bytes
 
 log = logging.getLogger("promptlearn")
+Batch = tuple[torch.Tensor, torch.Tensor]  # (features or images, labels) of one training step
 
 
 @dataclass
@@ -39,7 +41,10 @@ class SplitFeatures:
 
 def extract_features(backbone: FrozenCLIP, items: list[Item], transform, *, batch_size: int,
                      num_workers: int, skip_bad: bool, aug_seed: tuple[int, int] | None = None,
-                     desc: str = "features") -> SplitFeatures:
+                     desc: str = "features", encode: Callable[[torch.Tensor], torch.Tensor] | None = None
+                     ) -> SplitFeatures:
+    """Features of `items` by the frozen backbone, or by `encode` (a method's own image encoder)."""
+    encode = encode or backbone.encode_images
     loader = image_loader(ImageItems(items, transform, aug_seed), batch_size, num_workers, backbone.device)
     features, indices, skipped = [], [], []
     for images, _, batch_indices, bad in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
@@ -47,7 +52,7 @@ def extract_features(backbone: FrozenCLIP, items: list[Item], transform, *, batc
             raise DataError(bad[0].message)
         skipped.extend(bad)
         if images is not None:
-            features.append(backbone.encode_images(images).cpu())
+            features.append(encode(images).cpu())
             indices.append(batch_indices)
     if skipped:
         log.warning("%s: skipped %d unreadable images (data.skip_bad_images=true), e.g. %s",
@@ -200,9 +205,16 @@ class FeatureBank:
     def test(self) -> SplitFeatures:
         return self._features(self.dataset.test, eval_transform(self.backbone), None, "test features")
 
-    def test_of(self, dataset: DatasetSplits) -> SplitFeatures:
-        """The test split of another dataset (a protocol's novel classes or target set), same backbone and cache."""
-        return self._features(dataset.test, eval_transform(self.backbone), None, f"{dataset.name} test features")
+    def test_of(self, dataset: DatasetSplits | None = None,
+                encode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SplitFeatures:
+        """The test split of `dataset` (default: the run's own; a protocol's novel classes or a target set) with
+        the same backbone and cache. `encode`: a method's own image encoder (prompted or adapted), never cached."""
+        dataset = dataset or self.dataset
+        if encode is None:
+            return self._features(dataset.test, eval_transform(self.backbone), None, f"{dataset.name} test features")
+        return extract_features(self.backbone, dataset.test, eval_transform(self.backbone),
+                                batch_size=self.batch_size, num_workers=self.num_workers, skip_bad=self.skip_bad,
+                                desc=f"{dataset.name} test features", encode=encode)
 
     def train_pass(self, index: int, augment: bool, cached: bool = True) -> SplitFeatures:
         """Training features of augmented pass `index` (a fresh seeded crop and flip per image)."""
@@ -217,7 +229,31 @@ class FeatureBank:
         return self._passes[(index, augment)]
 
 
-class TrainingFeatures:
+def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """Shuffled batches that depend only on (seed, epoch); the last short batch is dropped as CoOp does."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g)
+    full = n - n % batch_size if n >= batch_size else n
+    return list(order[:full].split(batch_size))
+
+
+class EpochFeatures:
+    """Training data given as one SplitFeatures per epoch (`epoch`), served in shuffled batches."""
+
+    def epoch(self, epoch: int) -> SplitFeatures:
+        raise NotImplementedError
+
+    def batches(self, epoch: int, batch_size: int, seed: int, device: torch.device) -> Iterator[Batch]:
+        """(features, labels) batches of epoch `epoch`, on `device`, in the order `batch_order` gives."""
+        split = self.epoch(epoch)
+        # one host-to-device copy per epoch, not one per step
+        features, labels = split.features.to(device, non_blocking=True), split.labels.to(device, non_blocking=True)
+        for idx in batch_order(len(labels), batch_size, seed, epoch):
+            idx = idx.to(device)
+            yield features[idx], labels[idx]
+
+
+class TrainingFeatures(EpochFeatures):
     """What the trainer draws batches from: epoch e uses cached pass e mod P, or (P = 0) encodes
     the training images afresh every epoch as the reference implementation does."""
 
@@ -239,3 +275,32 @@ class TrainingFeatures:
         passes = max(self.passes, 1) if self.augment else 1
         stack = torch.stack([self.bank.train_pass(p, self.augment).features for p in range(passes)])
         return torch.nn.functional.normalize(stack.mean(0), dim=-1)
+
+
+class TrainingImages:
+    """For methods that learn inside the image encoder: the few-shot training images themselves,
+    augmented afresh every epoch (the crop and flip of image i in epoch e depend only on the seed, e
+    and i) and loaded by worker processes into pinned memory, in the trainer's deterministic order."""
+
+    def __init__(self, bank: FeatureBank, augment: bool):
+        self.bank, self.augment = bank, augment
+
+    @property
+    def draw(self) -> dict:
+        return {"dataset": self.bank.fewshot.dataset, "shots": self.bank.fewshot.shots, "images": True}
+
+    def __len__(self) -> int:
+        return len(self.bank.fewshot.train)
+
+    def batches(self, epoch: int, batch_size: int, seed: int, device: torch.device) -> Iterator[Batch]:
+        bank = self.bank
+        items = ImageItems(bank.fewshot.train, train_transform(bank.backbone, self.augment),
+                           (bank.seed, epoch) if self.augment else None)
+        order = [idx.tolist() for idx in batch_order(len(items), batch_size, seed, epoch)]
+        loader = DataLoader(items, batch_sampler=order, num_workers=bank.num_workers,
+                            pin_memory=device.type == "cuda", collate_fn=collate_images)
+        for images, labels, _, bad in loader:
+            if bad and not bank.skip_bad:
+                raise DataError(bad[0].message)
+            if images is not None:
+                yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)

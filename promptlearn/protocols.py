@@ -115,7 +115,7 @@ def evaluate_on(method: Method, target: Target, bank: "FeatureBank", folder: Pat
     score = scorer_for(method, target, cfg)
     if isinstance(score, NotApplicable):
         return {"na": score.reason}
-    test = bank.test_of(target.dataset)
+    test = method.test_features(bank, target.dataset)  # a method that learns inside the image encoder: its own
     return evaluate(score(test.features), test.labels, test.paths, target.dataset.classnames, folder,
                     cfg.eval.ece_bins)
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple, Protocol
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from promptlearn.checkpoint import DamagedCheckpoint, check_meta, save_checkpoint, set_aside
@@ -19,7 +18,7 @@ from promptlearn.config import TrainConfig
 from promptlearn.errors import PromptlearnError
 
 if TYPE_CHECKING:
-    from promptlearn.features import TrainingFeatures
+    from promptlearn.features import TrainingFeatures, TrainingImages
 
 
 class StepLosses(NamedTuple):
@@ -29,9 +28,9 @@ class StepLosses(NamedTuple):
     losses: dict[str, torch.Tensor]
 
 
-def cross_entropy_step(method, image_features: torch.Tensor, labels: torch.Tensor) -> StepLosses:
-    """The default step: cross-entropy of the method's logits."""
-    logits = method(image_features)
+def cross_entropy_step(method, inputs: torch.Tensor, labels: torch.Tensor) -> StepLosses:
+    """The default step: cross-entropy of the method's logits (inputs: image features, or images)."""
+    logits = method(inputs)
     return StepLosses(logits, {"cross_entropy": F.cross_entropy(logits.float(), labels)})
 
 
@@ -41,7 +40,8 @@ def backward_sum(losses: dict[str, torch.Tensor], scale: Callable) -> None:
 
 
 class Trainable(Protocol):
-    """What the trainer needs of a method: its parameters, logits for image features, and its state."""
+    """What the trainer needs of a method: its parameters, its loss and logits on a batch (image features,
+    or images for methods that learn inside the image encoder), and its state."""
 
     name: str
     device: torch.device
@@ -50,9 +50,10 @@ class Trainable(Protocol):
     def parameters(self) -> Iterator[torch.nn.Parameter]: ...
     def train(self, mode: bool = True) -> object: ...
     def eval(self) -> object: ...
-    def __call__(self, image_features: torch.Tensor) -> torch.Tensor: ...
-    def training_step(self, image_features: torch.Tensor, labels: torch.Tensor) -> "StepLosses": ...
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor: ...
+    def training_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> "StepLosses": ...
     def backward(self, losses: dict[str, torch.Tensor], scale: Callable) -> None: ...
+    def end_of_epoch(self, epoch: int, epochs: int) -> None: ...
     def checkpoint_meta(self) -> dict: ...
     def trainable_state(self) -> dict[str, torch.Tensor]: ...
     def restore(self, path: str | Path) -> dict: ...
@@ -69,14 +70,6 @@ def lr_factor(epoch: int, cfg: TrainConfig, epochs: int) -> float:
     if epoch < cfg.warmup_epochs:
         return cfg.warmup_lr / cfg.lr
     return 0.5 * (1.0 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / max(epochs, 1)))
-
-
-def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
-    """Shuffled batches that depend only on (seed, epoch); the last short batch is dropped as CoOp does."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n, generator=g)
-    full = n - n % batch_size if n >= batch_size else n
-    return list(order[:full].split(batch_size))
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -116,12 +109,13 @@ class Trainer:
         """This trainer (seed, precision) under a method's own recipe: optimiser, lr, batch size, epochs."""
         return Trainer(cfg, epochs, self.seed, self.precision)
 
-    def recipe(self, data: "TrainingFeatures") -> dict:
+    def recipe(self, data: "TrainingFeatures | TrainingImages") -> dict:
         """Everything that changes the result of training: resuming under another recipe is refused."""
         settings = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "checkpoint_every"}
         return {**settings, "epochs": self.epochs, "seed": self.seed, **data.draw}
 
-    def fit(self, method: Trainable, data: "TrainingFeatures", checkpoint: Path, resume: bool = False) -> dict:
+    def fit(self, method: Trainable, data: "TrainingFeatures | TrainingImages", checkpoint: Path,
+            resume: bool = False) -> dict:
         cfg, device = self.cfg, method.device
         params = [p for p in method.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, cfg)
@@ -149,6 +143,7 @@ class Trainer:
         try:
             for epoch in range(start, self.epochs):
                 history.append(self._epoch(method, data, optimizer, scaler, epoch, last_done["epoch"]))
+                method.end_of_epoch(epoch + 1, self.epochs)
                 scheduler.step()
                 last_done = snapshot(epoch + 1)
                 log.info("%s epoch %d/%d: loss %.4f, train accuracy %.2f%%, lr %.2e", method.name, epoch + 1,
@@ -167,17 +162,11 @@ class Trainer:
         return {"epochs": self.epochs, "train_seconds": last_done["train_seconds"], "history": history}
 
     def _epoch(self, method, data, optimizer, scaler, epoch: int, checkpoint_epoch: int) -> dict:
-        device = method.device
-        split = data.epoch(epoch)
-        # one host-to-device copy per epoch, not one per step
-        features, labels = split.features.to(device, non_blocking=True), split.labels.to(device, non_blocking=True)
-        batches = batch_order(len(labels), self.cfg.batch_size, self.seed, epoch)
         method.train()
         total_loss, correct, seen, parts = 0.0, 0, 0, {}
+        batches = data.batches(epoch, self.cfg.batch_size, self.seed, method.device)
         bar = tqdm(batches, desc=f"{method.name} epoch {epoch + 1}/{self.epochs}", leave=False, dynamic_ncols=True)
-        for step, idx in enumerate(bar):
-            idx = idx.to(device)
-            x, y = features[idx], labels[idx]
+        for step, (x, y) in enumerate(bar):
             with method.backbone.autocast():
                 logits, losses = method.training_step(x, y)
                 loss = sum(losses.values())

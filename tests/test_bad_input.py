@@ -24,7 +24,7 @@ from promptlearn.data.base import Item
 from promptlearn.data.loader import BadImage, ImageItems, load_image
 from promptlearn.data.transforms import eval_transform
 from promptlearn.errors import CheckpointError, DataError, PromptlearnError
-from promptlearn.features import SplitFeatures
+from promptlearn.features import EpochFeatures, SplitFeatures
 from promptlearn.methods import build_method
 from promptlearn.runner import run_experiment
 from promptlearn.trainer import NonFiniteLoss, Trainer
@@ -359,7 +359,7 @@ def test_checkpoint_with_pickled_code_is_refused_and_the_code_never_runs(tmp_pat
 
 # ----------------------------------------------------------------------------- the loss
 
-class BlowsUpAtEpoch:
+class BlowsUpAtEpoch(EpochFeatures):
     """Training features that turn into NaN from epoch `bad` on (0-based)."""
 
     draw = {"dataset": "synthetic", "shots": 4}

@@ -9,6 +9,7 @@ from helpers import hf_tokenizer_cached, quick_config, tiny_siglip_tokenizer
 
 from promptlearn.backbone import FrozenCLIP, hf_names, load_backbone
 from promptlearn.config import BackboneConfig
+from promptlearn.errors import ConfigError
 from promptlearn.methods import METHODS, build_method
 
 ARCHITECTURES = ["RN50", "ViT-B-16", "EVA02-B-16", "MobileCLIP-S1", "convnext_base", "PE-Core-B-16",
@@ -33,7 +34,11 @@ def test_every_method_runs_on_the_real_architecture(tmp_path, monkeypatch, model
     cfg = quick_config(tmp_path, f"backbone.model={model}", "coop.n_ctx=4", "coop.ctx_init=")
     labels = torch.arange(IMAGES) % len(CLASSNAMES)
     for name in sorted(METHODS):
-        method = build_method(name, cfg, backbone, CLASSNAMES)
+        try:
+            method = build_method(name, cfg, backbone, CLASSNAMES)
+        except ConfigError as e:  # a method that learns inside the towers refuses a tower it cannot reach
+            assert not METHODS[name].capabilities.cached_features and "tower" in str(e), (model, name, str(e))
+            continue
         if hasattr(method, "keys"):  # Tip-Adapter(-F): the handful of images as its cache, as fit() sets it
             method.keys = torch.nn.Parameter(features) if method.fine_tunes else features
             method.values = torch.nn.functional.one_hot(labels, len(CLASSNAMES)).float()

@@ -145,7 +145,7 @@ def test_runs_asking_a_method_for_a_missing_capability_stop_before_anything_load
     """The runner reads capabilities only: --eval-only needs a method restorable from a checkpoint, a
     test-only set needs methods that do not learn; nothing is written before the refusal."""
     with pytest.raises(ConfigError, match=r"--eval-only .* none of methods=\['zeroshot', 'linear_probe'\] .* "
-                                          r"list one of (\w+, )*coop, coop_csc"):
+                                          r"list one of (\w+, )*coop, coop_csc\b"):
         run_experiment(quick_config(tmp_path, "methods=[zeroshot,linear_probe]"), eval_only=str(tmp_path / "x.pt"))
     with pytest.raises(ConfigError, match="unknown method 'coopp'; did you mean 'coop'"):
         run_experiment(quick_config(tmp_path, "methods=[zeroshot,coopp]"))

@@ -17,14 +17,15 @@ from torch import nn
 from promptlearn.checkpoint import check_meta, load_checkpoint
 from promptlearn.config import register_section
 from promptlearn.errors import CheckpointError, ConfigError
-from promptlearn.features import TrainingFeatures
+from promptlearn.features import TrainingFeatures, TrainingImages
 from promptlearn.registry import Registry
 from promptlearn.trainer import StepLosses, backward_sum, cross_entropy_step
 
 if TYPE_CHECKING:
     from promptlearn.backbone import FrozenCLIP
     from promptlearn.config import RunConfig, TrainConfig
-    from promptlearn.features import FeatureBank
+    from promptlearn.data import DatasetSplits
+    from promptlearn.features import FeatureBank, SplitFeatures
     from promptlearn.trainer import Trainer
 
 
@@ -122,9 +123,10 @@ class Method(nn.Module):
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def training_step(self, image_features: torch.Tensor, labels: torch.Tensor) -> StepLosses:
-        """Hook: the logits and named losses of one training batch (default: cross-entropy alone)."""
-        return cross_entropy_step(self, image_features, labels)
+    def training_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> StepLosses:
+        """Hook: the logits and named losses of one training batch of image features (or of images, for
+        methods that learn inside the image encoder); default: cross-entropy alone."""
+        return cross_entropy_step(self, inputs, labels)
 
     def backward(self, losses: dict[str, torch.Tensor], scale: Callable) -> None:
         """Hook: fill the parameters' gradients from the step's losses (default: of their sum);
@@ -134,6 +136,14 @@ class Method(nn.Module):
     def training_features(self, bank: "FeatureBank") -> TrainingFeatures:
         """The features a learning method trains on: cached augmented passes (see train.feature_passes)."""
         return TrainingFeatures(bank, self.cfg.train.feature_passes, self.cfg.train.augment)
+
+    def end_of_epoch(self, epoch: int, epochs: int) -> None:
+        """Hook: called by the trainer after epoch `epoch` (1-based) of `epochs`, before the checkpoint."""
+
+    def test_features(self, bank: "FeatureBank", dataset: "DatasetSplits | None" = None) -> "SplitFeatures":
+        """The features of `dataset`'s test images (default: the run's) that `predict` scores: the frozen
+        backbone's, cached."""
+        return bank.test_of(dataset)
 
     def scorer(self):
         """Logits as a function of image features, with any per-call work done once (for predict)."""
@@ -176,3 +186,40 @@ class Method(nn.Module):
                                       f"{self.name} expects {tuple(own[name].shape)}")
             with torch.no_grad():
                 own[name].copy_(value.to(own[name].device))
+
+
+class ImageMethod(Method):
+    """A method that learns inside the towers (deep prompts, LoRA): it cannot use cached image features.
+    It trains on augmented images streamed through its own image encoder at every step, and is
+    evaluated on test features of that encoder. Subclasses give `encode_images` (with gradients)
+    and `text_features`."""
+
+    capabilities = Capabilities(learns=True, trains=True, cached_features=False, unseen_classes=True,
+                                eval_from_checkpoint=True)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image features through the method's own (prompted or adapted) image encoder."""
+        raise NotImplementedError
+
+    def text_features(self) -> torch.Tensor:
+        """[C, D] L2-normalised class features."""
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone.logits(self.encode_images(images), self.text_features())
+
+    def scorer(self):
+        text = self.text_features().float()  # once for all test images
+        return lambda image_features: self.backbone.logits(image_features, text)
+
+    @torch.no_grad()
+    def _encode_for_test(self, images: torch.Tensor) -> torch.Tensor:
+        self.eval()
+        with self.backbone.autocast():
+            return self.encode_images(images.to(self.device, non_blocking=True)).float()
+
+    def test_features(self, bank: "FeatureBank", dataset: "DatasetSplits | None" = None) -> "SplitFeatures":
+        return bank.test_of(dataset, encode=self._encode_for_test)
+
+    def training_images(self, bank: "FeatureBank") -> TrainingImages:
+        return TrainingImages(bank, self.cfg.train.augment)

@@ -1,0 +1,121 @@
+"""CLIP-LoRA: low-rank adapters on the attention projections of both encoders (Zanella & Ben Ayed).
+
+The published recipe, one for every dataset and shot count: rank 2 on q, k and v of every block of
+both towers, scaling alpha / sqrt(rank) with alpha 1, dropout 0.25 on the adapters' input, AdamW
+(lr 2e-4, weight decay 0.01), batch 32, 500 x shots iterations; the classifier is the adapted text
+encoder's features of the dataset's first template. The adapters live in promptlearn.lora.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from promptlearn.data import dataset_templates
+from promptlearn.deep_prompts import checkpointed
+from promptlearn.errors import ConfigError
+from promptlearn.features import batch_order
+from promptlearn.lora import PROJECTIONS, LoRAAttention, adaptable_blocks, attached
+from promptlearn.methods.base import ImageMethod, register_method
+
+ENCODERS = ("both", "vision", "text")
+
+
+@dataclass
+class ClipLoraConfig:
+    rank: int = 2
+    alpha: float = 1.0
+    dropout: float = 0.25
+    projections: str = "qkv"  # any of q, k, v, o
+    layers: str = "all"  # "all" or block indices, e.g. "0,1,2,3" (the same for both towers)
+    encoder: str = "both"  # both | vision | text
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    batch_size: int = 32
+    iterations_per_shot: int = 500
+    grad_checkpointing: bool = False
+
+    def problems(self) -> list[str]:
+        found = [f"clip_lora.{key} must be at least 1, got {getattr(self, key)}"
+                 for key in ("rank", "batch_size", "iterations_per_shot") if getattr(self, key) < 1]
+        if not 0 <= self.dropout < 1:
+            found.append(f"clip_lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.projections or set(self.projections) - set(PROJECTIONS):
+            found.append(f"clip_lora.projections must be letters of qkvo, got {self.projections!r}")
+        if self.encoder not in ENCODERS:
+            found.append(f"clip_lora.encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
+        if self.lr <= 0:
+            found.append(f"clip_lora.lr must be positive, got {self.lr}")
+        if self.layers != "all" and not all(p.strip().isdigit() for p in self.layers.split(",")):
+            found.append(f"clip_lora.layers must be 'all' or block indices such as '0,1,2', got {self.layers!r}")
+        return found
+
+
+def chosen(blocks: list[nn.Module], layers: str, tower: str) -> list[nn.Module]:
+    if layers == "all":
+        return blocks
+    indices = sorted({int(p) for p in layers.split(",")})
+    if indices[-1] >= len(blocks):
+        raise ConfigError(f"clip_lora.layers names block {indices[-1]}, but the {tower} tower has "
+                          f"{len(blocks)} blocks (0..{len(blocks) - 1})")
+    return [blocks[i] for i in indices]
+
+
+@register_method("clip_lora", config=ClipLoraConfig)
+class ClipLora(ImageMethod):
+    def __init__(self, cfg, backbone, classnames):
+        super().__init__(cfg, backbone, classnames)
+        own = self.own = cfg.clip_lora
+        towers = {"vision": getattr(backbone.model.visual, "transformer", backbone.model.visual),
+                  "text": backbone.text.transformer}
+        self.blocks: dict[str, list[nn.Module]] = {}
+        self.adapters = nn.ModuleDict()
+        for tower in ("vision", "text"):
+            if own.encoder in (tower, "both"):
+                blocks = chosen(adaptable_blocks(towers[tower], tower, self.name), own.layers, tower)
+                self.blocks[tower] = blocks
+                self.adapters[tower] = nn.ModuleList([LoRAAttention(b.attn, own.projections, own.rank, own.alpha,
+                                                                    own.dropout) for b in blocks])
+        self.adapters.to(backbone.device)
+        template = dataset_templates(cfg.data)[0]
+        self.register_buffer("token_ids", backbone.tokenizer([template.format(c) for c in classnames]),
+                             persistent=False)
+        if "text" not in self.adapters:
+            with torch.no_grad():
+                self.register_buffer("frozen_text", self.text_features(), persistent=False)
+
+    def _adapted(self, tower: str):
+        return attached(self.blocks.get(tower, []), self.adapters[tower] if tower in self.adapters else [])
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with self._adapted("vision"):
+                return self.backbone.model.encode_image(x)
+        return F.normalize(checkpointed(run, images, enabled=self.own.grad_checkpointing).float(), dim=-1)
+
+    def text_features(self) -> torch.Tensor:
+        if "text" not in self.adapters and hasattr(self, "frozen_text"):
+            return self.frozen_text
+
+        def run(ids: torch.Tensor) -> torch.Tensor:
+            with self._adapted("text"):
+                return self.backbone.model.encode_text(ids)
+        return F.normalize(checkpointed(run, self.token_ids, enabled=self.own.grad_checkpointing).float(), dim=-1)
+
+    def fit(self, bank, trainer, checkpoint, resume) -> dict:
+        own = self.own
+        recipe = dataclasses.replace(self.cfg.train, optimizer="adamw", lr=own.lr, weight_decay=own.weight_decay,
+                                     batch_size=own.batch_size, warmup_epochs=0)
+        data = self.training_images(bank)
+        steps = len(batch_order(len(data), own.batch_size, 0, 0))
+        epochs = math.ceil(own.iterations_per_shot * bank.fewshot.shots / max(steps, 1))
+        return trainer.with_recipe(recipe, epochs).fit(self, data, checkpoint, resume)
+
+    def checkpoint_meta(self) -> dict:
+        meta = super().checkpoint_meta()
+        meta.pop("classnames")  # the adapters fit any class list
+        return {**meta, **{k: getattr(self.own, k) for k in ("rank", "alpha", "projections", "layers", "encoder")}}
