@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import warnings
+import zipfile
 from pathlib import Path
 
 import open_clip
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from promptlearn.config import BackboneConfig
-from promptlearn.errors import PromptlearnError, nearest
+from promptlearn.errors import ConfigError, PromptlearnError, nearest
 from promptlearn.text_tower import TextTower
 from promptlearn.tokens import PromptTokenizer
 
@@ -196,6 +197,54 @@ def _resolve_pretrained(cfg: BackboneConfig) -> str | None:
     return str(Path(tag).expanduser()) if Path(tag).expanduser().is_file() else tag
 
 
+def is_openai_checkpoint(path: str) -> bool:
+    """OpenAI's released CLIP files are TorchScript archives (a zip holding `constants.pkl` and `code/`);
+    open_clip's own checkpoints are plain state dicts."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def load_openai_archive(model: torch.nn.Module, path: str) -> None:
+    """Load the weights of an OpenAI TorchScript archive; its extra entries (input_resolution,
+    context_length, vocab_size, attention masks) are not weights, a missing weight is an error."""
+    state = torch.jit.load(path, map_location="cpu").state_dict()
+    model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()})
+
+
+def quick_gelu_for(cfg: BackboneConfig, pretrained: str | None) -> bool:
+    """Whether to build the model with QuickGELU (x * sigmoid(1.702 x)), the activation of OpenAI's CLIP:
+    the activation the weights were trained with, from the tag's pretrained config, from a `-quickgelu`
+    model name, or from OpenAI's file format; `backbone.quick_gelu` decides where nothing else does and
+    overrides (with a warning) what the weights say. open_clip 3.x builds RN50, RN101, ViT-B-32 and
+    ViT-B-16 with nn.GELU, which changes every feature of OpenAI's weights."""
+    built = bool((open_clip.get_model_config(cfg.model) or {}).get("quick_gelu", False))
+    if built and cfg.quick_gelu is False:
+        raise ConfigError(f"backbone.quick_gelu=false conflicts with backbone.model={cfg.model}, which is built "
+                          "with QuickGELU; use the model name without -quickgelu or drop backbone.quick_gelu")
+    if pretrained is None:
+        trained, source = None, "random weights"
+    elif Path(pretrained).is_file():
+        trained = True if is_openai_checkpoint(pretrained) else None
+        source = f"the checkpoint {pretrained}"
+    else:
+        trained = bool(open_clip.get_pretrained_cfg(cfg.model, pretrained).get("quick_gelu", False))
+        source = f"pretrained={pretrained}"
+    if trained is None and built:
+        trained = True
+    if cfg.quick_gelu is not None:
+        if trained is not None and trained != cfg.quick_gelu:
+            log.warning("backbone.quick_gelu=%s, but %s was trained with %s: its features will be wrong",
+                        cfg.quick_gelu, source, "QuickGELU" if trained else "GELU")
+        return cfg.quick_gelu
+    if trained is None and pretrained is not None:
+        log.warning("cannot tell which activation %s was trained with (not OpenAI's TorchScript format); "
+                    "building %s with GELU. Set backbone.quick_gelu=true if it holds OpenAI-style weights",
+                    source, cfg.model)
+    return bool(trained)
+
+
 def check_model_name(name: str) -> None:
     problem = model_problem(name)
     if problem:
@@ -207,13 +256,19 @@ def load_backbone(cfg: BackboneConfig) -> FrozenCLIP:
     pretrained = _resolve_pretrained(cfg)
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg)  # before the model: a missing tokenizer file is named in seconds
+    quick_gelu = quick_gelu_for(cfg, pretrained)
+    # open_clip's file route refuses TorchScript archives (weights_only loading): read those here
+    archive = pretrained if pretrained and Path(pretrained).is_file() and is_openai_checkpoint(pretrained) else None
     try:
         with torch.random.fork_rng(devices=[]):  # seeded init, without touching the caller's generator
             torch.manual_seed(RANDOM_INIT_SEED)
             model, _, preprocess = open_clip.create_model_and_transforms(
-                cfg.model, pretrained=pretrained, device=device, cache_dir=cfg.cache_dir,
+                cfg.model, pretrained=None if archive else pretrained, device=device, cache_dir=cfg.cache_dir,
+                force_quick_gelu=quick_gelu,
                 # random weights are random in both towers: no separate HF text weights from the hub
                 pretrained_text=False)
+        if archive:
+            load_openai_archive(model, archive)
     except Exception as e:  # open_clip raises RuntimeError/OSError/HF errors for download and load faults
         text_model = hf_names(cfg.model).get("hf_model_name")
         if text_model and not Path(text_model).is_dir():

@@ -42,6 +42,7 @@ class BackboneConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on GPU; the CPU always runs fp32)
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
     logit_scale: Optional[float] = None  # overrides the checkpoint's exp(logit_scale)
+    quick_gelu: Optional[bool] = None  # None: the activation the weights were trained with (tag, name, file)
 
 
 @dataclass
