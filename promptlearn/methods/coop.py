@@ -81,10 +81,9 @@ class PromptLearner(nn.Module):
         self.ctx = nn.Parameter(ctx)
 
         placeholder = init_ids or tok.encode("X") * n_ctx  # any ordinary token: it is replaced
-        dot = tok.encode(".")
         rows, positions = [], []
         for name in classnames:
-            ids, pos = layout_prompt(tok, placeholder, name, dot, cfg.class_position)
+            ids, pos = layout_prompt(tok, placeholder, name, cfg.class_position)
             if len(ids) > tower.context_length:
                 raise PromptlearnError(
                     f"the prompt for class {name!r} is {len(ids)} tokens ({n_ctx} of them context), more than the "

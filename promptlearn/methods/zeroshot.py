@@ -7,11 +7,14 @@ import torch.nn.functional as F
 from promptlearn.backbone import FrozenCLIP
 from promptlearn.data import dataset_templates
 from promptlearn.methods.base import Capabilities, Method, register_method
+from promptlearn.prompts import spoken_name
 
 
 def text_classifier(backbone: FrozenCLIP, classnames: list[str], templates: list[str]) -> torch.Tensor:
-    """[C, D] weights: per-template features (normalised) averaged over templates, normalised again."""
-    per_template = torch.stack([backbone.encode_texts([t.format(c) for c in classnames]) for t in templates])
+    """[C, D] weights: per-template features (normalised) averaged over templates, normalised again.
+    Each sentence is tokenised whole, class name underscores read as spaces."""
+    names = [spoken_name(c) for c in classnames]
+    per_template = torch.stack([backbone.encode_texts([t.format(c) for c in names]) for t in templates])
     return F.normalize(per_template.mean(dim=0), dim=-1)
 
 
