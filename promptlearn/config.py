@@ -75,6 +75,9 @@ class TrainConfig:
     optimizer: str = "sgd"  # sgd | adamw (AdamW: Tip-Adapter-F's recipe)
     eps: float = 1e-8  # AdamW's epsilon
     augment: bool = True  # random resized crop + flip on training images
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop's area range
+    lr_per_step: bool = False  # step the schedule every iteration, not every epoch (Tip-Adapter-F's code)
+    drop_last: bool = True  # drop an epoch's last short batch (CoOp/Dassl do; Tip-Adapter-F's code does not)
     feature_passes: int = 10  # augmented passes cached for training (0: encode images every step)
     checkpoint_every: int = 1  # epochs between checkpoints
 
@@ -340,6 +343,9 @@ def config_problems(cfg: RunConfig) -> list[str]:
     need(cfg.selection in SELECTIONS,
          f"selection must be one of {', '.join(SELECTIONS)}, got {cfg.selection!r}")
     need(cfg.train.eps > 0, f"train.eps must be positive, got {cfg.train.eps}")
+    scale = cfg.train.crop_scale
+    need(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
+         f"train.crop_scale must be [low, high] with 0 < low <= high <= 1, got {scale}")
     for t in [*([cfg.data.template] if cfg.data.template is not None else []), *cfg.data.templates]:
         need("{}" in t, f"data.template {t!r} must contain {{}} where the class name goes")
         try:

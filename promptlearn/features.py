@@ -20,7 +20,7 @@ from promptlearn.checkpoint import content_digest
 from promptlearn.data.base import DatasetSplits, Item
 from promptlearn.data.fewshot import FewShotSplit
 from promptlearn.data.loader import ImageItems, image_loader
-from promptlearn.data.transforms import eval_transform, train_transform
+from promptlearn.data.transforms import DEFAULT_CROP_SCALE, eval_transform, train_transform
 from promptlearn.errors import DataError
 from promptlearn.io import TEMP_SUFFIX, atomic_write_bytes
 
@@ -171,7 +171,7 @@ class FeatureBank:
                  cache: FeatureCache, batch_size: int, num_workers: int, skip_bad: bool, seed: int):
         self.backbone, self.dataset, self.fewshot, self.cache = backbone, dataset, fewshot, cache
         self.batch_size, self.num_workers, self.skip_bad, self.seed = batch_size, num_workers, skip_bad, seed
-        self._passes: dict[tuple[int, bool], SplitFeatures] = {}
+        self._passes: dict[tuple[int, tuple], SplitFeatures] = {}  # (pass, crop scale) -> features
         self.extract_seconds = 0.0  # wall-clock spent encoding images (cache misses), for the run's phase times
 
     def _features(self, items: list[Item], transform, aug_seed, desc: str, cached: bool = True) -> SplitFeatures:
@@ -204,25 +204,32 @@ class FeatureBank:
         """The test split of another dataset (a protocol's novel classes or target set), same backbone and cache."""
         return self._features(dataset.test, eval_transform(self.backbone), None, f"{dataset.name} test features")
 
-    def train_pass(self, index: int, augment: bool, cached: bool = True) -> SplitFeatures:
+    def train_pass(self, index: int, augment: bool, cached: bool = True,
+                   crop_scale=DEFAULT_CROP_SCALE) -> SplitFeatures:
         """Training features of augmented pass `index` (a fresh seeded crop and flip per image)."""
         if not augment:
             return self.train
+        transform = train_transform(self.backbone, crop_scale=crop_scale)
         if not cached:
-            return self._features(self.fewshot.train, train_transform(self.backbone), (self.seed, index),
-                                  f"train pass {index}", cached=False)
-        if (index, augment) not in self._passes:
-            self._passes[(index, augment)] = self._features(
-                self.fewshot.train, train_transform(self.backbone), (self.seed, index), f"train pass {index}")
-        return self._passes[(index, augment)]
+            return self._features(self.fewshot.train, transform, (self.seed, index), f"train pass {index}",
+                                  cached=False)
+        key = (index, tuple(crop_scale))
+        if key not in self._passes:
+            self._passes[key] = self._features(self.fewshot.train, transform, (self.seed, index),
+                                               f"train pass {index}")
+        return self._passes[key]
 
 
 class TrainingFeatures:
     """What the trainer draws batches from: epoch e uses cached pass e mod P, or (P = 0) encodes
     the training images afresh every epoch as the reference implementation does."""
 
-    def __init__(self, bank: FeatureBank, passes: int, augment: bool):
-        self.bank, self.passes, self.augment = bank, passes, augment
+    def __init__(self, bank: FeatureBank, passes: int, augment: bool, crop_scale=DEFAULT_CROP_SCALE):
+        self.bank, self.passes, self.augment, self.crop_scale = bank, passes, augment, tuple(crop_scale)
+
+    @property
+    def images(self) -> int:
+        return len(self.bank.fewshot.train)
 
     @property
     def draw(self) -> dict:
@@ -231,11 +238,12 @@ class TrainingFeatures:
 
     def epoch(self, epoch: int) -> SplitFeatures:
         if self.passes == 0:
-            return self.bank.train_pass(epoch, self.augment, cached=False)
-        return self.bank.train_pass(epoch % self.passes, self.augment)
+            return self.bank.train_pass(epoch, self.augment, cached=False, crop_scale=self.crop_scale)
+        return self.bank.train_pass(epoch % self.passes, self.augment, crop_scale=self.crop_scale)
 
     def mean_over_passes(self) -> torch.Tensor:
         """Features averaged over the cached passes, re-normalised (Tip-Adapter's cache keys)."""
         passes = max(self.passes, 1) if self.augment else 1
-        stack = torch.stack([self.bank.train_pass(p, self.augment).features for p in range(passes)])
+        stack = torch.stack([self.bank.train_pass(p, self.augment, crop_scale=self.crop_scale).features
+                             for p in range(passes)])
         return torch.nn.functional.normalize(stack.mean(0), dim=-1)

@@ -133,7 +133,8 @@ class Method(nn.Module):
 
     def training_features(self, bank: "FeatureBank") -> TrainingFeatures:
         """The features a learning method trains on: cached augmented passes (see train.feature_passes)."""
-        return TrainingFeatures(bank, self.cfg.train.feature_passes, self.cfg.train.augment)
+        train = self.cfg.train
+        return TrainingFeatures(bank, train.feature_passes, train.augment, train.crop_scale)
 
     def scorer(self):
         """Logits as a function of image features, with any per-call work done once (for predict)."""

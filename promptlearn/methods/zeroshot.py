@@ -24,7 +24,11 @@ class ZeroShot(Method):
 
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
-        self.register_buffer("weights", text_classifier(backbone, classnames, dataset_templates(cfg.data)))
+        self.register_buffer("weights", text_classifier(backbone, classnames, self.templates()))
+
+    def templates(self) -> list[str]:
+        """The zero-shot template(s) of the run's dataset (data.template / data.templates override)."""
+        return dataset_templates(self.cfg.data)
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.backbone.logits(image_features, self.weights)
