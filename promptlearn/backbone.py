@@ -123,11 +123,11 @@ class FrozenCLIP:
         return torch.autocast(device_type="cuda", dtype=dtype)
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised fp32 image features."""
+    def encode_images(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """fp32 image features, L2-normalised unless normalize=False."""
         with self.autocast():
             features = self.model.encode_image(images.to(self.device, non_blocking=True))
-        return F.normalize(features.float(), dim=-1)
+        return F.normalize(features.float(), dim=-1) if normalize else features.float()
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str], batch_size: int = 256, normalize: bool = True) -> torch.Tensor:

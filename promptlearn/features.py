@@ -32,6 +32,7 @@ class SplitFeatures:
     features: torch.Tensor  # [N, D] L2-normalised, fp32, CPU
     labels: torch.Tensor  # [N]
     paths: list[str]
+    norms: torch.Tensor | None = None  # [N] L2 norms of the features before normalisation
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -41,13 +42,15 @@ def extract_features(backbone: FrozenCLIP, items: list[Item], transform, *, batc
                      num_workers: int, skip_bad: bool, aug_seed: tuple[int, int] | None = None,
                      desc: str = "features") -> SplitFeatures:
     loader = image_loader(ImageItems(items, transform, aug_seed), batch_size, num_workers, backbone.device)
-    features, indices, skipped = [], [], []
+    features, norms, indices, skipped = [], [], [], []
     for images, _, batch_indices, bad in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
         if bad and not skip_bad:
             raise DataError(bad[0].message)
         skipped.extend(bad)
         if images is not None:
-            features.append(backbone.encode_images(images).cpu())
+            raw = backbone.encode_images(images, normalize=False).cpu()
+            features.append(torch.nn.functional.normalize(raw, dim=-1))
+            norms.append(raw.norm(dim=-1))
             indices.append(batch_indices)
     if skipped:
         log.warning("%s: skipped %d unreadable images (data.skip_bad_images=true), e.g. %s",
@@ -56,7 +59,7 @@ def extract_features(backbone: FrozenCLIP, items: list[Item], transform, *, batc
         raise DataError(f"{desc}: none of the {len(items)} images could be read")
     kept = torch.cat(indices).tolist()
     return SplitFeatures(torch.cat(features), torch.tensor([items[i].label for i in kept]),
-                         [items[i].path for i in kept])
+                         [items[i].path for i in kept], torch.cat(norms))
 
 
 STALE_TEMP_SECONDS = 24 * 3600  # a cache temp file untouched this long belongs to a killed extraction
@@ -116,7 +119,8 @@ class FeatureCache:
             weights = f"{os.path.abspath(weights)}:{st.st_size}:{st.st_mtime_ns}"
         listing = hashlib.sha256("\n".join(f"{it.path}\t{it.label}" for it in items).encode()).hexdigest()
         desc = {"model": backbone.name, "weights": weights, "items": listing, "transform": repr(transform),
-                "aug_seed": aug_seed, "skip_bad": skip_bad, "precision": backbone.precision}
+                "aug_seed": aug_seed, "skip_bad": skip_bad, "precision": backbone.precision,
+                "with_norms": True}  # files from before norms were kept are not read
         what = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32]
         state = hashlib.sha256("\n".join(file_state(it.path, self.hash_content) for it in items).encode())
         return f"{what}-{'c' if self.hash_content else 's'}{state.hexdigest()[:16]}"
@@ -137,7 +141,8 @@ class FeatureCache:
             stale.unlink(missing_ok=True)
         self.remove_stale_temps()
         result = compute()
-        payload = {"features": result.features, "labels": result.labels, "paths": result.paths}
+        payload = {"features": result.features, "labels": result.labels, "paths": result.paths,
+                   "norms": result.norms}
         payload["checksum"] = content_digest(payload)
         atomic_write_bytes(path, lambda f: torch.save(payload, f))
         return result
@@ -157,7 +162,8 @@ class FeatureCache:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
             if payload.pop("checksum") == content_digest(payload):
-                return SplitFeatures(payload["features"], payload["labels"], list(payload["paths"]))
+                return SplitFeatures(payload["features"], payload["labels"], list(payload["paths"]),
+                                     payload["norms"])
         except Exception:  # any unreadable cache file is recomputed, never trusted
             pass
         log.warning("feature cache %s is damaged; extracting again", path)
@@ -241,9 +247,10 @@ class TrainingFeatures:
             return self.bank.train_pass(epoch, self.augment, cached=False, crop_scale=self.crop_scale)
         return self.bank.train_pass(epoch % self.passes, self.augment, crop_scale=self.crop_scale)
 
-    def mean_over_passes(self) -> torch.Tensor:
-        """Features averaged over the cached passes, re-normalised (Tip-Adapter's cache keys)."""
+    def mean_over_passes(self, raw: bool = False) -> torch.Tensor:
+        """Features averaged over the cached passes, re-normalised (Tip-Adapter's cache keys): the
+        normalised features, or with raw=True the features before normalisation (as Tip-Adapter's code)."""
         passes = max(self.passes, 1) if self.augment else 1
-        stack = torch.stack([self.bank.train_pass(p, self.augment, crop_scale=self.crop_scale).features
-                             for p in range(passes)])
+        splits = [self.bank.train_pass(p, self.augment, crop_scale=self.crop_scale) for p in range(passes)]
+        stack = torch.stack([s.features * s.norms[:, None] if raw else s.features for s in splits])
         return torch.nn.functional.normalize(stack.mean(0), dim=-1)

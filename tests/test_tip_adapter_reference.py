@@ -110,3 +110,24 @@ def test_reference_needs_a_dataset_with_published_settings(tmp_path, shared_cach
     cfg, backbone, _, _, classnames = reference_setup(tmp_path, shared_cache, "image_folder")
     with pytest.raises(ConfigError, match="tip_adapter.protocol=reference knows the published settings"):
         build_method("tip_adapter", cfg, backbone, classnames)
+
+
+def test_keys_average_the_raw_features_of_the_passes(tmp_path, shared_cache):  # noqa: F811
+    cfg, backbone, bank, trainer, classnames = reference_setup(tmp_path, shared_cache, "eurosat")
+    tip = build_method("tip_adapter", cfg, backbone, classnames)
+    tip.fit(NoTestBank(bank), trainer, tmp_path / "tip.pt", resume=False)
+    passes = [bank.train_pass(p, True, crop_scale=(0.5, 1.0)) for p in range(cfg.train.feature_passes)]
+    images = torch.stack([p.features * p.norms[:, None] for p in passes])  # the encoder's raw outputs
+    expected = torch.nn.functional.normalize(images.mean(0), dim=-1)
+    torch.testing.assert_close(tip.keys, expected, atol=1e-6, rtol=0)
+    averaged_normalised = torch.nn.functional.normalize(torch.stack([p.features for p in passes]).mean(0), dim=-1)
+    assert not torch.allclose(tip.keys, averaged_normalised, atol=1e-6, rtol=0)  # the difference is real
+
+
+def test_cached_norms_are_those_of_the_encoder_output(tmp_path, shared_cache):  # noqa: F811
+    _, backbone, bank, _ = setup(tmp_path, shared_cache)
+    images = torch.randn(3, 3, backbone.image_size, backbone.image_size)
+    raw = backbone.encode_images(images, normalize=False)
+    torch.testing.assert_close(torch.nn.functional.normalize(raw, dim=-1), backbone.encode_images(images))
+    split = bank.train
+    assert split.norms is not None and split.norms.shape == (len(split),) and bool((split.norms > 0).all())

@@ -7,7 +7,8 @@ ImageNet's test set and picked Tip-Adapter-F's epoch by test accuracy).
 
 tip_adapter.protocol=reference follows the published code's protocol otherwise: per-dataset search
 grids and initial alpha, 100 epochs on EuroSAT, a cosine schedule stepped every iteration with no
-dropped last batch, crops of area (0.5, 1), and ImageNet's 7-template zero-shot classifier.
+dropped last batch, crops of area (0.5, 1), keys averaged over the features before normalisation, and
+ImageNet's 7-template zero-shot classifier.
 """
 from __future__ import annotations
 
@@ -174,7 +175,7 @@ class TipAdapter(ZeroShot):
             raise DataError(f"{self.name} needs a few-shot validation set to choose alpha and beta, but the "
                             "draw has none; the dataset has no val split and no training images left over")
         data = self.training_features(bank)
-        keys = data.mean_over_passes().to(self.device)
+        keys = data.mean_over_passes(raw=self.protocol.reference).to(self.device)
         labels = bank.train_pass(0, data.augment, crop_scale=data.crop_scale).labels
         self.keys = nn.Parameter(keys) if self.fine_tunes else keys
         self.values = F.one_hot(labels, len(self.classnames)).float().to(self.device)
