@@ -41,6 +41,11 @@ _locate_shipped_hf_files()
 
 RANDOM_INIT_SEED = 0  # random (pretrained=none) backbones are the same in every process
 EVA_LOGIT_SCALE = 100.0  # EVA-CLIP convention for checkpoints with a missing or infinite scale
+PURE_FP16_WARNING = (
+    "backbone.precision=fp16_reference: pure fp16 as the original CoOp (fp16 weights and context, SGD "
+    "updates rounded to fp16, no loss scaling). Small updates round away (in the 1e-5 warm-up epoch most "
+    "context entries do not change at all): use it only to reproduce published runs; fp32, or fp16/bf16 "
+    "autocast with fp32 master weights, is the recommended path")
 RANDOM_WEIGHTS_WARNING = (
     "\n" + "!" * 78 + "\n"
     "!! backbone {model!r} has RANDOM weights (pretrained=none): every accuracy it gives is\n"
@@ -85,9 +90,17 @@ class FrozenCLIP:
         self.logit_scale = self._logit_scale(model, cfg)
         bias = getattr(model, "logit_bias", None)
         self.logit_bias = float(bias.item()) if bias is not None else 0.0  # SigLIP; ranking unchanged
-        self.precision = cfg.precision if device.type == "cuda" else "fp32"
-        if cfg.precision != "fp32" and device.type != "cuda":
+        self.precision = cfg.precision if device.type == "cuda" or cfg.precision == "fp16_reference" else "fp32"
+        if cfg.precision not in ("fp32", "fp16_reference") and device.type != "cuda":
             log.warning("backbone.precision=%s needs a GPU; running fp32 on the CPU", cfg.precision)
+        if self.precision == "fp16_reference":
+            log.warning(PURE_FP16_WARNING)
+            self.model.half()
+
+    @property
+    def parameter_dtype(self) -> torch.dtype:
+        """The dtype of learned parameters that live in the backbone's space (CoOp's context)."""
+        return torch.float16 if self.precision == "fp16_reference" else torch.float32
 
     @staticmethod
     def _logit_scale(model, cfg: BackboneConfig) -> float:
@@ -116,8 +129,8 @@ class FrozenCLIP:
         return int(self.encode_texts(["a"]).shape[1])
 
     def autocast(self):
-        """bf16 / fp16 autocast on GPU; a no-op in fp32 and on the CPU."""
-        if self.precision == "fp32":
+        """bf16 / fp16 autocast on GPU; a no-op in fp32, in pure fp16 and on the CPU."""
+        if self.precision in ("fp32", "fp16_reference"):
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type="cuda", dtype=dtype)
@@ -126,7 +139,8 @@ class FrozenCLIP:
     def encode_images(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """fp32 image features, L2-normalised unless normalize=False."""
         with self.autocast():
-            features = self.model.encode_image(images.to(self.device, non_blocking=True))
+            images = images.to(self.device, next(self.model.visual.parameters()).dtype, non_blocking=True)
+            features = self.model.encode_image(images)
         return F.normalize(features.float(), dim=-1) if normalize else features.float()
 
     @torch.no_grad()

@@ -39,7 +39,9 @@ class BackboneConfig:
     model: str = "RN50"  # any open_clip model name
     pretrained: str = "openai"  # open_clip tag, local checkpoint path, or "none" (random init)
     cache_dir: Optional[str] = None  # where open_clip keeps downloaded weights
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on GPU; the CPU always runs fp32)
+    # fp32 | bf16 | fp16 (autocast on GPU; the CPU always runs fp32) | fp16_reference (the original CoOp's
+    # pure fp16: fp16 weights and context, plain SGD on fp16, no loss scaling; only to reproduce its runs)
+    precision: str = "fp32"
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
     logit_scale: Optional[float] = None  # overrides the checkpoint's exp(logit_scale)
     quick_gelu: Optional[bool] = None  # None: the activation the weights were trained with (tag, name, file)
@@ -113,7 +115,7 @@ class RunConfig:
 
 PROTOCOL_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
 CLASS_POSITIONS = ("end", "middle", "front")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "fp16_reference")
 OPTIMIZERS = ("sgd", "adamw")
 DRAWS = ("reference", "sorted")  # few-shot draws, see promptlearn.data.fewshot
 SELECTIONS = ("validation", "none")

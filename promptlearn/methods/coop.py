@@ -78,7 +78,7 @@ class PromptLearner(nn.Module):
             else:
                 shape = (n_cls, n_ctx, tower.width) if class_specific else (n_ctx, tower.width)
                 ctx = torch.empty(shape, device=backbone.device).normal_(std=RANDOM_CTX_STD)
-        self.ctx = nn.Parameter(ctx)
+        self.ctx = nn.Parameter(ctx.to(backbone.parameter_dtype))
 
         placeholder = init_ids or tok.encode("X") * n_ctx  # any ordinary token: it is replaced
         rows, positions = [], []
