@@ -3,8 +3,8 @@ a class name ending in punctuation merges with the final "." (")." is one BPE to
 underscores are read as spaces, at every class position."""
 import pytest
 import torch
-
 from helpers import tiny_backbone
+
 from promptlearn.config import RunConfig
 from promptlearn.methods import build_method
 from promptlearn.methods.zeroshot import text_classifier

@@ -3,8 +3,8 @@ on fp16 parameters, no loss scaling). It runs on the CPU too, and its small upda
 import logging
 
 import torch
-
 from helpers import quick_config
+
 from promptlearn.backbone import load_backbone
 from promptlearn.checkpoint import load_checkpoint
 from promptlearn.config import BackboneConfig, RunConfig

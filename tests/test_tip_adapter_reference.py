@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from test_baselines import NoTestBank, setup, shared_cache  # noqa: F401 (a fixture)
 
 from promptlearn import trainer as trainer_module
 from promptlearn.data import build_dataset
@@ -13,7 +14,6 @@ from promptlearn.errors import ConfigError
 from promptlearn.methods import build_method
 from promptlearn.methods.zeroshot import text_classifier
 from promptlearn.trainer import batch_order
-from test_baselines import NoTestBank, setup, shared_cache  # noqa: F401 (a fixture)
 
 # [S_beta, S_alpha] and Tip-Adapter-F's initial alpha per dataset, from the published configs
 SEARCH_SCALE = {"imagenet": (7, 3), "oxford_pets": (7, 3), "ucf101": (7, 3), "caltech101": (12, 5),

@@ -5,7 +5,6 @@ from torchvision import transforms as T
 
 from promptlearn.backbone import FrozenCLIP
 
-
 DEFAULT_CROP_SCALE = (0.08, 1.0)  # torchvision's and CoOp's; Tip-Adapter's code uses (0.5, 1)
 
 

@@ -26,7 +26,6 @@ from promptlearn.features import SplitFeatures, TrainingFeatures
 from promptlearn.methods.base import Capabilities, register_method
 from promptlearn.methods.zeroshot import ZeroShot
 
-
 PROTOCOLS = ("promptlearn", "reference")
 
 # Tip-Adapter's published protocol, per dataset: search_scale [S_beta, S_alpha] and -F's initial alpha
