@@ -131,3 +131,12 @@ def test_cached_norms_are_those_of_the_encoder_output(tmp_path, shared_cache):  
     torch.testing.assert_close(torch.nn.functional.normalize(raw, dim=-1), backbone.encode_images(images))
     split = bank.train
     assert split.norms is not None and split.norms.shape == (len(split),) and bool((split.norms > 0).all())
+
+
+def test_shipped_reference_config_loads():
+    from helpers import REPO
+
+    from promptlearn.config import load_config
+
+    cfg = load_config([REPO / "configs" / "coop" / "rn50.yaml", REPO / "configs" / "baselines" / "tip_adapter_reference.yaml"])
+    assert cfg.tip_adapter.protocol == "reference" and "tip_adapter_f" in cfg.methods
