@@ -37,7 +37,7 @@ REFERENCE_INIT_ALPHA = {
     "imagenet": 1.17, "oxford_pets": 1.17, "food101": 1.17, "sun397": 1.17, "caltech101": 3.0, "ucf101": 3.0,
     "stanford_cars": 3.0, "dtd": 2.0, "eurosat": 2.0, "fgvc_aircraft": 5.0, "oxford_flowers": 10.0}
 REFERENCE_INIT_BETA = 1.0
-REFERENCE_EPOCHS = {"eurosat": 100}  # 20 elsewhere
+REFERENCE_EPOCHS, REFERENCE_DEFAULT_EPOCHS = {"eurosat": 100}, 20
 REFERENCE_SEARCH_STEPS = (200, 20)  # beta, alpha
 REFERENCE_CROP_SCALE = (0.5, 1.0)
 IMAGENET_TEMPLATES = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
@@ -116,7 +116,7 @@ class Protocol:
         return self.tip.init_alpha, self.tip.init_beta
 
     def epochs(self) -> int:
-        return REFERENCE_EPOCHS.get(self.dataset, 20) if self.reference else self.tip.epochs
+        return REFERENCE_EPOCHS.get(self.dataset, REFERENCE_DEFAULT_EPOCHS) if self.reference else self.tip.epochs
 
     def recipe(self, train):
         """Tip-Adapter-F's training recipe: AdamW, cosine, no warm-up; the reference steps the cosine every
