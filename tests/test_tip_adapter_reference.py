@@ -140,3 +140,14 @@ def test_shipped_reference_config_loads():
 
     cfg = load_config([REPO / "configs" / "coop" / "rn50.yaml", REPO / "configs" / "baselines" / "tip_adapter_reference.yaml"])
     assert cfg.tip_adapter.protocol == "reference" and "tip_adapter_f" in cfg.methods
+
+
+def test_an_unknown_dataset_is_refused_before_anything_loads(tmp_path):
+    from helpers import quick_config
+
+    from promptlearn.runner import run_experiment
+
+    cfg = quick_config(tmp_path, "methods=[zeroshot, tip_adapter_f]", "tip_adapter.protocol=reference")
+    with pytest.raises(ConfigError, match="not data.name=image_folder"):
+        run_experiment(cfg)
+    assert not (tmp_path / "run").exists()

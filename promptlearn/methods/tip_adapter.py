@@ -151,7 +151,9 @@ class TipAdapter(ZeroShot):
 
     @classmethod
     def capabilities_for(cls, cfg) -> Capabilities:
-        """Validation-free (selection=none): alpha and beta stay at init_alpha and init_beta, nothing is searched."""
+        """Validation-free (selection=none): alpha and beta stay at init_alpha and init_beta, nothing is searched.
+        A reference protocol for a dataset without published settings stops here, before anything loads."""
+        Protocol(cfg)
         return dataclasses.replace(cls.capabilities, uses_validation=cfg.selection != "none")
 
     def __init__(self, cfg, backbone, classnames):
