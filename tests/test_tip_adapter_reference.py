@@ -5,14 +5,17 @@ import math
 
 import pytest
 import torch
+from helpers import REPO, quick_config
 from test_baselines import NoTestBank, setup, shared_cache  # noqa: F401 (a fixture)
 
 from promptlearn import trainer as trainer_module
+from promptlearn.config import load_config
 from promptlearn.data import build_dataset
 from promptlearn.data.transforms import train_transform
 from promptlearn.errors import ConfigError
 from promptlearn.methods import build_method
 from promptlearn.methods.zeroshot import text_classifier
+from promptlearn.runner import run_experiment
 from promptlearn.trainer import batch_order
 
 # [S_beta, S_alpha] and Tip-Adapter-F's initial alpha per dataset, from the published configs
@@ -134,19 +137,13 @@ def test_cached_norms_are_those_of_the_encoder_output(tmp_path, shared_cache):  
 
 
 def test_shipped_reference_config_loads():
-    from helpers import REPO
 
-    from promptlearn.config import load_config
 
     cfg = load_config([REPO / "configs" / "coop" / "rn50.yaml", REPO / "configs" / "baselines" / "tip_adapter_reference.yaml"])
     assert cfg.tip_adapter.protocol == "reference" and "tip_adapter_f" in cfg.methods
 
 
 def test_an_unknown_dataset_is_refused_before_anything_loads(tmp_path):
-    from helpers import quick_config
-
-    from promptlearn.runner import run_experiment
-
     cfg = quick_config(tmp_path, "methods=[zeroshot, tip_adapter_f]", "tip_adapter.protocol=reference")
     with pytest.raises(ConfigError, match="not data.name=image_folder"):
         run_experiment(cfg)
