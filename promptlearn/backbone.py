@@ -141,7 +141,12 @@ class FrozenCLIP:
         with self.autocast():
             images = images.to(self.device, next(self.model.visual.parameters()).dtype, non_blocking=True)
             features = self.model.encode_image(images)
-        return F.normalize(features.float(), dim=-1) if normalize else features.float()
+        return self.normalize(features) if normalize else features.float()
+
+    def normalize(self, features: torch.Tensor) -> torch.Tensor:
+        """L2-normalised fp32 features; under fp16_reference the division runs in fp16, as the original's."""
+        pure_fp16 = self.precision == "fp16_reference"
+        return F.normalize(features.half() if pure_fp16 else features.float(), dim=-1).float()
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str], batch_size: int = 256, normalize: bool = True) -> torch.Tensor:
@@ -151,11 +156,14 @@ class FrozenCLIP:
         for i in range(0, len(texts), batch_size):
             ids = self.tokenizer(texts[i:i + batch_size]).to(self.device)
             with self.autocast():
-                out.append(self.model.encode_text(ids).float())
+                out.append(self.model.encode_text(ids))
         out = torch.cat(out)
-        return F.normalize(out, dim=-1) if normalize else out
+        return self.normalize(out) if normalize else out.float()
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """Scaled cosine similarities of normalised features (in fp16 under fp16_reference, as the original)."""
+        if self.precision == "fp16_reference":
+            image_features, text_features = image_features.half(), text_features.half()
         return self.logit_scale * image_features @ text_features.t() + self.logit_bias
 
 

@@ -44,10 +44,24 @@ def test_pure_fp16_weights_on_the_cpu():
     assert backbone.precision == "fp16_reference"
     assert {p.dtype for p in backbone.model.parameters()} == {torch.float16}
     features = backbone.encode_images(torch.randn(2, 3, backbone.image_size, backbone.image_size))
-    assert features.dtype == torch.float32 and torch.allclose(features.norm(dim=-1), torch.ones(2))
+    assert features.dtype == torch.float32 and torch.allclose(features.norm(dim=-1), torch.ones(2), atol=1e-3)  # fp16 division
 
 
 def test_a_pure_fp16_run_trains_and_saves_an_fp16_context(tmp_path):
     run_experiment(quick_config(tmp_path, "methods=[coop]", "train.epochs=2", "backbone.precision=fp16_reference"))
     ctx = load_checkpoint(tmp_path / "run" / "coop" / "checkpoint.pt")["state"]["prompts.ctx"]
     assert ctx.dtype == torch.float16 and bool(torch.isfinite(ctx).all())
+
+
+def test_pure_fp16_scores_are_computed_in_fp16():
+    backbone = load_backbone(BackboneConfig(model="tiny-clip", pretrained="none", device="cpu",
+                                            precision="fp16_reference"))
+    g = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(5, backbone.embed_dim, generator=g), dim=-1)
+    texts = backbone.encode_texts(["a photo of a dog.", "a photo of a cat."])
+    logits = backbone.logits(images, texts)
+    assert logits.dtype == torch.float16
+    assert torch.equal(logits, backbone.logit_scale * images.half() @ texts.half().t())
+    raw = torch.randn(3, backbone.embed_dim, generator=g) * 7
+    unit = backbone.normalize(raw)
+    assert unit.dtype == torch.float32 and torch.equal(unit, (raw.half() / raw.half().norm(dim=-1, keepdim=True)).float())

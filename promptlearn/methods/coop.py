@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -189,7 +188,7 @@ class CoOp(Method):
         for rows, length in self.groups:
             args = (*shared, embeds[rows, :length - skip], ids[rows, :length])
             parts.append(checkpoint(encode, *args, use_reentrant=False) if checkpointed else encode(*args))
-        return F.normalize(torch.cat(parts)[self.group_order].float(), dim=-1)
+        return self.backbone.normalize(torch.cat(parts)[self.group_order])
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.backbone.logits(image_features, self.text_features())
