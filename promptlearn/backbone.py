@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import warnings
+import zipfile
 from pathlib import Path
 
 import open_clip
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from promptlearn.config import BackboneConfig
-from promptlearn.errors import PromptlearnError, nearest
+from promptlearn.errors import ConfigError, PromptlearnError, nearest
 from promptlearn.text_tower import TextTower
 from promptlearn.tokens import PromptTokenizer
 
@@ -40,6 +41,11 @@ _locate_shipped_hf_files()
 
 RANDOM_INIT_SEED = 0  # random (pretrained=none) backbones are the same in every process
 EVA_LOGIT_SCALE = 100.0  # EVA-CLIP convention for checkpoints with a missing or infinite scale
+PURE_FP16_WARNING = (
+    "backbone.precision=fp16_reference: pure fp16 as the original CoOp (fp16 weights and context, SGD "
+    "updates rounded to fp16, no loss scaling). Small updates round away (in the 1e-5 warm-up epoch most "
+    "context entries do not change at all): use it only to reproduce published runs; fp32, or fp16/bf16 "
+    "autocast with fp32 master weights, is the recommended path")
 RANDOM_WEIGHTS_WARNING = (
     "\n" + "!" * 78 + "\n"
     "!! backbone {model!r} has RANDOM weights (pretrained=none): every accuracy it gives is\n"
@@ -84,9 +90,17 @@ class FrozenCLIP:
         self.logit_scale = self._logit_scale(model, cfg)
         bias = getattr(model, "logit_bias", None)
         self.logit_bias = float(bias.item()) if bias is not None else 0.0  # SigLIP; ranking unchanged
-        self.precision = cfg.precision if device.type == "cuda" else "fp32"
-        if cfg.precision != "fp32" and device.type != "cuda":
+        self.precision = cfg.precision if device.type == "cuda" or cfg.precision == "fp16_reference" else "fp32"
+        if cfg.precision not in ("fp32", "fp16_reference") and device.type != "cuda":
             log.warning("backbone.precision=%s needs a GPU; running fp32 on the CPU", cfg.precision)
+        if self.precision == "fp16_reference":
+            log.warning(PURE_FP16_WARNING)
+            self.model.half()
+
+    @property
+    def parameter_dtype(self) -> torch.dtype:
+        """The dtype of learned parameters that live in the backbone's space (CoOp's context)."""
+        return torch.float16 if self.precision == "fp16_reference" else torch.float32
 
     @staticmethod
     def _logit_scale(model, cfg: BackboneConfig) -> float:
@@ -115,18 +129,24 @@ class FrozenCLIP:
         return int(self.encode_texts(["a"]).shape[1])
 
     def autocast(self):
-        """bf16 / fp16 autocast on GPU; a no-op in fp32 and on the CPU."""
-        if self.precision == "fp32":
+        """bf16 / fp16 autocast on GPU; a no-op in fp32, in pure fp16 and on the CPU."""
+        if self.precision in ("fp32", "fp16_reference"):
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type="cuda", dtype=dtype)
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised fp32 image features."""
+    def encode_images(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """fp32 image features, L2-normalised unless normalize=False."""
         with self.autocast():
-            features = self.model.encode_image(images.to(self.device, non_blocking=True))
-        return F.normalize(features.float(), dim=-1)
+            images = images.to(self.device, next(self.model.visual.parameters()).dtype, non_blocking=True)
+            features = self.model.encode_image(images)
+        return self.normalize(features) if normalize else features.float()
+
+    def normalize(self, features: torch.Tensor) -> torch.Tensor:
+        """L2-normalised fp32 features; under fp16_reference the division runs in fp16, as the original's."""
+        pure_fp16 = self.precision == "fp16_reference"
+        return F.normalize(features.half() if pure_fp16 else features.float(), dim=-1).float()
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str], batch_size: int = 256, normalize: bool = True) -> torch.Tensor:
@@ -136,11 +156,14 @@ class FrozenCLIP:
         for i in range(0, len(texts), batch_size):
             ids = self.tokenizer(texts[i:i + batch_size]).to(self.device)
             with self.autocast():
-                out.append(self.model.encode_text(ids).float())
+                out.append(self.model.encode_text(ids))
         out = torch.cat(out)
-        return F.normalize(out, dim=-1) if normalize else out
+        return self.normalize(out) if normalize else out.float()
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """Scaled cosine similarities of normalised features (in fp16 under fp16_reference, as the original)."""
+        if self.precision == "fp16_reference":
+            image_features, text_features = image_features.half(), text_features.half()
         return self.logit_scale * image_features @ text_features.t() + self.logit_bias
 
 
@@ -196,6 +219,54 @@ def _resolve_pretrained(cfg: BackboneConfig) -> str | None:
     return str(Path(tag).expanduser()) if Path(tag).expanduser().is_file() else tag
 
 
+def is_openai_checkpoint(path: str) -> bool:
+    """OpenAI's released CLIP files are TorchScript archives (a zip holding `constants.pkl` and `code/`);
+    open_clip's own checkpoints are plain state dicts."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def load_openai_archive(model: torch.nn.Module, path: str) -> None:
+    """Load the weights of an OpenAI TorchScript archive; its extra entries (input_resolution,
+    context_length, vocab_size, attention masks) are not weights, a missing weight is an error."""
+    state = torch.jit.load(path, map_location="cpu").state_dict()
+    model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()})
+
+
+def quick_gelu_for(cfg: BackboneConfig, pretrained: str | None) -> bool:
+    """Whether to build the model with QuickGELU (x * sigmoid(1.702 x)), the activation of OpenAI's CLIP:
+    the activation the weights were trained with, from the tag's pretrained config, from a `-quickgelu`
+    model name, or from OpenAI's file format; `backbone.quick_gelu` decides where nothing else does and
+    overrides (with a warning) what the weights say. open_clip 3.x builds RN50, RN101, ViT-B-32 and
+    ViT-B-16 with nn.GELU, which changes every feature of OpenAI's weights."""
+    built = bool((open_clip.get_model_config(cfg.model) or {}).get("quick_gelu", False))
+    if built and cfg.quick_gelu is False:
+        raise ConfigError(f"backbone.quick_gelu=false conflicts with backbone.model={cfg.model}, which is built "
+                          "with QuickGELU; use the model name without -quickgelu or drop backbone.quick_gelu")
+    if pretrained is None:
+        trained, source = None, "random weights"
+    elif Path(pretrained).is_file():
+        trained = True if is_openai_checkpoint(pretrained) else None
+        source = f"the checkpoint {pretrained}"
+    else:
+        trained = bool(open_clip.get_pretrained_cfg(cfg.model, pretrained).get("quick_gelu", False))
+        source = f"pretrained={pretrained}"
+    if trained is None and built:
+        trained = True
+    if cfg.quick_gelu is not None:
+        if trained is not None and trained != cfg.quick_gelu:
+            log.warning("backbone.quick_gelu=%s, but %s was trained with %s: its features will be wrong",
+                        cfg.quick_gelu, source, "QuickGELU" if trained else "GELU")
+        return cfg.quick_gelu
+    if trained is None and pretrained is not None:
+        log.warning("cannot tell which activation %s was trained with (not OpenAI's TorchScript format); "
+                    "building %s with GELU. Set backbone.quick_gelu=true if it holds OpenAI-style weights",
+                    source, cfg.model)
+    return bool(trained)
+
+
 def check_model_name(name: str) -> None:
     problem = model_problem(name)
     if problem:
@@ -207,13 +278,19 @@ def load_backbone(cfg: BackboneConfig) -> FrozenCLIP:
     pretrained = _resolve_pretrained(cfg)
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg)  # before the model: a missing tokenizer file is named in seconds
+    quick_gelu = quick_gelu_for(cfg, pretrained)
+    # open_clip's file route refuses TorchScript archives (weights_only loading): read those here
+    archive = pretrained if pretrained and Path(pretrained).is_file() and is_openai_checkpoint(pretrained) else None
     try:
         with torch.random.fork_rng(devices=[]):  # seeded init, without touching the caller's generator
             torch.manual_seed(RANDOM_INIT_SEED)
             model, _, preprocess = open_clip.create_model_and_transforms(
-                cfg.model, pretrained=pretrained, device=device, cache_dir=cfg.cache_dir,
+                cfg.model, pretrained=None if archive else pretrained, device=device, cache_dir=cfg.cache_dir,
+                force_quick_gelu=quick_gelu,
                 # random weights are random in both towers: no separate HF text weights from the hub
                 pretrained_text=False)
+        if archive:
+            load_openai_archive(model, archive)
     except Exception as e:  # open_clip raises RuntimeError/OSError/HF errors for download and load faults
         text_model = hf_names(cfg.model).get("hf_model_name")
         if text_model and not Path(text_model).is_dir():

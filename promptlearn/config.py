@@ -39,9 +39,12 @@ class BackboneConfig:
     model: str = "RN50"  # any open_clip model name
     pretrained: str = "openai"  # open_clip tag, local checkpoint path, or "none" (random init)
     cache_dir: Optional[str] = None  # where open_clip keeps downloaded weights
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on GPU; the CPU always runs fp32)
+    # fp32 | bf16 | fp16 (autocast on GPU; the CPU always runs fp32) | fp16_reference (the original CoOp's
+    # pure fp16: fp16 weights and context, plain SGD on fp16, no loss scaling; only to reproduce its runs)
+    precision: str = "fp32"
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
     logit_scale: Optional[float] = None  # overrides the checkpoint's exp(logit_scale)
+    quick_gelu: Optional[bool] = None  # None: the activation the weights were trained with (tag, name, file)
 
 
 @dataclass
@@ -74,6 +77,9 @@ class TrainConfig:
     optimizer: str = "sgd"  # sgd | adamw (AdamW: Tip-Adapter-F's recipe)
     eps: float = 1e-8  # AdamW's epsilon
     augment: bool = True  # random resized crop + flip on training images
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop's area range
+    lr_per_step: bool = False  # step the schedule every iteration, not every epoch (Tip-Adapter-F's code)
+    drop_last: bool = True  # drop an epoch's last short batch (CoOp/Dassl do; Tip-Adapter-F's code does not)
     feature_passes: int = 10  # augmented passes cached for training (0: encode images every step)
     checkpoint_every: int = 1  # epochs between checkpoints
 
@@ -109,7 +115,7 @@ class RunConfig:
 
 PROTOCOL_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
 CLASS_POSITIONS = ("end", "middle", "front")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "fp16_reference")
 OPTIMIZERS = ("sgd", "adamw")
 DRAWS = ("reference", "sorted")  # few-shot draws, see promptlearn.data.fewshot
 SELECTIONS = ("validation", "none")
@@ -339,6 +345,9 @@ def config_problems(cfg: RunConfig) -> list[str]:
     need(cfg.selection in SELECTIONS,
          f"selection must be one of {', '.join(SELECTIONS)}, got {cfg.selection!r}")
     need(cfg.train.eps > 0, f"train.eps must be positive, got {cfg.train.eps}")
+    scale = cfg.train.crop_scale
+    need(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
+         f"train.crop_scale must be [low, high] with 0 < low <= high <= 1, got {scale}")
     for t in [*([cfg.data.template] if cfg.data.template is not None else []), *cfg.data.templates]:
         need("{}" in t, f"data.template {t!r} must contain {{}} where the class name goes")
         try:

@@ -131,7 +131,7 @@ def prompt_text(tok: PromptTokenizer, ctx_ids: list[int], name: str, position: s
     """The prompt as the model reads it, class name in brackets: "a photo [dog] of a."
     The layout is CoOp's own (layout_prompt), so the decoded prompt cannot drift from the trained one."""
     dot = tok.encode(".")
-    ids, ctx_positions = layout_prompt(tok, ctx_ids, name, dot, position)
+    ids, ctx_positions = layout_prompt(tok, ctx_ids, name, position)
     in_ctx = set(ctx_positions)
     body = range(len(tok.start_ids), len(ids) - len(dot) - len(tok.end_ids))  # between SOS and ". EOS"
     parts = []
@@ -443,5 +443,5 @@ def _check_reference_prompt(state: dict, backbone: FrozenCLIP,
                 open_rows.remove(row)
             else:
                 names[row].append(token)
-    dot = tok.encode(".")
-    return [text_of(tok, ids[:-len(dot)] if ids[-len(dot):] == dot else ids) for ids in names], []
+    # the prompt's final "." may be merged into the name's last token (")."): strip it from the text
+    return [text_of(tok, ids).removesuffix(".").strip() for ids in names], []

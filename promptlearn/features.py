@@ -21,7 +21,7 @@ from promptlearn.checkpoint import content_digest
 from promptlearn.data.base import DatasetSplits, Item
 from promptlearn.data.fewshot import FewShotSplit
 from promptlearn.data.loader import ImageItems, collate_images, image_loader
-from promptlearn.data.transforms import eval_transform, train_transform
+from promptlearn.data.transforms import DEFAULT_CROP_SCALE, eval_transform, train_transform
 from promptlearn.errors import DataError
 from promptlearn.io import TEMP_SUFFIX, atomic_write_bytes
 
@@ -34,6 +34,7 @@ class SplitFeatures:
     features: torch.Tensor  # [N, D] L2-normalised, fp32, CPU
     labels: torch.Tensor  # [N]
     paths: list[str]
+    norms: torch.Tensor | None = None  # [N] L2 norms of the features before normalisation
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -46,13 +47,19 @@ def extract_features(backbone: FrozenCLIP, items: list[Item], transform, *, batc
     """Features of `items` by the frozen backbone, or by `encode` (a method's own image encoder)."""
     encode = encode or backbone.encode_images
     loader = image_loader(ImageItems(items, transform, aug_seed), batch_size, num_workers, backbone.device)
-    features, indices, skipped = [], [], []
+    features, norms, indices, skipped = [], [], [], []
     for images, _, batch_indices, bad in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
         if bad and not skip_bad:
             raise DataError(bad[0].message)
         skipped.extend(bad)
         if images is not None:
-            features.append(encode(images).cpu())
+            if encode is None:  # the frozen backbone: keep each feature's norm (Tip-Adapter's raw-feature keys)
+                raw = backbone.encode_images(images, normalize=False).cpu()
+                features.append(torch.nn.functional.normalize(raw, dim=-1))
+                norms.append(raw.norm(dim=-1))
+            else:
+                features.append(encode(images).cpu())
+                norms.append(features[-1].norm(dim=-1))
             indices.append(batch_indices)
     if skipped:
         log.warning("%s: skipped %d unreadable images (data.skip_bad_images=true), e.g. %s",
@@ -61,7 +68,7 @@ def extract_features(backbone: FrozenCLIP, items: list[Item], transform, *, batc
         raise DataError(f"{desc}: none of the {len(items)} images could be read")
     kept = torch.cat(indices).tolist()
     return SplitFeatures(torch.cat(features), torch.tensor([items[i].label for i in kept]),
-                         [items[i].path for i in kept])
+                         [items[i].path for i in kept], torch.cat(norms))
 
 
 STALE_TEMP_SECONDS = 24 * 3600  # a cache temp file untouched this long belongs to a killed extraction
@@ -121,7 +128,8 @@ class FeatureCache:
             weights = f"{os.path.abspath(weights)}:{st.st_size}:{st.st_mtime_ns}"
         listing = hashlib.sha256("\n".join(f"{it.path}\t{it.label}" for it in items).encode()).hexdigest()
         desc = {"model": backbone.name, "weights": weights, "items": listing, "transform": repr(transform),
-                "aug_seed": aug_seed, "skip_bad": skip_bad, "precision": backbone.precision}
+                "aug_seed": aug_seed, "skip_bad": skip_bad, "precision": backbone.precision,
+                "with_norms": True}  # files from before norms were kept are not read
         what = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32]
         state = hashlib.sha256("\n".join(file_state(it.path, self.hash_content) for it in items).encode())
         return f"{what}-{'c' if self.hash_content else 's'}{state.hexdigest()[:16]}"
@@ -142,7 +150,8 @@ class FeatureCache:
             stale.unlink(missing_ok=True)
         self.remove_stale_temps()
         result = compute()
-        payload = {"features": result.features, "labels": result.labels, "paths": result.paths}
+        payload = {"features": result.features, "labels": result.labels, "paths": result.paths,
+                   "norms": result.norms}
         payload["checksum"] = content_digest(payload)
         atomic_write_bytes(path, lambda f: torch.save(payload, f))
         return result
@@ -162,7 +171,8 @@ class FeatureCache:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
             if payload.pop("checksum") == content_digest(payload):
-                return SplitFeatures(payload["features"], payload["labels"], list(payload["paths"]))
+                return SplitFeatures(payload["features"], payload["labels"], list(payload["paths"]),
+                                     payload["norms"])
         except Exception:  # any unreadable cache file is recomputed, never trusted
             pass
         log.warning("feature cache %s is damaged; extracting again", path)
@@ -176,7 +186,7 @@ class FeatureBank:
                  cache: FeatureCache, batch_size: int, num_workers: int, skip_bad: bool, seed: int):
         self.backbone, self.dataset, self.fewshot, self.cache = backbone, dataset, fewshot, cache
         self.batch_size, self.num_workers, self.skip_bad, self.seed = batch_size, num_workers, skip_bad, seed
-        self._passes: dict[tuple[int, bool], SplitFeatures] = {}
+        self._passes: dict[tuple[int, tuple], SplitFeatures] = {}  # (pass, crop scale) -> features
         self.extract_seconds = 0.0  # wall-clock spent encoding images (cache misses), for the run's phase times
 
     def _features(self, items: list[Item], transform, aug_seed, desc: str, cached: bool = True) -> SplitFeatures:
@@ -216,24 +226,28 @@ class FeatureBank:
                                 batch_size=self.batch_size, num_workers=self.num_workers, skip_bad=self.skip_bad,
                                 desc=f"{dataset.name} test features", encode=encode)
 
-    def train_pass(self, index: int, augment: bool, cached: bool = True) -> SplitFeatures:
+    def train_pass(self, index: int, augment: bool, cached: bool = True,
+                   crop_scale=DEFAULT_CROP_SCALE) -> SplitFeatures:
         """Training features of augmented pass `index` (a fresh seeded crop and flip per image)."""
         if not augment:
             return self.train
+        transform = train_transform(self.backbone, crop_scale=crop_scale)
         if not cached:
-            return self._features(self.fewshot.train, train_transform(self.backbone), (self.seed, index),
-                                  f"train pass {index}", cached=False)
-        if (index, augment) not in self._passes:
-            self._passes[(index, augment)] = self._features(
-                self.fewshot.train, train_transform(self.backbone), (self.seed, index), f"train pass {index}")
-        return self._passes[(index, augment)]
+            return self._features(self.fewshot.train, transform, (self.seed, index), f"train pass {index}",
+                                  cached=False)
+        key = (index, tuple(crop_scale))
+        if key not in self._passes:
+            self._passes[key] = self._features(self.fewshot.train, transform, (self.seed, index),
+                                               f"train pass {index}")
+        return self._passes[key]
 
 
-def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
-    """Shuffled batches that depend only on (seed, epoch); the last short batch is dropped as CoOp does."""
+def batch_order(n: int, batch_size: int, seed: int, epoch: int, drop_last: bool = True) -> list[torch.Tensor]:
+    """Shuffled batches that depend only on (seed, epoch); the last short batch is dropped as CoOp does
+    (kept with drop_last=False)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=g)
-    full = n - n % batch_size if n >= batch_size else n
+    full = n - n % batch_size if n >= batch_size and drop_last else n
     return list(order[:full].split(batch_size))
 
 
@@ -243,12 +257,13 @@ class EpochFeatures:
     def epoch(self, epoch: int) -> SplitFeatures:
         raise NotImplementedError
 
-    def batches(self, epoch: int, batch_size: int, seed: int, device: torch.device) -> Iterator[Batch]:
+    def batches(self, epoch: int, batch_size: int, seed: int, device: torch.device,
+                drop_last: bool = True) -> Iterator[Batch]:
         """(features, labels) batches of epoch `epoch`, on `device`, in the order `batch_order` gives."""
         split = self.epoch(epoch)
         # one host-to-device copy per epoch, not one per step
         features, labels = split.features.to(device, non_blocking=True), split.labels.to(device, non_blocking=True)
-        for idx in batch_order(len(labels), batch_size, seed, epoch):
+        for idx in batch_order(len(labels), batch_size, seed, epoch, drop_last):
             idx = idx.to(device)
             yield features[idx], labels[idx]
 
@@ -257,8 +272,12 @@ class TrainingFeatures(EpochFeatures):
     """What the trainer draws batches from: epoch e uses cached pass e mod P, or (P = 0) encodes
     the training images afresh every epoch as the reference implementation does."""
 
-    def __init__(self, bank: FeatureBank, passes: int, augment: bool):
-        self.bank, self.passes, self.augment = bank, passes, augment
+    def __init__(self, bank: FeatureBank, passes: int, augment: bool, crop_scale=DEFAULT_CROP_SCALE):
+        self.bank, self.passes, self.augment, self.crop_scale = bank, passes, augment, tuple(crop_scale)
+
+    @property
+    def images(self) -> int:
+        return len(self.bank.fewshot.train)
 
     @property
     def draw(self) -> dict:
@@ -267,13 +286,15 @@ class TrainingFeatures(EpochFeatures):
 
     def epoch(self, epoch: int) -> SplitFeatures:
         if self.passes == 0:
-            return self.bank.train_pass(epoch, self.augment, cached=False)
-        return self.bank.train_pass(epoch % self.passes, self.augment)
+            return self.bank.train_pass(epoch, self.augment, cached=False, crop_scale=self.crop_scale)
+        return self.bank.train_pass(epoch % self.passes, self.augment, crop_scale=self.crop_scale)
 
-    def mean_over_passes(self) -> torch.Tensor:
-        """Features averaged over the cached passes, re-normalised (Tip-Adapter's cache keys)."""
+    def mean_over_passes(self, raw: bool = False) -> torch.Tensor:
+        """Features averaged over the cached passes, re-normalised (Tip-Adapter's cache keys): the
+        normalised features, or with raw=True the features before normalisation (as Tip-Adapter's code)."""
         passes = max(self.passes, 1) if self.augment else 1
-        stack = torch.stack([self.bank.train_pass(p, self.augment).features for p in range(passes)])
+        splits = [self.bank.train_pass(p, self.augment, crop_scale=self.crop_scale) for p in range(passes)]
+        stack = torch.stack([s.features * s.norms[:, None] if raw else s.features for s in splits])
         return torch.nn.functional.normalize(stack.mean(0), dim=-1)
 
 
@@ -289,14 +310,19 @@ class TrainingImages:
     def draw(self) -> dict:
         return {"dataset": self.bank.fewshot.dataset, "shots": self.bank.fewshot.shots, "images": True}
 
-    def __len__(self) -> int:
+    @property
+    def images(self) -> int:
         return len(self.bank.fewshot.train)
 
-    def batches(self, epoch: int, batch_size: int, seed: int, device: torch.device) -> Iterator[Batch]:
+    def __len__(self) -> int:
+        return self.images
+
+    def batches(self, epoch: int, batch_size: int, seed: int, device: torch.device,
+                drop_last: bool = True) -> Iterator[Batch]:
         bank = self.bank
         items = ImageItems(bank.fewshot.train, train_transform(bank.backbone, self.augment),
                            (bank.seed, epoch) if self.augment else None)
-        order = [idx.tolist() for idx in batch_order(len(items), batch_size, seed, epoch)]
+        order = [idx.tolist() for idx in batch_order(len(items), batch_size, seed, epoch, drop_last)]
         loader = DataLoader(items, batch_sampler=order, num_workers=bank.num_workers,
                             pin_memory=device.type == "cuda", collate_fn=collate_images)
         for images, labels, _, bad in loader:

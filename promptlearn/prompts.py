@@ -3,20 +3,37 @@ from __future__ import annotations
 
 from promptlearn.tokens import PromptTokenizer
 
+END_OF_PROMPT = "."
 
-def layout_prompt(tok: PromptTokenizer, ctx_ids: list[int], name: str, dot: list[int],
+
+def spoken_name(name: str) -> str:
+    """A class name as prompts spell it: underscores read as spaces (as the original CoOp and its
+    zero-shot baseline do for every class list)."""
+    return name.replace("_", " ")
+
+
+def layout_prompt(tok: PromptTokenizer, ctx_ids: list[int], name: str,
                   position: str) -> tuple[list[int], list[int]]:
     """Token ids of [SOS] context name . [EOS] (class at the end; the context split around the name for
-    `middle`; the name first for `front`) and the positions of the context tokens in them."""
-    name_ids = tok.encode(name)
+    `middle`; the name first for `front`) and the positions of the context tokens in them.
+
+    The ids are those of the whole sentence the layout spells ("X X X X name.", "X X name X X.",
+    "name X X X X."), as zero-shot CLIP tokenises it: text after a space never merges with the
+    text before it, but a name ending in punctuation merges with the final "." ("kite (bird of
+    prey)." ends in the one token ")."), so the name and the "." that follows it are encoded together."""
+    name = spoken_name(name)
     half = len(ctx_ids) // 2
-    pieces = {"end": [("s", tok.start_ids), ("c", ctx_ids), ("n", name_ids), ("d", dot), ("e", tok.end_ids)],
-              "middle": [("s", tok.start_ids), ("c", ctx_ids[:half]), ("n", name_ids),
-                         ("c", ctx_ids[half:]), ("d", dot), ("e", tok.end_ids)],
-              "front": [("s", tok.start_ids), ("n", name_ids), ("c", ctx_ids), ("d", dot), ("e", tok.end_ids)]}
-    ids, positions = [], []
-    for kind, part in pieces[position]:
+    if position == "end":
+        pieces = [("c", ctx_ids), ("n", tok.encode(name + END_OF_PROMPT))]
+    elif position == "middle":
+        pieces = [("c", ctx_ids[:half]), ("n", tok.encode(name)), ("c", ctx_ids[half:])]
+    else:  # front
+        pieces = [("n", tok.encode(name)), ("c", ctx_ids)]
+    if position != "end":
+        pieces.append(("d", tok.encode(END_OF_PROMPT)))
+    ids, positions = list(tok.start_ids), []
+    for kind, part in pieces:
         if kind == "c":
             positions.extend(range(len(ids), len(ids) + len(part)))
         ids.extend(part)
-    return ids, positions
+    return ids + tok.end_ids, positions

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from promptlearn.checkpoint import DamagedCheckpoint, check_meta, save_checkpoint, set_aside
 from promptlearn.config import TrainConfig
 from promptlearn.errors import PromptlearnError
+from promptlearn.features import batch_order
 
 if TYPE_CHECKING:
     from promptlearn.features import TrainingFeatures, TrainingImages
@@ -66,8 +67,10 @@ class NonFiniteLoss(PromptlearnError):
     pass
 
 
-def lr_factor(epoch: int, cfg: TrainConfig, epochs: int) -> float:
-    """CoOp's schedule: constant warm-up lr for the first epochs, then cosine over all epochs."""
+def lr_factor(epoch: float, cfg: TrainConfig, epochs: int) -> float:
+    """CoOp's schedule: constant warm-up lr for the first epochs, then cosine over all epochs. With
+    train.lr_per_step, `epoch` is fractional (step / steps per epoch): with no warm-up that is
+    CosineAnnealingLR over epochs x steps stepped every iteration, as Tip-Adapter-F's code does."""
     if epoch < cfg.warmup_epochs:
         return cfg.warmup_lr / cfg.lr
     return 0.5 * (1.0 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / max(epochs, 1)))
@@ -120,7 +123,9 @@ class Trainer:
         cfg, device = self.cfg, method.device
         params = [p for p in method.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg, self.epochs))
+        # the scheduler counts epochs, or steps with train.lr_per_step
+        steps = len(batch_order(data.images, cfg.batch_size, 0, 0, cfg.drop_last)) if cfg.lr_per_step else 1
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: lr_factor(t / steps, cfg, self.epochs))
         scaler = grad_scaler(device, self.precision)
         meta, recipe = method.checkpoint_meta(), self.recipe(data)
         start, history, seconds_before = 0, [], 0.0
@@ -143,9 +148,10 @@ class Trainer:
         last_done = snapshot(start)
         try:
             for epoch in range(start, self.epochs):
-                history.append(self._epoch(method, data, optimizer, scaler, epoch, last_done["epoch"]))
+                history.append(self._epoch(method, data, optimizer, scheduler, scaler, epoch, last_done["epoch"]))
                 method.end_of_epoch(epoch + 1, self.epochs)
-                scheduler.step()
+                if not cfg.lr_per_step:
+                    scheduler.step()
                 last_done = snapshot(epoch + 1)
                 log.info("%s epoch %d/%d: loss %.4f, train accuracy %.2f%%, lr %.2e", method.name, epoch + 1,
                          self.epochs, history[-1]["loss"], history[-1]["accuracy"], history[-1]["lr"])
@@ -162,10 +168,10 @@ class Trainer:
             save_checkpoint(checkpoint, last_done)
         return {"epochs": self.epochs, "train_seconds": last_done["train_seconds"], "history": history}
 
-    def _epoch(self, method, data, optimizer, scaler, epoch: int, checkpoint_epoch: int) -> dict:
+    def _epoch(self, method, data, optimizer, scheduler, scaler, epoch: int, checkpoint_epoch: int) -> dict:
         method.train()
         total_loss, correct, seen, parts = 0.0, 0, 0, {}
-        batches = data.batches(epoch, self.cfg.batch_size, self.seed, method.device)
+        batches = data.batches(epoch, self.cfg.batch_size, self.seed, method.device, self.cfg.drop_last)
         bar = tqdm(batches, desc=f"{method.name} epoch {epoch + 1}/{self.epochs}", leave=False, dynamic_ncols=True)
         for step, (x, y) in enumerate(bar):
             with method.backbone.autocast():
@@ -177,6 +183,8 @@ class Trainer:
                     f"training stopped before the parameters were updated; the checkpoint keeps the state "
                     f"after epoch {checkpoint_epoch}. Try a lower train.lr or backbone.precision=fp32.")
             optimizer_step(method, losses, optimizer, scaler)
+            if self.cfg.lr_per_step:
+                scheduler.step()
             total_loss += loss.item() * len(y)
             for name, value in losses.items():
                 parts[name] = parts.get(name, 0.0) + value.item() * len(y)

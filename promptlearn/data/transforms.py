@@ -5,13 +5,16 @@ from torchvision import transforms as T
 
 from promptlearn.backbone import FrozenCLIP
 
+DEFAULT_CROP_SCALE = (0.08, 1.0)  # torchvision's and CoOp's; Tip-Adapter's code uses (0.5, 1)
 
-def train_transform(backbone: FrozenCLIP, augment: bool = True):
-    """Random resized crop + horizontal flip (bicubic, the backbone's mean and std), as CoOp trains."""
+
+def train_transform(backbone: FrozenCLIP, augment: bool = True, crop_scale=DEFAULT_CROP_SCALE):
+    """Random resized crop (area fraction in crop_scale) + horizontal flip (bicubic, the backbone's mean
+    and std), as CoOp trains."""
     if not augment:
         return backbone.preprocess
     return T.Compose([
-        T.RandomResizedCrop(backbone.image_size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomResizedCrop(backbone.image_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         T.Normalize(backbone.image_mean, backbone.image_std),

@@ -135,7 +135,8 @@ class Method(nn.Module):
 
     def training_features(self, bank: "FeatureBank") -> TrainingFeatures:
         """The features a learning method trains on: cached augmented passes (see train.feature_passes)."""
-        return TrainingFeatures(bank, self.cfg.train.feature_passes, self.cfg.train.augment)
+        train = self.cfg.train
+        return TrainingFeatures(bank, train.feature_passes, train.augment, train.crop_scale)
 
     def end_of_epoch(self, epoch: int, epochs: int) -> None:
         """Hook: called by the trainer after epoch `epoch` (1-based) of `epochs`, before the checkpoint."""

@@ -3,7 +3,8 @@ at residual ratio alpha, classified by the zero-shot text weights of the dataset
 
 The reference applies the adapter to the unnormalised feature and normalises afterwards. The adapter
 (bias-free linear layers and ReLUs) is positively homogeneous, so feeding it the L2-normalised cached
-feature gives the same normalised blend: one cache serves every method.
+feature gives the same normalised blend, hence the same logits and the same gradients (they do not
+scale with the feature norm): one cache serves every method.
 """
 from __future__ import annotations
 

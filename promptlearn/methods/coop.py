@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -78,13 +77,12 @@ class PromptLearner(nn.Module):
             else:
                 shape = (n_cls, n_ctx, tower.width) if class_specific else (n_ctx, tower.width)
                 ctx = torch.empty(shape, device=backbone.device).normal_(std=RANDOM_CTX_STD)
-        self.ctx = nn.Parameter(ctx)
+        self.ctx = nn.Parameter(ctx.to(backbone.parameter_dtype))
 
         placeholder = init_ids or tok.encode("X") * n_ctx  # any ordinary token: it is replaced
-        dot = tok.encode(".")
         rows, positions = [], []
         for name in classnames:
-            ids, pos = layout_prompt(tok, placeholder, name, dot, cfg.class_position)
+            ids, pos = layout_prompt(tok, placeholder, name, cfg.class_position)
             if len(ids) > tower.context_length:
                 raise PromptlearnError(
                     f"the prompt for class {name!r} is {len(ids)} tokens ({n_ctx} of them context), more than the "
@@ -190,7 +188,7 @@ class CoOp(Method):
         for rows, length in self.groups:
             args = (*shared, embeds[rows, :length - skip], ids[rows, :length])
             parts.append(checkpoint(encode, *args, use_reentrant=False) if checkpointed else encode(*args))
-        return F.normalize(torch.cat(parts)[self.group_order].float(), dim=-1)
+        return self.backbone.normalize(torch.cat(parts)[self.group_order])
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.backbone.logits(image_features, self.text_features())

@@ -2,7 +2,13 @@
 
 keys = L2-normalised few-shot image features averaged over the augmented passes, values = one-hot
 labels; logits = zero-shot logits + alpha * exp(-beta * (1 - f @ keys^T)) @ values. alpha and beta are
-chosen on the few-shot validation set (the published code searched them on the test set).
+chosen on the few-shot validation set, never on the test set (the published code searched them on
+ImageNet's test set and picked Tip-Adapter-F's epoch by test accuracy).
+
+tip_adapter.protocol=reference follows the published code's protocol otherwise: per-dataset search
+grids and initial alpha, 100 epochs on EuroSAT, a cosine schedule stepped every iteration with no
+dropped last batch, crops of area (0.5, 1), keys averaged over the features before normalisation, and
+ImageNet's 7-template zero-shot classifier.
 """
 from __future__ import annotations
 
@@ -15,14 +21,32 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from promptlearn.errors import DataError
+from promptlearn.errors import ConfigError, DataError
 from promptlearn.features import SplitFeatures, TrainingFeatures
 from promptlearn.methods.base import Capabilities, register_method
 from promptlearn.methods.zeroshot import ZeroShot
 
+PROTOCOLS = ("promptlearn", "reference")
+
+# Tip-Adapter's published protocol, per dataset: search_scale [S_beta, S_alpha] and -F's initial alpha
+REFERENCE_SEARCH_SCALE = {
+    "imagenet": (7, 3), "oxford_pets": (7, 3), "ucf101": (7, 3), "caltech101": (12, 5), "dtd": (13, 13),
+    "eurosat": (12, 10), "sun397": (12, 10), "fgvc_aircraft": (30, 30), "food101": (10, 10),
+    "oxford_flowers": (50, 50), "stanford_cars": (20, 10)}
+REFERENCE_INIT_ALPHA = {
+    "imagenet": 1.17, "oxford_pets": 1.17, "food101": 1.17, "sun397": 1.17, "caltech101": 3.0, "ucf101": 3.0,
+    "stanford_cars": 3.0, "dtd": 2.0, "eurosat": 2.0, "fgvc_aircraft": 5.0, "oxford_flowers": 10.0}
+REFERENCE_INIT_BETA = 1.0
+REFERENCE_EPOCHS, REFERENCE_DEFAULT_EPOCHS = {"eurosat": 100}, 20
+REFERENCE_SEARCH_STEPS = (200, 20)  # beta, alpha
+REFERENCE_CROP_SCALE = (0.5, 1.0)
+IMAGENET_TEMPLATES = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+                      "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
+
 
 @dataclass
 class TipAdapterConfig:
+    protocol: str = "promptlearn"  # promptlearn | reference (the published code's grids, schedule, crops)
     alpha_range: list[float] = field(default_factory=lambda: [0.1, 10.0])  # searched on the validation set
     alpha_steps: int = 20
     beta_range: list[float] = field(default_factory=lambda: [0.1, 12.0])
@@ -37,6 +61,8 @@ class TipAdapterConfig:
 
     def problems(self) -> list[str]:
         found = []
+        if self.protocol not in PROTOCOLS:
+            found.append(f"tip_adapter.protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         for name in ("alpha", "beta"):
             lo_hi, steps = getattr(self, f"{name}_range"), getattr(self, f"{name}_steps")
             if not (len(lo_hi) == 2 and 0 <= lo_hi[0] <= lo_hi[1]):
@@ -56,6 +82,63 @@ def search_grid(low_high: list[float], steps: int) -> list[float]:
     return [float(v) for v in np.linspace(low_high[0], low_high[1], steps)]
 
 
+def reference_grid(upper: float, steps: int) -> list[float]:
+    """The published code's grid: 0.1 + i (upper - 0.1) / steps for i < steps (upper end excluded)."""
+    return [0.1 + i * (upper - 0.1) / steps for i in range(steps)]
+
+
+class Protocol:
+    """Where Tip-Adapter's settings come from: its config section, or, for protocol=reference, the
+    published code's per-dataset values (the config's grid, init and recipe keys are then not read)."""
+
+    def __init__(self, cfg):
+        self.tip, self.dataset, self.reference = cfg.tip_adapter, cfg.data.name, cfg.tip_adapter.protocol == "reference"
+        if self.reference and self.dataset not in REFERENCE_SEARCH_SCALE:
+            raise ConfigError(
+                f"tip_adapter.protocol=reference knows the published settings of {', '.join(REFERENCE_SEARCH_SCALE)} "
+                f"only, not data.name={self.dataset}; use tip_adapter.protocol=promptlearn and set the grids")
+
+    def grids(self) -> tuple[list[float], list[float], dict]:
+        """alpha grid, beta grid, and how they were made (for the report)."""
+        tip = self.tip
+        if self.reference:
+            scale_beta, scale_alpha = REFERENCE_SEARCH_SCALE[self.dataset]
+            steps_beta, steps_alpha = REFERENCE_SEARCH_STEPS
+            return (reference_grid(scale_alpha, steps_alpha), reference_grid(scale_beta, steps_beta),
+                    {"search_scale": [scale_beta, scale_alpha], "search_step": [steps_beta, steps_alpha]})
+        return (search_grid(tip.alpha_range, tip.alpha_steps), search_grid(tip.beta_range, tip.beta_steps),
+                {"searched_alpha": [*tip.alpha_range, tip.alpha_steps],
+                 "searched_beta": [*tip.beta_range, tip.beta_steps]})
+
+    def init(self) -> tuple[float, float]:
+        if self.reference:
+            return REFERENCE_INIT_ALPHA[self.dataset], REFERENCE_INIT_BETA
+        return self.tip.init_alpha, self.tip.init_beta
+
+    def epochs(self) -> int:
+        return REFERENCE_EPOCHS.get(self.dataset, REFERENCE_DEFAULT_EPOCHS) if self.reference else self.tip.epochs
+
+    def recipe(self, train):
+        """Tip-Adapter-F's training recipe: AdamW, cosine, no warm-up; the reference steps the cosine every
+        iteration and keeps the last short batch."""
+        tip = self.tip
+        recipe = dataclasses.replace(train, optimizer="adamw", lr=tip.lr, eps=tip.eps, weight_decay=tip.weight_decay,
+                                     batch_size=tip.batch_size, warmup_epochs=0)
+        if self.reference:
+            recipe = dataclasses.replace(recipe, lr_per_step=True, drop_last=False,
+                                         crop_scale=list(REFERENCE_CROP_SCALE))
+        return recipe
+
+    def crop_scale(self, train) -> tuple:
+        return REFERENCE_CROP_SCALE if self.reference else tuple(train.crop_scale)
+
+    def templates(self, own: list[str], data) -> list[str]:
+        """ImageNet's 7-template ensemble under the reference, unless data.template(s) is set."""
+        if self.reference and self.dataset == "imagenet" and data.template is None and not data.templates:
+            return list(IMAGENET_TEMPLATES)
+        return own
+
+
 def cache_logits(affinity: torch.Tensor, values: torch.Tensor, beta: float) -> torch.Tensor:
     """Per-class sums of exp(-beta * (1 - cosine)) over the cached shots."""
     return torch.exp(-beta * (1 - affinity)) @ values
@@ -68,13 +151,15 @@ class TipAdapter(ZeroShot):
 
     @classmethod
     def capabilities_for(cls, cfg) -> Capabilities:
-        """Validation-free (selection=none): alpha and beta stay at init_alpha and init_beta, nothing is searched."""
+        """Validation-free (selection=none): alpha and beta stay at init_alpha and init_beta, nothing is searched.
+        A reference protocol for a dataset without published settings stops here, before anything loads."""
+        Protocol(cfg)
         return dataclasses.replace(cls.capabilities, uses_validation=cfg.selection != "none")
 
     def __init__(self, cfg, backbone, classnames):
+        self.protocol = Protocol(cfg)
         super().__init__(cfg, backbone, classnames)
-        tip = cfg.tip_adapter
-        self.alpha, self.beta = tip.init_alpha, tip.init_beta
+        self.alpha, self.beta = self.protocol.init()
         empty_keys = torch.zeros(0, backbone.embed_dim)  # filled from the few-shot draw in fit()
         if self.fine_tunes:
             self.keys = nn.Parameter(empty_keys)
@@ -91,28 +176,31 @@ class TipAdapter(ZeroShot):
             raise DataError(f"{self.name} needs a few-shot validation set to choose alpha and beta, but the "
                             "draw has none; the dataset has no val split and no training images left over")
         data = self.training_features(bank)
-        keys = data.mean_over_passes().to(self.device)
-        labels = bank.train_pass(0, self.cfg.train.augment).labels
+        keys = data.mean_over_passes(raw=self.protocol.reference).to(self.device)
+        labels = bank.train_pass(0, data.augment, crop_scale=data.crop_scale).labels
         self.keys = nn.Parameter(keys) if self.fine_tunes else keys
         self.values = F.one_hot(labels, len(self.classnames)).float().to(self.device)
         info = self.fine_tune(data, trainer, checkpoint, resume) if self.fine_tunes else {}
         chosen = self.search(bank.val) if self.caps.uses_validation else {"alpha": self.alpha, "beta": self.beta}
         return {**info, **chosen, "cache_size": len(keys)}
 
+    def training_features(self, bank) -> TrainingFeatures:
+        train = self.cfg.train
+        return TrainingFeatures(bank, train.feature_passes, train.augment, self.protocol.crop_scale(train))
+
+    def templates(self) -> list[str]:
+        return self.protocol.templates(super().templates(), self.cfg.data)
+
     def fine_tune(self, data: TrainingFeatures, trainer, checkpoint, resume) -> dict:
-        """Tip-Adapter-F's recipe: AdamW with a cosine schedule and no warm-up, at the initial alpha and beta."""
-        tip = self.cfg.tip_adapter
-        recipe = dataclasses.replace(self.cfg.train, optimizer="adamw", lr=tip.lr, eps=tip.eps,
-                                     weight_decay=tip.weight_decay, batch_size=tip.batch_size, warmup_epochs=0)
-        return trainer.with_recipe(recipe, tip.epochs).fit(self, data, checkpoint, resume)
+        """Tip-Adapter-F's recipe (see Protocol.recipe), at the initial alpha and beta."""
+        recipe = self.protocol.recipe(self.cfg.train)
+        return trainer.with_recipe(recipe, self.protocol.epochs()).fit(self, data, checkpoint, resume)
 
     @torch.no_grad()
     def search(self, val: SplitFeatures) -> dict:
         """The (alpha, beta) of the grid with the best validation accuracy; ties keep the smallest."""
-        tip = self.cfg.tip_adapter
-        alpha_grid = search_grid(tip.alpha_range, tip.alpha_steps)
+        alpha_grid, betas, searched = self.protocol.grids()
         alphas = torch.tensor(alpha_grid, device=self.device)
-        betas = search_grid(tip.beta_range, tip.beta_steps)
         self.eval()
         x, y = val.features.to(self.device), val.labels.to(self.device)
         zero_shot, affinity = super().forward(x), x @ self.keys.t()
@@ -125,13 +213,12 @@ class TipAdapter(ZeroShot):
                 best_correct, best_alpha, best_beta = int(correct[i]), alpha_grid[i], beta
         self.alpha, self.beta = best_alpha, best_beta
         return {"alpha": best_alpha, "beta": best_beta, "val_accuracy": 100.0 * best_correct / len(y),
-                "searched_alpha": [*tip.alpha_range, tip.alpha_steps],
-                "searched_beta": [*tip.beta_range, tip.beta_steps]}
+                "protocol": self.cfg.tip_adapter.protocol, **searched}
 
     def checkpoint_meta(self) -> dict:
-        tip = self.cfg.tip_adapter
-        return {**super().checkpoint_meta(), "cache_size": len(self.keys),
-                "init_alpha": tip.init_alpha, "init_beta": tip.init_beta}
+        init_alpha, init_beta = self.protocol.init()
+        return {**super().checkpoint_meta(), "cache_size": len(self.keys), "init_alpha": init_alpha,
+                "init_beta": init_beta, "protocol": self.cfg.tip_adapter.protocol}
 
 
 @register_method("tip_adapter_f", section="tip_adapter")
