@@ -45,7 +45,6 @@ def extract_features(backbone: FrozenCLIP, items: list[Item], transform, *, batc
                      desc: str = "features", encode: Callable[[torch.Tensor], torch.Tensor] | None = None
                      ) -> SplitFeatures:
     """Features of `items` by the frozen backbone, or by `encode` (a method's own image encoder)."""
-    encode = encode or backbone.encode_images
     loader = image_loader(ImageItems(items, transform, aug_seed), batch_size, num_workers, backbone.device)
     features, norms, indices, skipped = [], [], [], []
     for images, _, batch_indices, bad in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):

@@ -65,7 +65,7 @@ class TextPrompts(nn.Module):
         placeholder = phrase if from_phrase or (phrase and n_ctx == 0) else tok.encode("X") * n_ctx
         rows, positions = [], []
         for name in classnames:
-            ids, pos = layout_prompt(tok, placeholder, name, tok.encode("."), "end")
+            ids, pos = layout_prompt(tok, placeholder, name, "end")
             if len(ids) > tower.context_length:
                 raise ConfigError(f"the prompt for class {name!r} is {len(ids)} tokens, more than the text tower's "
                                   f"context length {tower.context_length}; shorten the class name or ctx_init")
