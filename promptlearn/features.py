@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from filelock import FileLock
 from tqdm.auto import tqdm
 
 from promptlearn.backbone import FrozenCLIP
@@ -22,7 +23,7 @@ from promptlearn.data.fewshot import FewShotSplit
 from promptlearn.data.loader import ImageItems, image_loader
 from promptlearn.data.transforms import eval_transform, train_transform
 from promptlearn.errors import DataError
-from promptlearn.io import TEMP_SUFFIX, atomic_write_bytes
+from promptlearn.io import TEMP_SUFFIX, atomic_write_bytes, file_creation_mode
 
 log = logging.getLogger("promptlearn")
 
@@ -122,24 +123,33 @@ class FeatureCache:
         return f"{what}-{'c' if self.hash_content else 's'}{state.hexdigest()[:16]}"
 
     def get_or_compute(self, key: str, compute: Callable[[], SplitFeatures]) -> SplitFeatures:
+        """The cached features of `key`, or `compute()` written to the cache. Processes (and nodes on a
+        shared filesystem) sharing the cache extract a key once: the first takes the key's lock and
+        extracts, the others wait on the lock and then read its complete file (written atomically)."""
         if self.folder is None:
             return compute()
         path = self.folder / f"{key}.pt"
-        if path.is_file():
+        if path.is_file():  # the common case needs no lock
             cached = self._read(path)
             if cached is not None:
                 return cached
-        what, _, state = key.partition("-")
-        stale_entries = [p for p in self.folder.glob(f"{what}-{state[:1]}*.pt") if p != path] if state else []
-        for stale in stale_entries:  # the same images, extracted before they changed
-            log.warning("feature cache %s is stale: its images changed on disk since (%s); extracting again",
-                        stale, "contents" if self.hash_content else "size or modification time")
-            stale.unlink(missing_ok=True)
-        self.remove_stale_temps()
-        result = compute()
-        payload = {"features": result.features, "labels": result.labels, "paths": result.paths}
-        payload["checksum"] = content_digest(payload)
-        atomic_write_bytes(path, lambda f: torch.save(payload, f))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.folder / f"{key}.lock", mode=file_creation_mode()):
+            if path.is_file():  # written while we waited for the lock
+                cached = self._read(path)
+                if cached is not None:
+                    return cached
+            what, _, state = key.partition("-")
+            stale_entries = [p for p in self.folder.glob(f"{what}-{state[:1]}*.pt") if p != path] if state else []
+            for stale in stale_entries:  # the same images, extracted before they changed
+                log.warning("feature cache %s is stale: its images changed on disk since (%s); extracting again",
+                            stale, "contents" if self.hash_content else "size or modification time")
+                stale.unlink(missing_ok=True)
+            self.remove_stale_temps()
+            result = compute()
+            payload = {"features": result.features, "labels": result.labels, "paths": result.paths}
+            payload["checksum"] = content_digest(payload)
+            atomic_write_bytes(path, lambda f: torch.save(payload, f))
         return result
 
     def remove_stale_temps(self) -> None:
