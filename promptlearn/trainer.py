@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from promptlearn import distributed
 from promptlearn.checkpoint import DamagedCheckpoint, check_meta, save_checkpoint, set_aside
 from promptlearn.config import TrainConfig
 from promptlearn.errors import PromptlearnError
@@ -109,6 +110,7 @@ class Trainer:
         meta, recipe = method.checkpoint_meta(), self.recipe(data)
         start, history, seconds_before = 0, [], 0.0
         saved = restore_unless_damaged(method, checkpoint) if resume and checkpoint.is_file() else None
+        model = distributed.data_parallel(method, device)  # after the restore: every rank starts equal
         if saved is not None:
             check_meta(checkpoint, saved.get("recipe", {}), recipe)
             optimizer.load_state_dict(saved["optimizer"])
@@ -124,28 +126,34 @@ class Trainer:
                     "scheduler": scheduler.state_dict(), "history": list(history),
                     "train_seconds": seconds_before + time.perf_counter() - began}
 
+        def save(state: dict) -> None:
+            if distributed.is_writer():  # every rank holds the same state; one file, written once
+                save_checkpoint(checkpoint, state)
+
         last_done = snapshot(start)
         try:
             for epoch in range(start, self.epochs):
-                history.append(self._epoch(method, data, optimizer, scaler, epoch, last_done["epoch"]))
+                history.append(self._epoch(method, model, data, optimizer, scaler, epoch, last_done["epoch"]))
                 scheduler.step()
                 last_done = snapshot(epoch + 1)
                 log.info("%s epoch %d/%d: loss %.4f, train accuracy %.2f%%, lr %.2e", method.name, epoch + 1,
                          self.epochs, history[-1]["loss"], history[-1]["accuracy"], history[-1]["lr"])
                 if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == self.epochs:
-                    save_checkpoint(checkpoint, last_done)
+                    save(last_done)
         except KeyboardInterrupt:
-            save_checkpoint(checkpoint, last_done)
+            save(last_done)
             raise PromptlearnError(f"interrupted; saved the state after epoch {last_done['epoch']} to "
                                    f"{checkpoint}. Rerun with --resume to continue.") from None
         except NonFiniteLoss:
-            save_checkpoint(checkpoint, last_done)  # the last good state, whatever checkpoint_every is
+            save(last_done)  # the last good state, whatever checkpoint_every is
             raise
         if self.epochs == 0 or start == self.epochs:
-            save_checkpoint(checkpoint, last_done)
+            save(last_done)
         return {"epochs": self.epochs, "train_seconds": last_done["train_seconds"], "history": history}
 
-    def _epoch(self, method, data, optimizer, scaler, epoch: int, checkpoint_epoch: int) -> dict:
+    def _epoch(self, method, model, data, optimizer, scaler, epoch: int, checkpoint_epoch: int) -> dict:
+        """One epoch; `model` is `method`, or its DistributedDataParallel wrapper when several processes
+        share each global batch."""
         device = method.device
         split = data.epoch(epoch)
         # one host-to-device copy per epoch, not one per step
@@ -153,22 +161,28 @@ class Trainer:
         batches = batch_order(len(labels), self.cfg.batch_size, self.seed, epoch)
         method.train()
         total_loss, correct, seen = 0.0, 0, 0
-        bar = tqdm(batches, desc=f"{method.name} epoch {epoch + 1}/{self.epochs}", leave=False, dynamic_ncols=True)
-        for step, idx in enumerate(bar):
-            idx = idx.to(device)
+        bar = tqdm(batches, desc=f"{method.name} epoch {epoch + 1}/{self.epochs}", leave=False, dynamic_ncols=True,
+                   disable=not distributed.is_writer())
+        for step, batch in enumerate(bar):
+            idx = distributed.local_share(batch).to(device)
             x, y = features[idx], labels[idx]
             with method.backbone.autocast():
-                logits = method(x)
-                loss = F.cross_entropy(logits.float(), y)
-            if not torch.isfinite(loss):
+                logits = model(x)
+                # weighted so that the gradients averaged over the ranks are those of the global batch's
+                # mean loss (the weight is exactly 1 in one process)
+                loss = F.cross_entropy(logits.float(), y) * (len(y) * distributed.world_size() / len(batch))
+            # the global batch's loss and hits, the same on every rank (so all stop together on a bad loss)
+            batch_loss, hits = distributed.summed(
+                torch.stack([loss.detach() / distributed.world_size(), (logits.argmax(-1) == y).sum().float()]))
+            if not torch.isfinite(batch_loss):
                 raise NonFiniteLoss(
-                    f"{method.name}: the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                    f"{method.name}: the loss became {batch_loss.item()} at epoch {epoch + 1}, step {step + 1}; "
                     f"training stopped before the parameters were updated; the checkpoint keeps the state "
                     f"after epoch {checkpoint_epoch}. Try a lower train.lr or backbone.precision=fp32.")
             optimizer_step(loss, optimizer, scaler)
-            total_loss += loss.item() * len(y)
-            correct += int((logits.argmax(-1) == y).sum())
-            seen += len(y)
+            total_loss += batch_loss.item() * len(batch)
+            correct += int(hits)
+            seen += len(batch)
             bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
                             lr=f"{optimizer.param_groups[0]['lr']:.1e}")
         method.eval()
