@@ -150,7 +150,9 @@ def console_file(run: "PlannedRun", output_dir: Path) -> Path:
 def run_local(todo: list["PlannedRun"], options: LaunchOptions, output_dir: Path) -> list[tuple["PlannedRun", str]]:
     """Run `todo` in worker processes, one run per free slot (a GPU, or a CPU worker); each run in a
     fresh process. A failed run is retried once; returns the runs that failed twice, with the error."""
-    slots: list[str | None] = local_devices(options.devices) if options.devices is not None else [None] * options.workers
+    slots: list[str | None] = [None] * options.workers  # None: a CPU worker
+    if options.devices is not None:
+        slots = list(local_devices(options.devices))
     threads = torch.get_num_threads()
     if options.devices is None and "OMP_NUM_THREADS" not in os.environ:  # share the cores between the workers
         threads = max(1, (os.cpu_count() or 1) // options.workers)

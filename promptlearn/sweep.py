@@ -172,7 +172,8 @@ def run_sweep(sweep: SweepConfig, runs: list[PlannedRun], report_only: bool = Fa
         run, error = failed[0]
         raise PromptlearnError(f"{len(failed)} sweep run(s) failed twice and are left out of the report, e.g. "
                                f"{run.dataset}, {run.shots} shots, seed {run.seed}: {error.splitlines()[0]} "
-                               f"(see {Path(sweep.output_dir) / 'logs'}). Running the same sweep command again retries them.")
+                               f"(see {Path(sweep.output_dir) / 'logs'}). Running the same sweep command again "
+                               "retries them.")
     return rows
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import REPO, SAMPLE
+
 from promptlearn.errors import ConfigError, PromptlearnError
 from promptlearn.features import FeatureCache, SplitFeatures
 from promptlearn.io import atomic_write_text
