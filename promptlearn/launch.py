@@ -15,7 +15,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -24,12 +24,22 @@ from promptlearn.config import RunConfig
 from promptlearn.errors import ConfigError, PromptlearnError
 from promptlearn.runner import run_experiment
 
-if TYPE_CHECKING:
-    from promptlearn.sweep import PlannedRun
-
 log = logging.getLogger("promptlearn")
 
 LAUNCHERS = ("local", "slurm")
+
+
+class SweepRun(Protocol):
+    """What this module needs of a sweep's run (a promptlearn.sweep.PlannedRun)."""
+
+    dataset: str
+    shots: int
+    seed: int
+    cfg: RunConfig
+
+    @property
+    def folder(self) -> Path: ...
+
 ATTEMPTS = 2  # a failed run is retried once, then reported
 
 
@@ -142,12 +152,12 @@ def run_pinned(cfg: RunConfig, device: str | None, threads: int, console: str) -
     return None
 
 
-def console_file(run: "PlannedRun", output_dir: Path) -> Path:
+def console_file(run: SweepRun, output_dir: Path) -> Path:
     """Where a run's console output goes (outside its run folder, which only the run itself creates)."""
     return output_dir / "logs" / f"{run.dataset}_{run.shots}-shot_seed-{run.seed}.txt"
 
 
-def run_local(todo: list["PlannedRun"], options: LaunchOptions, output_dir: Path) -> list[tuple["PlannedRun", str]]:
+def run_local(todo: list[SweepRun], options: LaunchOptions, output_dir: Path) -> list[tuple[SweepRun, str]]:
     """Run `todo` in worker processes, one run per free slot (a GPU, or a CPU worker); each run in a
     fresh process. A failed run is retried once; returns the runs that failed twice, with the error."""
     slots: list[str | None] = [None] * options.workers  # None: a CPU worker
@@ -224,7 +234,7 @@ def slurm_executor(folder: Path, options: LaunchOptions):
     return executor
 
 
-def submit_array(todo: list["PlannedRun"], options: LaunchOptions, output_dir: Path) -> list:
+def submit_array(todo: list[SweepRun], options: LaunchOptions, output_dir: Path) -> list:
     """Submit one array task per unfinished run; the jobs' logs go to `<output_dir>/slurm/`."""
     executor = slurm_executor(output_dir / "slurm" / "%j", options)
     jobs = executor.map_array(run_task, [run.cfg for run in todo])
@@ -234,7 +244,7 @@ def submit_array(todo: list["PlannedRun"], options: LaunchOptions, output_dir: P
     return jobs
 
 
-def wait_for_array(todo: list["PlannedRun"], jobs: list) -> list[tuple["PlannedRun", str]]:
+def wait_for_array(todo: list[SweepRun], jobs: list) -> list[tuple[SweepRun, str]]:
     """Wait for every task; the runs whose task failed, with the error."""
     failed = []
     for run, job in tqdm(list(zip(todo, jobs)), desc="sweep (SLURM array)", unit="run", dynamic_ncols=True):
@@ -246,7 +256,7 @@ def wait_for_array(todo: list["PlannedRun"], jobs: list) -> list[tuple["PlannedR
     return failed
 
 
-def execute(todo: list["PlannedRun"], options: LaunchOptions, output_dir: Path) -> tuple[list, bool]:
+def execute(todo: list[SweepRun], options: LaunchOptions, output_dir: Path) -> tuple[list, bool]:
     """Run or submit `todo`. Returns the runs that failed (with errors) and whether they have all
     ended (False: submitted to SLURM and not waited for)."""
     check_options(options)
