@@ -6,9 +6,11 @@ retried once when it fails, and resumed when it was interrupted.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import multiprocessing
 import os
+import shutil
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -22,6 +24,7 @@ from tqdm.auto import tqdm
 
 from promptlearn.config import RunConfig
 from promptlearn.errors import ConfigError, PromptlearnError
+from promptlearn.io import atomic_write_json
 from promptlearn.runner import run_experiment
 
 log = logging.getLogger("promptlearn")
@@ -41,6 +44,10 @@ class SweepRun(Protocol):
     def folder(self) -> Path: ...
 
 ATTEMPTS = 2  # a failed run is retried once, then reported
+SUBMITTED_RECORD = "submitted.json"  # run folder -> the SLURM task it was last submitted as
+# SLURM states of a task that may still finish its run: such runs are not submitted again
+QUEUED_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "RESIZING",
+                 "SUSPENDED"}
 
 
 @dataclass
@@ -54,7 +61,7 @@ class LaunchOptions:
     cpus_per_task: int = 8  # SLURM
     array_parallelism: int = 64  # SLURM: tasks of the array running at once
     wait: bool = False  # SLURM: wait for the array, then build the report
-    cluster: Optional[str] = None  # submitit's cluster: "slurm"; "local" runs the array on this machine
+    cluster: str = "slurm"  # submitit's cluster; "local" runs the array on this machine (tests)
 
     @property
     def parallel(self) -> bool:
@@ -225,6 +232,9 @@ def slurm_executor(folder: Path, options: LaunchOptions):
         import submitit
     except ImportError:
         raise ConfigError("--launcher slurm needs submitit: pip install 'promptlearn[slurm]'") from None
+    if options.cluster == "slurm" and shutil.which("sbatch") is None:
+        raise ConfigError("--launcher slurm: sbatch is not found; submit from a machine of the SLURM cluster "
+                          "(a login node), or use --devices / --workers on this machine")
     executor = submitit.AutoExecutor(folder=folder, cluster=options.cluster)
     executor.update_parameters(name="promptlearn-sweep", timeout_min=options.time_min, nodes=1, tasks_per_node=1,
                                gpus_per_node=options.gpus_per_task, cpus_per_task=options.cpus_per_task,
@@ -234,14 +244,39 @@ def slurm_executor(folder: Path, options: LaunchOptions):
     return executor
 
 
-def submit_array(todo: list[SweepRun], options: LaunchOptions, output_dir: Path) -> list:
-    """Submit one array task per unfinished run; the jobs' logs go to `<output_dir>/slurm/`."""
-    executor = slurm_executor(output_dir / "slurm" / "%j", options)
+def slurm_job_state(folder: Path, job_id: str) -> str:
+    """SLURM's state of a submitted task (sacct), e.g. PENDING, RUNNING, COMPLETED."""
+    import submitit
+
+    state = submitit.SlurmJob(folder=folder / "%j", job_id=job_id).state
+    return state.split()[0] if state else "UNKNOWN"  # "CANCELLED by 1234" -> "CANCELLED"
+
+
+def not_queued(todo: list[SweepRun], folder: Path, record: dict[str, str]) -> list[SweepRun]:
+    """The runs of `todo` whose last task (if any) has ended; the others may still finish on their own."""
+    queued = [run for run in todo if str(run.folder) in record
+              and slurm_job_state(folder, record[str(run.folder)]) in QUEUED_STATES]
+    if queued:
+        log.info("sweep: %d unfinished runs are still queued or running (e.g. %s as job %s); not submitted again",
+                 len(queued), queued[0].folder, record[str(queued[0].folder)])
+    return [run for run in todo if run not in queued]
+
+
+def submit_array(todo: list[SweepRun], options: LaunchOptions, output_dir: Path) -> tuple[list[SweepRun], list]:
+    """Submit one array task per unfinished run that is not already queued or running; returns those
+    runs and their jobs. The jobs' logs go to `<output_dir>/slurm/`, which also records which task
+    each run folder was last submitted as."""
+    folder, record_path = output_dir / "slurm", output_dir / "slurm" / SUBMITTED_RECORD
+    record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
+    executor = slurm_executor(folder / "%j", options)
+    if options.cluster == "slurm":  # submitit's local executor cannot look up jobs of an earlier process
+        todo = not_queued(todo, folder, record)
     jobs = executor.map_array(run_task, [run.cfg for run in todo])
     if jobs:
-        log.info("submitted %d runs as job array %s; logs in %s", len(jobs), jobs[0].job_id.split("_")[0],
-                 output_dir / "slurm")
-    return jobs
+        record.update({str(run.folder): job.job_id for run, job in zip(todo, jobs)})
+        atomic_write_json(record_path, record)
+        log.info("submitted %d runs as job array %s; logs in %s", len(jobs), jobs[0].job_id.split("_")[0], folder)
+    return todo, jobs
 
 
 def wait_for_array(todo: list[SweepRun], jobs: list) -> list[tuple[SweepRun, str]]:
@@ -263,7 +298,7 @@ def execute(todo: list[SweepRun], options: LaunchOptions, output_dir: Path) -> t
     if not todo:
         return [], True
     if options.launcher == "slurm":
-        jobs = submit_array(todo, options, output_dir)
+        todo, jobs = submit_array(todo, options, output_dir)
         if not options.wait:
             return [], False
         return wait_for_array(todo, jobs), True

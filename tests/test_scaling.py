@@ -3,16 +3,19 @@ local worker processes and by a submitit job array (its local executor), both eq
 from __future__ import annotations
 
 import csv
+import json
 import multiprocessing
 import os
 import stat
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from helpers import REPO, SAMPLE
 
+from promptlearn import launch
 from promptlearn.errors import ConfigError, PromptlearnError
 from promptlearn.features import FeatureCache, SplitFeatures
 from promptlearn.io import atomic_write_text
@@ -96,7 +99,7 @@ def serial_sweep(tmp_path_factory, one_thread):
 
 def task_folders(out: Path) -> list[Path]:
     """submitit's folder per submitted task (beside "%j", where it keeps what it submits)."""
-    return [p for p in (out / "slurm").iterdir() if p.name != "%j"]
+    return [p for p in (out / "slurm").iterdir() if p.is_dir() and p.name != "%j"]
 
 
 def assert_same_sweep(out: Path, serial: Path) -> None:
@@ -134,6 +137,8 @@ def test_submitit_array_equals_the_serial_sweep_and_resubmits_only_unfinished_ru
     assert len(rows) == 4 and len(task_folders(out)) == 2  # one task per run folder
     assert_same_sweep(out, serial)
 
+    first = json.loads((out / "slurm" / "submitted.json").read_text())  # run folder -> task
+    assert set(first) == {str(run.folder) for run in runs}
     (runs[0].folder / COMPLETE_MARKER).unlink()
     _, submitted = sweep(out, tmp_path / "cache", LaunchOptions(launcher="slurm", cluster="local", time_min=10,
                                                                 gpus_per_task=0, cpus_per_task=1))
@@ -145,6 +150,19 @@ def test_submitit_array_equals_the_serial_sweep_and_resubmits_only_unfinished_ru
         _, rows = sweep(out, tmp_path / "cache", report_only=True)
     assert len(task_folders(out)) == 3  # only the unfinished run was resubmitted
     assert_same_sweep(out, serial)
+    record = json.loads((out / "slurm" / "submitted.json").read_text())
+    assert set(record) == set(first) and record[str(runs[0].folder)] != first[str(runs[0].folder)]
+    assert record[str(runs[1].folder)] == first[str(runs[1].folder)]
+
+
+@pytest.mark.parametrize("state, resubmitted", [("PENDING", False), ("RUNNING", False), ("COMPLETED", True),
+                                                ("FAILED", True), ("TIMEOUT", True), ("CANCELLED", True)])
+def test_runs_still_queued_on_slurm_are_not_submitted_twice(monkeypatch, tmp_path, state, resubmitted):
+    runs = [SimpleNamespace(folder=tmp_path / name) for name in ("a", "b")]
+    states = {"7_0": state}
+    monkeypatch.setattr(launch, "slurm_job_state", lambda folder, job_id: states[job_id])
+    kept = launch.not_queued(runs, tmp_path, {str(runs[0].folder): "7_0"})  # b was never submitted
+    assert kept == ([runs[0]] if resubmitted else []) + [runs[1]]
 
 
 @pytest.mark.parametrize("options, message", [
@@ -156,3 +174,14 @@ def test_submitit_array_equals_the_serial_sweep_and_resubmits_only_unfinished_ru
 def test_launch_option_errors(options, message):
     with pytest.raises(ConfigError, match=message):
         check_options(options)
+
+
+def test_local_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert launch.local_devices("all") == ["2", "3"]  # the GPUs this process may use, as it names them
+    assert launch.local_devices(" 3, 2") == ["3", "2"]
+    with pytest.raises(ConfigError, match="distinct GPU ids"):
+        launch.local_devices("0,0")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(ConfigError, match="no CUDA GPU is visible; on a CPU-only machine use --workers"):
+        launch.local_devices("all")
