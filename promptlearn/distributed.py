@@ -67,3 +67,12 @@ def summed(values: torch.Tensor) -> torch.Tensor:
     values = values.clone()
     dist.all_reduce(values)
     return values
+
+
+def gathered(value: object) -> list:
+    """Every rank's `value` (any picklable object, CPU tensors included), in rank order."""
+    if world_size() == 1:
+        return [value]
+    values: list = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values

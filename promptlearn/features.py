@@ -16,6 +16,7 @@ import torch
 from filelock import FileLock
 from tqdm.auto import tqdm
 
+from promptlearn import distributed
 from promptlearn.backbone import FrozenCLIP
 from promptlearn.checkpoint import content_digest
 from promptlearn.data.base import DatasetSplits, Item
@@ -40,8 +41,13 @@ class SplitFeatures:
 
 def extract_features(backbone: FrozenCLIP, items: list[Item], transform, *, batch_size: int,
                      num_workers: int, skip_bad: bool, aug_seed: tuple[int, int] | None = None,
-                     desc: str = "features") -> SplitFeatures:
-    loader = image_loader(ImageItems(items, transform, aug_seed), batch_size, num_workers, backbone.device)
+                     desc: str = "features", shared: bool = False) -> SplitFeatures:
+    """Features of `items`, in their order (unreadable ones skipped with `skip_bad`). `shared`: under
+    torchrun every rank calls this, encodes every N-th image and receives the others' (the same
+    features on every rank, in 1/N of the time)."""
+    share = shared and distributed.world_size() > 1
+    rows = range(distributed.rank(), len(items), distributed.world_size()) if share else None
+    loader = image_loader(ImageItems(items, transform, aug_seed, rows), batch_size, num_workers, backbone.device)
     features, indices, skipped = [], [], []
     for images, _, batch_indices, bad in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
         if bad and not skip_bad:
@@ -53,11 +59,14 @@ def extract_features(backbone: FrozenCLIP, items: list[Item], transform, *, batc
     if skipped:
         log.warning("%s: skipped %d unreadable images (data.skip_bad_images=true), e.g. %s",
                     desc, len(skipped), skipped[0].message)
+    if share:  # every rank's part, put back in the items' order
+        parts = [part for part in distributed.gathered(list(zip(features, indices))) if part]
+        features, indices = [f for part in parts for f, _ in part], [i for part in parts for _, i in part]
     if not features:
         raise DataError(f"{desc}: none of the {len(items)} images could be read")
-    kept = torch.cat(indices).tolist()
-    return SplitFeatures(torch.cat(features), torch.tensor([items[i].label for i in kept]),
-                         [items[i].path for i in kept])
+    kept, order = torch.cat(indices).sort()
+    return SplitFeatures(torch.cat(features)[order], torch.tensor([items[i].label for i in kept.tolist()]),
+                         [items[i].path for i in kept.tolist()])
 
 
 STALE_TEMP_SECONDS = 24 * 3600  # a cache temp file untouched this long belongs to a killed extraction
@@ -190,10 +199,10 @@ class FeatureBank:
             try:
                 return extract_features(self.backbone, items, transform, batch_size=self.batch_size,
                                         num_workers=self.num_workers, skip_bad=self.skip_bad,
-                                        aug_seed=aug_seed, desc=desc)
+                                        aug_seed=aug_seed, desc=desc, shared=not cached)
             finally:
                 self.extract_seconds += time.perf_counter() - began
-        if not cached:
+        if not cached:  # images streamed afresh each epoch (under torchrun, every rank encodes its share)
             return compute()
         return self.cache.get_or_compute(self.cache.key(self.backbone, items, transform, aug_seed, self.skip_bad),
                                          compute)

@@ -1,6 +1,7 @@
 """One run on two processes (torchrun, gloo on the CPU, DistributedDataParallel): CoOp streaming its
 training images (train.feature_passes=0) learns what one process learns with the same global batch,
-to fp32 rounding; rank 0 alone writes; a run interrupted in one process resumes on two."""
+to fp32 rounding; rank 0 alone writes; a run interrupted in one process resumes on two; streamed
+images are encoded once across the ranks."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,10 @@ import pytest
 import torch
 from helpers import QUICKSTART, REPO, quick_config, tiny_backbone
 
+from promptlearn.data.base import Item
+from promptlearn.data.transforms import train_transform
 from promptlearn.errors import PromptlearnError
+from promptlearn.features import extract_features
 from promptlearn.runner import is_complete, run_experiment
 from promptlearn.trainer import Trainer
 
@@ -79,3 +83,39 @@ def test_run_interrupted_in_one_process_resumes_on_two(one_process, tmp_path, mo
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from" in proc.stderr
     assert_same_learning(tmp_path / "run", one_process)
+
+
+class CountingTransform:
+    """The backbone's transform, counting the images it prepares in this process."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, image):
+        self.calls += 1
+        return self.inner(image)
+
+
+def encode_shared(rank: int, store: str, items: list, result: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    backbone = tiny_backbone()
+    transform = CountingTransform(train_transform(backbone))
+    split = extract_features(backbone, items, transform, batch_size=4, num_workers=0, skip_bad=False,
+                             aug_seed=(1, 0), shared=True)
+    torch.save({"features": split.features, "paths": split.paths, "encoded": transform.calls}, f"{result}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_streamed_images_are_encoded_once_across_the_ranks(tmp_path, one_thread):
+    images = sorted((REPO / "datasets" / "fashion_mnist_sample").rglob("*.png"))[:7]  # odd: unequal shares
+    items = [Item(str(path), label, path.parent.name) for label, path in enumerate(images)]
+    torch.multiprocessing.spawn(encode_shared, args=(str(tmp_path / "store"), items, str(tmp_path / "part")),
+                                nprocs=2)
+    backbone = tiny_backbone()
+    alone = extract_features(backbone, items, train_transform(backbone), batch_size=4, num_workers=0,
+                             skip_bad=False, aug_seed=(1, 0))
+    parts = [torch.load(tmp_path / f"part.{rank}", weights_only=True) for rank in (0, 1)]
+    assert [p["encoded"] for p in parts] == [4, 3]  # each rank prepared only its share
+    for part in parts:  # and both got every image, in order, with its own augmentation
+        assert part["paths"] == alone.paths
+        torch.testing.assert_close(part["features"], alone.features, rtol=1e-5, atol=1e-6)
