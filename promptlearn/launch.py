@@ -17,7 +17,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -30,6 +30,11 @@ from promptlearn.runner import run_experiment
 log = logging.getLogger("promptlearn")
 
 LAUNCHERS = ("local", "slurm")
+ATTEMPTS = 2  # a failed run is retried once, then reported
+SUBMITTED_RECORD = "submitted.json"  # run folder -> the SLURM task it was last submitted as
+# SLURM states of a task that may still finish its run: such runs are not submitted again
+QUEUED_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "RESIZING",
+                 "SUSPENDED"}
 
 
 class SweepRun(Protocol):
@@ -43,19 +48,15 @@ class SweepRun(Protocol):
     @property
     def folder(self) -> Path: ...
 
-ATTEMPTS = 2  # a failed run is retried once, then reported
-SUBMITTED_RECORD = "submitted.json"  # run folder -> the SLURM task it was last submitted as
-# SLURM states of a task that may still finish its run: such runs are not submitted again
-QUEUED_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "RESIZING",
-                 "SUSPENDED"}
+
 
 
 @dataclass
 class LaunchOptions:
-    devices: Optional[str] = None  # "0,1,3" or "all": one run per GPU at a time
+    devices: str | None = None  # "0,1,3" or "all": one run per GPU at a time
     workers: int = 1  # runs side by side without GPUs (CPU-only machines)
     launcher: str = "local"  # local | slurm
-    partition: Optional[str] = None  # SLURM: partition
+    partition: str | None = None  # SLURM: partition
     time_min: int = 240  # SLURM: time limit of one task, minutes
     gpus_per_task: int = 1  # SLURM
     cpus_per_task: int = 8  # SLURM
@@ -112,7 +113,8 @@ def check_options(options: LaunchOptions) -> None:
         for name in ("time_min", "gpus_per_task", "cpus_per_task", "array_parallelism"):
             flag = "--" + name.removesuffix("_min").replace("_", "-")
             need(getattr(options, name) >= (0 if name == "gpus_per_task" else 1),
-                 f"{flag} must be positive, got {getattr(options, name)}")
+                 f"{flag} must be {'0 or more' if name == 'gpus_per_task' else 'positive'}, "
+                 f"got {getattr(options, name)}")
 
 
 def local_devices(setting: str) -> list[str]:

@@ -82,10 +82,13 @@ def restore_unless_damaged(method: Trainable, checkpoint: Path) -> dict | None:
     """The checkpoint's payload, loaded into `method`. A damaged file (writes are atomic, so only outside
     damage does that) is never trusted: it is moved aside and training starts afresh (None)."""
     try:
-        return method.restore(checkpoint)
+        payload, damage = method.restore(checkpoint), None
     except DamagedCheckpoint as e:
-        log.warning("%s; moved it to %s and %s starts again from epoch 0", e, set_aside(checkpoint), method.name)
-        return None
+        payload, damage = None, e
+    distributed.barrier()  # under torchrun: every rank has read the file before rank 0 moves it
+    if damage is not None and distributed.is_writer():
+        log.warning("%s; moved it to %s and %s starts again from epoch 0", damage, set_aside(checkpoint), method.name)
+    return payload
 
 
 class Trainer:
