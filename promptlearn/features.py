@@ -72,6 +72,15 @@ def extract_features(backbone: FrozenCLIP, items: list[Item], transform, *, batc
 STALE_TEMP_SECONDS = 24 * 3600  # a cache temp file untouched this long belongs to a killed extraction
 
 
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """(inode, modification time) of a file, None if there is none: an atomic rewrite changes it."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 def file_state(path: str, content: bool = False) -> str:
     """What identifies a file's current contents: size and modification time, or (content=True) a hash."""
     try:
@@ -138,13 +147,14 @@ class FeatureCache:
         if self.folder is None:
             return compute()
         path = self.folder / f"{key}.pt"
-        if path.is_file():  # the common case needs no lock
+        seen = file_identity(path)
+        if seen is not None:  # the common case needs no lock
             cached = self._read(path)
             if cached is not None:
                 return cached
         self.folder.mkdir(parents=True, exist_ok=True)
         with FileLock(self.folder / f"{key}.lock", mode=file_creation_mode()):
-            if path.is_file():  # written while we waited for the lock
+            if file_identity(path) not in (None, seen):  # another process wrote it while we waited
                 cached = self._read(path)
                 if cached is not None:
                     return cached
