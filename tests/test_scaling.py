@@ -109,7 +109,9 @@ def assert_same_sweep(out: Path, serial: Path) -> None:
         assert torch.equal(coop_context(here), coop_context(there))
 
 
-def test_local_workers_equal_the_serial_sweep_and_a_failed_run_is_retried_then_reported(serial_sweep, tmp_path):
+def test_local_workers_equal_the_serial_sweep_and_a_failed_run_is_retried_then_reported(serial_sweep, tmp_path,
+                                                                                         monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread per run, as in the serial sweep: equal bit for bit
     serial, _ = serial_sweep
     out = tmp_path / "sweep"
     blocked = out / "fashion_mnist_sample" / "1-shot" / "seed-2"
@@ -127,8 +129,10 @@ def test_local_workers_equal_the_serial_sweep_and_a_failed_run_is_retried_then_r
     assert_same_sweep(out, serial)
 
 
-def test_submitit_array_equals_the_serial_sweep_and_resubmits_only_unfinished_runs(serial_sweep, tmp_path):
+def test_submitit_array_equals_the_serial_sweep_and_resubmits_only_unfinished_runs(serial_sweep, tmp_path,
+                                                                                    monkeypatch):
     pytest.importorskip("submitit")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     serial, _ = serial_sweep
     out = tmp_path / "sweep"
     array = LaunchOptions(launcher="slurm", cluster="local", wait=True, time_min=10, gpus_per_task=0,
