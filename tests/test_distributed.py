@@ -27,7 +27,7 @@ RUN_KEYS = ["methods=[coop]", "data.shots=4", "train.batch_size=8", "train.epoch
 
 def torchrun(out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "promptlearn", "train", "--config", str(QUICKSTART), "--output-dir", str(out),
+               "-m", "promptlearn", "train", "-v", "--config", str(QUICKSTART), "--output-dir", str(out),
                f"cache_dir={cache}", f"data.path={REPO / 'datasets' / 'fashion_mnist_sample'}", *RUN_KEYS, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
