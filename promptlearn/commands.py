@@ -56,20 +56,27 @@ def train(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- sweep
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    from promptlearn.launch import add_launch_arguments
+
     parser.add_argument("--config", required=True, metavar="SWEEP.yaml", help="sweep file (configs/sweeps/)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing; rebuild the CSV, summary and plots from the finished runs")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="overrides: run keys (train.epochs=5) or sweep keys (sweep.shots=[1,2])")
     add_console_arguments(parser)
+    add_launch_arguments(parser)
 
 
 def sweep(args: argparse.Namespace) -> int:
+    from promptlearn.launch import launch_options
     from promptlearn.sweep import load_sweep, plan_runs, run_sweep
 
     setup_logging(args.verbose, args.quiet)
+    launch = launch_options(args)
     spec, base, run_overrides = load_sweep(args.config, args.overrides)
-    run_sweep(spec, plan_runs(spec, base, run_overrides), report_only=args.report_only)
+    rows = run_sweep(spec, plan_runs(spec, base, run_overrides), report_only=args.report_only, launch=launch)
+    if rows is None:
+        return 0  # submitted to SLURM; --report-only builds the report once the runs have finished
     out = Path(spec.output_dir)
     print("\n" + (out / "summary.md").read_text(encoding="utf-8"))
     print(f"written: {out / 'results.csv'}, {out / 'summary.md'}" + (f", {out / 'plots'}/" if spec.plots else ""))

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from filelock import FileLock
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from promptlearn import distributed
 from promptlearn.backbone import FrozenCLIP
 from promptlearn.checkpoint import content_digest
 from promptlearn.data.base import DatasetSplits, Item
@@ -23,7 +25,7 @@ from promptlearn.data.fewshot import FewShotSplit
 from promptlearn.data.loader import ImageItems, collate_images, image_loader
 from promptlearn.data.transforms import DEFAULT_CROP_SCALE, eval_transform, train_transform
 from promptlearn.errors import DataError
-from promptlearn.io import TEMP_SUFFIX, atomic_write_bytes
+from promptlearn.io import TEMP_SUFFIX, atomic_write_bytes, file_creation_mode
 
 log = logging.getLogger("promptlearn")
 Batch = tuple[torch.Tensor, torch.Tensor]  # (features or images, labels) of one training step
@@ -42,10 +44,14 @@ class SplitFeatures:
 
 def extract_features(backbone: FrozenCLIP, items: list[Item], transform, *, batch_size: int,
                      num_workers: int, skip_bad: bool, aug_seed: tuple[int, int] | None = None,
-                     desc: str = "features", encode: Callable[[torch.Tensor], torch.Tensor] | None = None
-                     ) -> SplitFeatures:
-    """Features of `items` by the frozen backbone, or by `encode` (a method's own image encoder)."""
-    loader = image_loader(ImageItems(items, transform, aug_seed), batch_size, num_workers, backbone.device)
+                     desc: str = "features", encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     shared: bool = False) -> SplitFeatures:
+    """Features of `items`, in their order (unreadable ones skipped with `skip_bad`), by the frozen backbone
+    or by `encode` (a method's own image encoder). `shared`: under torchrun every rank calls this, encodes
+    every N-th image and receives the others' (the same features on every rank, in 1/N of the time)."""
+    share = shared and distributed.world_size() > 1
+    rows = range(distributed.rank(), len(items), distributed.world_size()) if share else None
+    loader = image_loader(ImageItems(items, transform, aug_seed, rows), batch_size, num_workers, backbone.device)
     features, norms, indices, skipped = [], [], [], []
     for images, _, batch_indices, bad in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
         if bad and not skip_bad:
@@ -63,14 +69,26 @@ def extract_features(backbone: FrozenCLIP, items: list[Item], transform, *, batc
     if skipped:
         log.warning("%s: skipped %d unreadable images (data.skip_bad_images=true), e.g. %s",
                     desc, len(skipped), skipped[0].message)
+    if share:  # every rank's part, put back in the items' order
+        parts = [part for part in distributed.gathered(list(zip(features, norms, indices))) if part]
+        features, norms, indices = ([row[j] for part in parts for row in part] for j in range(3))
     if not features:
         raise DataError(f"{desc}: none of the {len(items)} images could be read")
-    kept = torch.cat(indices).tolist()
-    return SplitFeatures(torch.cat(features), torch.tensor([items[i].label for i in kept]),
-                         [items[i].path for i in kept], torch.cat(norms))
+    kept, order = torch.cat(indices).sort()
+    return SplitFeatures(torch.cat(features)[order], torch.tensor([items[i].label for i in kept.tolist()]),
+                         [items[i].path for i in kept.tolist()], torch.cat(norms)[order])
 
 
 STALE_TEMP_SECONDS = 24 * 3600  # a cache temp file untouched this long belongs to a killed extraction
+
+
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """(inode, modification time) of a file, None if there is none: an atomic rewrite changes it."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def file_state(path: str, content: bool = False) -> str:
@@ -134,25 +152,35 @@ class FeatureCache:
         return f"{what}-{'c' if self.hash_content else 's'}{state.hexdigest()[:16]}"
 
     def get_or_compute(self, key: str, compute: Callable[[], SplitFeatures]) -> SplitFeatures:
+        """The cached features of `key`, or `compute()` written to the cache. Processes (and nodes on a
+        shared filesystem) sharing the cache extract a key once: the first takes the key's lock and
+        extracts, the others wait on the lock and then read its complete file (written atomically)."""
         if self.folder is None:
             return compute()
         path = self.folder / f"{key}.pt"
-        if path.is_file():
+        seen = file_identity(path)
+        if seen is not None:  # the common case needs no lock
             cached = self._read(path)
             if cached is not None:
                 return cached
-        what, _, state = key.partition("-")
-        stale_entries = [p for p in self.folder.glob(f"{what}-{state[:1]}*.pt") if p != path] if state else []
-        for stale in stale_entries:  # the same images, extracted before they changed
-            log.warning("feature cache %s is stale: its images changed on disk since (%s); extracting again",
-                        stale, "contents" if self.hash_content else "size or modification time")
-            stale.unlink(missing_ok=True)
-        self.remove_stale_temps()
-        result = compute()
-        payload = {"features": result.features, "labels": result.labels, "paths": result.paths,
-                   "norms": result.norms}
-        payload["checksum"] = content_digest(payload)
-        atomic_write_bytes(path, lambda f: torch.save(payload, f))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.folder / f"{key}.lock", mode=file_creation_mode()):
+            if file_identity(path) not in (None, seen):  # another process wrote it while we waited
+                cached = self._read(path)
+                if cached is not None:
+                    return cached
+            what, _, state = key.partition("-")
+            stale_entries = [p for p in self.folder.glob(f"{what}-{state[:1]}*.pt") if p != path] if state else []
+            for stale in stale_entries:  # the same images, extracted before they changed
+                log.warning("feature cache %s is stale: its images changed on disk since (%s); extracting again",
+                            stale, "contents" if self.hash_content else "size or modification time")
+                stale.unlink(missing_ok=True)
+            self.remove_stale_temps()
+            result = compute()
+            payload = {"features": result.features, "labels": result.labels, "paths": result.paths,
+                       "norms": result.norms}
+            payload["checksum"] = content_digest(payload)
+            atomic_write_bytes(path, lambda f: torch.save(payload, f))
         return result
 
     def remove_stale_temps(self) -> None:
@@ -194,10 +222,10 @@ class FeatureBank:
             try:
                 return extract_features(self.backbone, items, transform, batch_size=self.batch_size,
                                         num_workers=self.num_workers, skip_bad=self.skip_bad,
-                                        aug_seed=aug_seed, desc=desc)
+                                        aug_seed=aug_seed, desc=desc, shared=not cached)
             finally:
                 self.extract_seconds += time.perf_counter() - began
-        if not cached:
+        if not cached:  # images streamed afresh each epoch (under torchrun, every rank encodes its share)
             return compute()
         return self.cache.get_or_compute(self.cache.key(self.backbone, items, transform, aug_seed, self.skip_bad),
                                          compute)

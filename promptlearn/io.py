@@ -16,6 +16,13 @@ TEMP_SUFFIX = ".tmp"  # `.<name>.<random>.tmp`: a write in progress, or one a ki
 MIN_FREE_BYTES = 64 * 2**20  # refuse to start a run on a disk with less room than this
 
 
+def file_creation_mode() -> int:
+    """The mode an ordinary new file gets: 0666 less the process's umask (0644 or 0664 usually)."""
+    umask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_write(path: str | Path, write: Callable[[Any], None], mode: str) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`."""
     path = Path(path)
@@ -25,6 +32,8 @@ def _atomic_write(path: str | Path, write: Callable[[Any], None], mode: str) -> 
     except OSError as e:
         raise PromptlearnError(f"could not write {path}: {e.strerror or e}") from None
     try:
+        # mkstemp makes the file 0600; results and shared caches are meant to be read by the group
+        os.chmod(tmp, file_creation_mode())
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             write(f)
             f.flush()

@@ -1,12 +1,14 @@
 """The whole pipeline on one screen: data -> frozen backbone -> method -> trainer -> evaluation -> report."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from pathlib import Path
 
 import torch
 
+from promptlearn import distributed
 from promptlearn.backbone import backbone_problems, load_backbone
 from promptlearn.config import RunConfig, dump_yaml, protocol_epochs
 from promptlearn.data import DATASETS, build_dataset
@@ -26,16 +28,26 @@ COMPLETE_MARKER = "run_complete.json"
 
 def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None = None,
                    overwrite: bool = False) -> dict:
+    """One run; under torchrun, one rank of a data-parallel run (rank 0 writes, the others train)."""
     check_run(cfg, eval_only, resume, overwrite)
     protocol = protocol_for(cfg)
+    cfg.backbone.device = distributed.join_from_environment(cfg.backbone.device)
+    writer = distributed.is_writer()
     out = Path(cfg.output_dir)
-    with RunLock(out), log_to_file(out / "log.txt"):
-        (out / COMPLETE_MARKER).unlink(missing_ok=True)
-        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    with RunLock(out) if writer else contextlib.nullcontext(), \
+            log_to_file(out / "log.txt") if writer else contextlib.nullcontext():
+        if writer:
+            (out / COMPLETE_MARKER).unlink(missing_ok=True)
+            atomic_write_text(out / "config.yaml", dump_yaml(cfg))
         everything = build_dataset(cfg.data)                                            # data
         check_shots(cfg, everything)
         targets = protocol.targets(cfg, everything)  # test sets: e.g. base and novel classes, target datasets
-        dataset, fewshot = protocol.training_split(cfg, everything, few_shot_draw(cfg, everything, out, eval_only))
+        if writer:
+            drawn = few_shot_draw(cfg, everything, out, eval_only)
+        distributed.barrier()  # the other ranks read the draw rank 0 saved
+        if not writer:
+            drawn = few_shot_draw(cfg, everything, out, eval_only)
+        dataset, fewshot = protocol.training_split(cfg, everything, drawn)
         backbone = load_backbone(cfg.backbone)                                          # frozen backbone
         cache = FeatureCache.from_setting(cfg.cache_dir, cfg.cache_hash_content)
         bank = FeatureBank(backbone, dataset, fewshot, cache=cache, batch_size=cfg.data.eval_batch_size,
@@ -55,6 +67,8 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
                 continue
             torch.manual_seed(cfg.data.seed)  # a method's random init depends only on the seed
             method = build_method(name, cfg, backbone, dataset.classnames)             # method
+            if not writer and not (method.caps.trains and not eval_only):
+                continue  # only training is shared between the ranks
             folder, phases = out / name, {}
             with clock.phase("training", phases):
                 if eval_only and method.caps.eval_from_checkpoint:
@@ -62,6 +76,8 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
                     info = {"checkpoint": str(eval_only)}
                 else:
                     info = method.fit(bank, trainer, folder / "checkpoint.pt", resume)
+            if not writer:
+                continue  # evaluating and reporting are rank 0's
             history = info.pop("history", None)
             if history is not None:
                 atomic_write_json(folder / "history.json", history)
@@ -77,6 +93,8 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
             metrics[name] = result
             atomic_write_json(out / "metrics.json", metrics)
             atomic_write_json(info_file, run_info(cfg, backbone, clock))
+        if not writer:
+            return {}
         table = run_table(protocol, metrics, f"{everything.name}, {cfg.data.shots} shots, seed {cfg.data.seed}, "
                                              f"{backbone.name} ({backbone.pretrained})", cfg.selection)
         atomic_write_json(out / "metrics.json", metrics)

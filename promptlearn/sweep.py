@@ -25,6 +25,7 @@ from promptlearn.config import RunConfig, build_config, flatten_tree, load_confi
 from promptlearn.data import build_dataset
 from promptlearn.errors import ConfigError, PromptlearnError
 from promptlearn.io import atomic_write_text
+from promptlearn.launch import LaunchOptions, execute
 from promptlearn.protocols import PROTOCOLS, SELECTION_TEXT, protocol_for
 from promptlearn.report import mean_std, protocol_points, protocol_summary
 from promptlearn.runner import is_complete, run_experiment
@@ -140,8 +141,11 @@ def is_finished(run: PlannedRun) -> bool:
     return is_complete(run.folder) and set(run.cfg.methods) <= set(saved_metrics(run.folder))
 
 
-def run_sweep(sweep: SweepConfig, runs: list[PlannedRun], report_only: bool = False) -> list[dict]:
-    """Run what is not finished (resuming unfinished runs), then write the CSV, summary and plots."""
+def run_sweep(sweep: SweepConfig, runs: list[PlannedRun], report_only: bool = False,
+              launch: LaunchOptions | None = None) -> list[dict] | None:
+    """Run what is not finished (resuming unfinished runs), here one after another or as `launch` says
+    (local processes, a SLURM array), then write the CSV, summary and plots and return the rows; None
+    when the runs were submitted to SLURM without waiting (no report yet)."""
     if sweep.plots:
         from promptlearn.plots import require_matplotlib
         require_matplotlib()  # before hours of runs, not after
@@ -152,19 +156,37 @@ def run_sweep(sweep: SweepConfig, runs: list[PlannedRun], report_only: bool = Fa
         raise ConfigError(f"{len(conflicts)} run folder(s) hold runs made with other settings, e.g. {run.folder} "
                           f"({'; '.join(changes[:3])}); use another sweep.output_dir, or delete those folders "
                           "to redo them")
+    failed, ended = [], True
     if not report_only:
         todo = [run for run in runs if not is_finished(run)]
         log.info("sweep: %d runs, %d finished, %d to run", len(runs), len(runs) - len(todo), len(todo))
-        for run in tqdm(todo, desc="sweep", dynamic_ncols=True):
-            log.info("sweep: %s, %d shots, seed %d -> %s", run.dataset, run.shots, run.seed, run.folder)
-            try:
-                run_experiment(run.cfg, resume=True)
-            except PromptlearnError as e:
-                raise PromptlearnError(f"sweep run {run.dataset}, {run.shots} shots, seed {run.seed}: {e} Running the "
-                                       "same sweep command again skips finished runs and resumes this one.") from None
+        if launch is not None and launch.parallel:
+            failed, ended = execute(todo, launch, Path(sweep.output_dir))
+        else:
+            run_serially(todo)
+    if not ended:
+        log.info("sweep: the runs are submitted; when they have finished, rerun the same command with "
+                 "--report-only to build the report (or without it to resubmit what did not finish)")
+        return None
     rows = collect_rows(runs)
     write_report(sweep, runs, rows)
+    if failed:
+        run, error = failed[0]
+        raise PromptlearnError(f"{len(failed)} sweep run(s) failed twice and are left out of the report, e.g. "
+                               f"{run.dataset}, {run.shots} shots, seed {run.seed}: {error.splitlines()[0]} "
+                               f"(see {Path(sweep.output_dir) / 'logs'}). Running the same sweep command again "
+                               "retries them.")
     return rows
+
+
+def run_serially(todo: list[PlannedRun]) -> None:
+    for run in tqdm(todo, desc="sweep", dynamic_ncols=True):
+        log.info("sweep: %s, %d shots, seed %d -> %s", run.dataset, run.shots, run.seed, run.folder)
+        try:
+            run_experiment(run.cfg, resume=True)
+        except PromptlearnError as e:
+            raise PromptlearnError(f"sweep run {run.dataset}, {run.shots} shots, seed {run.seed}: {e} Running the "
+                                   "same sweep command again skips finished runs and resumes this one.") from None
 
 
 # ----------------------------------------------------------------------------- results

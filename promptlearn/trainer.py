@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from promptlearn import distributed
 from promptlearn.checkpoint import DamagedCheckpoint, check_meta, save_checkpoint, set_aside
 from promptlearn.config import TrainConfig
 from promptlearn.errors import PromptlearnError
@@ -91,6 +92,7 @@ def optimizer_step(method: Trainable, losses: dict[str, torch.Tensor], optimizer
                    scaler: torch.amp.GradScaler) -> None:
     optimizer.zero_grad(set_to_none=True)
     method.backward(losses, scaler.scale)  # a method may reshape its gradients (ProGrad projects them)
+    distributed.average_gradients(method.parameters())  # under torchrun: the global batch's gradients
     scaler.step(optimizer)
     scaler.update()
 
@@ -99,10 +101,13 @@ def restore_unless_damaged(method: Trainable, checkpoint: Path) -> dict | None:
     """The checkpoint's payload, loaded into `method`. A damaged file (writes are atomic, so only outside
     damage does that) is never trusted: it is moved aside and training starts afresh (None)."""
     try:
-        return method.restore(checkpoint)
+        payload, damage = method.restore(checkpoint), None
     except DamagedCheckpoint as e:
-        log.warning("%s; moved it to %s and %s starts again from epoch 0", e, set_aside(checkpoint), method.name)
-        return None
+        payload, damage = None, e
+    distributed.barrier()  # under torchrun: every rank has read the file before rank 0 moves it
+    if damage is not None and distributed.is_writer():
+        log.warning("%s; moved it to %s and %s starts again from epoch 0", damage, set_aside(checkpoint), method.name)
+    return payload
 
 
 class Trainer:
@@ -145,6 +150,10 @@ class Trainer:
                     "scheduler": scheduler.state_dict(), "history": list(history),
                     "train_seconds": seconds_before + time.perf_counter() - began}
 
+        def save(state: dict) -> None:
+            if distributed.is_writer():  # every rank holds the same state; one file, written once
+                save_checkpoint(checkpoint, state)
+
         last_done = snapshot(start)
         try:
             for epoch in range(start, self.epochs):
@@ -156,40 +165,55 @@ class Trainer:
                 log.info("%s epoch %d/%d: loss %.4f, train accuracy %.2f%%, lr %.2e", method.name, epoch + 1,
                          self.epochs, history[-1]["loss"], history[-1]["accuracy"], history[-1]["lr"])
                 if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == self.epochs:
-                    save_checkpoint(checkpoint, last_done)
+                    save(last_done)
         except KeyboardInterrupt:
-            save_checkpoint(checkpoint, last_done)
+            save(last_done)
             raise PromptlearnError(f"interrupted; saved the state after epoch {last_done['epoch']} to "
                                    f"{checkpoint}. Rerun with --resume to continue.") from None
         except NonFiniteLoss:
-            save_checkpoint(checkpoint, last_done)  # the last good state, whatever checkpoint_every is
+            save(last_done)  # the last good state, whatever checkpoint_every is
             raise
         if self.epochs == 0 or start == self.epochs:
-            save_checkpoint(checkpoint, last_done)
+            save(last_done)
         return {"epochs": self.epochs, "train_seconds": last_done["train_seconds"], "history": history}
 
     def _epoch(self, method, data, optimizer, scheduler, scaler, epoch: int, checkpoint_epoch: int) -> dict:
+        """One epoch. Under torchrun each rank takes its share of every global batch and the gradients are
+        averaged over the ranks (optimizer_step), so the ranks stay equal to one process with that batch."""
         method.train()
+        world = distributed.world_size()
         total_loss, correct, seen, parts = 0.0, 0, 0, {}
         batches = data.batches(epoch, self.cfg.batch_size, self.seed, method.device, self.cfg.drop_last)
-        bar = tqdm(batches, desc=f"{method.name} epoch {epoch + 1}/{self.epochs}", leave=False, dynamic_ncols=True)
+        bar = tqdm(batches, desc=f"{method.name} epoch {epoch + 1}/{self.epochs}", leave=False, dynamic_ncols=True,
+                   disable=not distributed.is_writer())
         for step, (x, y) in enumerate(bar):
+            n = len(y)
+            if world > 1:
+                rows = distributed.local_share(torch.arange(n, device=y.device))
+                x, y = x[rows], y[rows]
+            # weighted so that the gradients averaged over the ranks are those of the global batch's mean loss
+            # (the weight is exactly 1 in one process)
+            weight = len(y) * world / n
             with method.backbone.autocast():
                 logits, losses = method.training_step(x, y)
-                loss = sum(losses.values())
-            if not torch.isfinite(loss):
+                losses = {name: value * weight for name, value in losses.items()} if weight != 1 else losses
+            # the global batch's losses and hits, the same on every rank (so all stop together on a bad loss)
+            totals = distributed.summed(torch.stack([*(v.detach().float() / world for v in losses.values()),
+                                                     (logits.argmax(-1) == y).sum().float()]))
+            batch_loss, hits = totals[:-1].sum(), totals[-1]
+            if not torch.isfinite(batch_loss):
                 raise NonFiniteLoss(
-                    f"{method.name}: the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                    f"{method.name}: the loss became {batch_loss.item()} at epoch {epoch + 1}, step {step + 1}; "
                     f"training stopped before the parameters were updated; the checkpoint keeps the state "
                     f"after epoch {checkpoint_epoch}. Try a lower train.lr or backbone.precision=fp32.")
             optimizer_step(method, losses, optimizer, scaler)
             if self.cfg.lr_per_step:
                 scheduler.step()
-            total_loss += loss.item() * len(y)
-            for name, value in losses.items():
-                parts[name] = parts.get(name, 0.0) + value.item() * len(y)
-            correct += int((logits.argmax(-1) == y).sum())
-            seen += len(y)
+            total_loss += batch_loss.item() * n
+            for name, value in zip(losses, totals[:-1].tolist()):
+                parts[name] = parts.get(name, 0.0) + value * n
+            correct += int(hits)
+            seen += n
             bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
                             lr=f"{optimizer.param_groups[0]['lr']:.1e}")
         method.eval()

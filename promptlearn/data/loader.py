@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,15 +63,20 @@ class BadImage:
 class ImageItems(Dataset):
     """(image tensor, label, index) per item; a BadImage record instead of raising inside a worker."""
 
-    def __init__(self, items: list[Item], transform, aug_seed: tuple[int, int] | None = None):
+    def __init__(self, items: list[Item], transform, aug_seed: tuple[int, int] | None = None,
+                 rows: Sequence[int] | None = None):
         self.items = items
         self.transform = transform
         self.aug_seed = aug_seed  # (seed, pass) for reproducible random augmentation
+        # the items to load, as indices into `items` (all by default); an item's augmentation and the
+        # index reported with it are those of its place in `items`, whichever part of them is loaded
+        self.rows = range(len(items)) if rows is None else rows
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.rows)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, position: int):
+        index = self.rows[position]
         try:
             img = load_image(self.items[index].path)
         except DataError as e:

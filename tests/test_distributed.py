@@ -1,0 +1,121 @@
+"""One run on two processes (torchrun, gloo on the CPU, DistributedDataParallel): CoOp streaming its
+training images (train.feature_passes=0) learns what one process learns with the same global batch,
+to fp32 rounding; rank 0 alone writes; a run interrupted in one process resumes on two; streamed
+images are encoded once across the ranks."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import QUICKSTART, REPO, quick_config, tiny_backbone
+
+from promptlearn.data.base import Item
+from promptlearn.data.transforms import train_transform
+from promptlearn.errors import PromptlearnError
+from promptlearn.features import extract_features
+from promptlearn.runner import is_complete, run_experiment
+from promptlearn.trainer import Trainer
+
+# 4 shots x 10 classes = 40 images: 5 global batches of 8 per epoch, 4 images per rank and step
+RUN_KEYS = ["methods=[coop]", "data.shots=4", "train.batch_size=8", "train.epochs=3", "train.feature_passes=0",
+            "train.augment=true"]
+
+
+def torchrun(out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "promptlearn", "train", "-v", "--config", str(QUICKSTART), "--output-dir", str(out),
+               f"cache_dir={cache}", f"data.path={REPO / 'datasets' / 'fashion_mnist_sample'}", *RUN_KEYS, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+
+
+def learned(run: Path) -> dict:
+    payload = torch.load(run / "coop" / "checkpoint.pt", weights_only=True)
+    return {"ctx": payload["state"]["prompts.ctx"], "losses": [h["loss"] for h in payload["history"]],
+            "epoch": payload["epoch"]}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, one_thread) -> Path:
+    root = tmp_path_factory.mktemp("one-process")
+    run_experiment(quick_config(root, *RUN_KEYS))
+    return root / "run"
+
+
+def assert_same_learning(run: Path, reference: Path) -> None:
+    got, want = learned(run), learned(reference)
+    assert got["epoch"] == want["epoch"] == 3
+    torch.testing.assert_close(got["ctx"], want["ctx"], rtol=1e-5, atol=1e-6)
+    assert got["losses"] == pytest.approx(want["losses"], rel=1e-5)
+    # the test could fail: training moved the context far more than the tolerance
+    backbone = tiny_backbone()
+    start = backbone.text.embed(torch.tensor(backbone.tokenizer.encode("a photo of a"))).float()
+    assert (want["ctx"] - start).abs().max() > 1e-3
+
+
+def test_two_gloo_processes_learn_what_one_process_learns(one_process, tmp_path):
+    proc = torchrun(tmp_path / "run", tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("4-shot draw (seed 1)") == 2  # both ranks ran
+    assert_same_learning(tmp_path / "run", one_process)
+    assert is_complete(tmp_path / "run")
+    assert proc.stdout.count("| coop |") == 1  # rank 0 alone evaluates and reports
+    assert not list((tmp_path / "run").rglob(".*.tmp"))
+
+
+def test_run_interrupted_in_one_process_resumes_on_two(one_process, tmp_path, monkeypatch, one_thread):
+    real_epoch = Trainer._epoch
+
+    def stop_at_epoch_two(self, method, model, data, optimizer, scaler, epoch, checkpoint_epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(self, method, model, data, optimizer, scaler, epoch, checkpoint_epoch)
+
+    monkeypatch.setattr(Trainer, "_epoch", stop_at_epoch_two)
+    with pytest.raises(PromptlearnError, match="interrupted; saved the state after epoch 2"):
+        run_experiment(quick_config(tmp_path, *RUN_KEYS))
+    assert learned(tmp_path / "run")["epoch"] == 2
+    proc = torchrun(tmp_path / "run", tmp_path / "cache", "--resume")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed from" in proc.stderr
+    assert_same_learning(tmp_path / "run", one_process)
+
+
+class CountingTransform:
+    """The backbone's transform, counting the images it prepares in this process."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, image):
+        self.calls += 1
+        return self.inner(image)
+
+
+def encode_shared(rank: int, store: str, items: list, result: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    backbone = tiny_backbone()
+    transform = CountingTransform(train_transform(backbone))
+    split = extract_features(backbone, items, transform, batch_size=4, num_workers=0, skip_bad=False,
+                             aug_seed=(1, 0), shared=True)
+    torch.save({"features": split.features, "paths": split.paths, "encoded": transform.calls}, f"{result}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_streamed_images_are_encoded_once_across_the_ranks(tmp_path, one_thread):
+    images = sorted((REPO / "datasets" / "fashion_mnist_sample").rglob("*.png"))[:7]  # odd: unequal shares
+    items = [Item(str(path), label, path.parent.name) for label, path in enumerate(images)]
+    torch.multiprocessing.spawn(encode_shared, args=(str(tmp_path / "store"), items, str(tmp_path / "part")),
+                                nprocs=2)
+    backbone = tiny_backbone()
+    alone = extract_features(backbone, items, train_transform(backbone), batch_size=4, num_workers=0,
+                             skip_bad=False, aug_seed=(1, 0))
+    parts = [torch.load(tmp_path / f"part.{rank}", weights_only=True) for rank in (0, 1)]
+    assert [p["encoded"] for p in parts] == [4, 3]  # each rank prepared only its share
+    for part in parts:  # and both got every image, in order, with its own augmentation
+        assert part["paths"] == alone.paths
+        torch.testing.assert_close(part["features"], alone.features, rtol=1e-5, atol=1e-6)
