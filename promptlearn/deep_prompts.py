@@ -64,11 +64,15 @@ def image_tower(model: nn.Module, method: str) -> ImageTower:
         "cached features (coop)")
 
 
-def check_text_tower(transformer: nn.Module, method: str) -> Transformer:
-    if isinstance(transformer, Transformer):
-        return transformer
+def check_text_tower(text, method: str) -> Transformer:
+    """The transformer of a backbone's text tower (promptlearn's TextTower), if prompts can reach it."""
+    if isinstance(text.transformer, Transformer):
+        return text.transformer
+    kind = type(text.source).__name__ if text.hf else type(text.transformer).__name__
     raise ConfigError(f"{method} learns inside the text encoder, which must be open_clip's own Transformer; "
-                      f"this model's is a {type(transformer).__name__}")
+                      f"this model's text tower is a {kind} (a Hugging Face text tower cannot be prompted here). "
+                      "Choose a model with open_clip's text transformer (CLIP, EVA02, SigLIP), or a method on "
+                      "cached features (coop)")
 
 
 def _seq_dim(transformer: Transformer) -> int:

@@ -30,17 +30,43 @@ def shared_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("feature-cache")
 
 
+ON_FEATURES = sorted(n for n, m in METHODS.items() if m.capabilities.cached_features)
+INSIDE_TOWERS = sorted(n for n, m in METHODS.items() if not m.capabilities.cached_features)
+# the tiny towers have 2 layers: prompts at depth 2, few iterations
+SHALLOW = [f"{m}.depth_vision=2" for m in ("ivlp", "maple", "promptsrc", "vpt_deep")] + \
+          [f"{m}.depth_text=2" for m in ("ivlp", "maple", "promptsrc")] + \
+          [f"{m}.epochs=1" for m in ("ivlp", "maple", "promptsrc", "vpt_deep")] + ["clip_lora.iterations_per_shot=1"]
+
+
 @pytest.mark.parametrize("model", TOWER_KINDS.values(), ids=TOWER_KINDS.keys())
 def test_every_method_runs_end_to_end(tmp_path, shared_cache, model):
-    """Train and evaluate every registered method, the decoded prompt included, on the sample."""
-    methods = sorted(METHODS)
+    """Train and evaluate every method on cached features, the decoded prompt included, on the sample."""
     metrics = run_experiment(quick_config(
-        tmp_path, f"backbone.model={model}", f"methods=[{', '.join(methods)}]", "data.shots=1",
+        tmp_path, f"backbone.model={model}", f"methods=[{', '.join(ON_FEATURES)}]", "data.shots=1",
         "train.epochs=1", "tip_adapter.epochs=1", "tip_adapter.beta_steps=3", "tip_adapter.alpha_steps=3",
         "coop.n_ctx=4", "coop.ctx_init=", "coop.class_specific=false", f"cache_dir={shared_cache}"))
-    for name in methods:
+    for name in ON_FEATURES:
         assert math.isfinite(metrics[name]["accuracy"]), (model, name)
     assert json.loads((tmp_path / "run" / "coop" / "decoded_prompt.json").read_text())
+
+
+@pytest.mark.parametrize("model", TOWER_KINDS.values(), ids=TOWER_KINDS.keys())
+def test_methods_inside_the_towers_run_or_name_the_tower_they_cannot_reach(tmp_path, shared_cache, model):
+    """Deep prompts and LoRA need open_clip's or timm's transformer blocks: on every tower kind each runs end
+    to end, or is refused with a message naming the tower (ResNet, ConvNet, Hugging Face, ...)."""
+    ran = []
+    for name in INSIDE_TOWERS:
+        cfg = quick_config(tmp_path, f"backbone.model={model}", f"methods=[{name}]", "data.shots=1",
+                           f"cache_dir={shared_cache}", f"output_dir={tmp_path / name}", *SHALLOW)
+        try:
+            metrics = run_experiment(cfg)
+        except PromptlearnError as refusal:
+            assert "tower" in str(refusal) and ("Transformer" in str(refusal) or "tower" in str(refusal)), refusal
+            continue
+        assert math.isfinite(metrics[name]["accuracy"]), (model, name)
+        ran.append(name)
+    if model == "tiny-clip":  # an OpenAI-style ViT: every one of them runs
+        assert ran == INSIDE_TOWERS
 
 
 @pytest.mark.parametrize("model", TOWER_KINDS.values(), ids=TOWER_KINDS.keys())

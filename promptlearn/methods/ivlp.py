@@ -110,7 +110,7 @@ class DeepPromptMethod(ImageMethod):
         own = getattr(cfg, self.section)
         self.own = own
         self.visual, self.tower = backbone.model.visual, image_tower(backbone.model, self.name)
-        check_text_tower(backbone.text.transformer, self.name)
+        check_text_tower(backbone.text, self.name)
         if own.depth_vision > len(self.tower.blocks) or own.depth_text > len(backbone.text.transformer.resblocks):
             raise ConfigError(f"{self.name}.depth_vision={own.depth_vision} / depth_text={own.depth_text} exceed "
                               f"the towers' {len(self.tower.blocks)} image and "
@@ -127,7 +127,8 @@ class DeepPromptMethod(ImageMethod):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         def run(x: torch.Tensor) -> torch.Tensor:
             with vision_prompts(self.tower, self.vision_prompt_list()):
-                return self.visual(x)
+                out = self.visual(x)
+            return out[0] if isinstance(out, tuple) else out  # CoCa's tower also returns its tokens
         return F.normalize(checkpointed(run, images, enabled=self.own.grad_checkpointing).float(), dim=-1)
 
     def text_features(self) -> torch.Tensor:
