@@ -5,7 +5,7 @@ CoOp puts learned vectors where words would be, so it needs the tower from the e
 final norm, pooling, projection) for every open_clip text tower kind; the exactness tests compare it with
 open_clip's `encode_text` so any drift in open_clip shows up as a failing test.
 `encode_shared_prefix` is the same computation for prompts that share their start, doing the
-start once; tests compare it with `encode`.
+start once per step (`prefix_states`) for every group of prompts; tests compare it with `encode`.
 """
 from __future__ import annotations
 
@@ -113,21 +113,30 @@ class TextTower:
         out = tower.transformer(inputs_embeds=embeddings, attention_mask=mask)
         return tower.proj(tower.pooler(out, mask))
 
-    def encode_shared_prefix(self, prefix: torch.Tensor, rest: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        """`encode` of prompts that all start with `prefix` [P, D], given once, followed by `rest`
-        [N, L-P, D]: the prefix runs through each block once and only the rest of every prompt
-        attends to its keys and values. Only where `can_share_prefix(token_ids, P)` holds."""
-        n, p, length = rest.shape[0], prefix.shape[0], token_ids.shape[1]
+    def prefix_states(self, prefix: torch.Tensor) -> list[torch.Tensor]:
+        """The input of every block at the positions of a prefix [P, D] that prompts share, [1, P, D] each:
+        computed once per step and read by every group of prompts (`encode_shared_prefix`)."""
+        p = prefix.shape[0]
         cast_dtype = self.transformer.get_cast_dtype()
-        position = self.positional_embedding[:length].to(cast_dtype)
-        head = (prefix.to(cast_dtype) + position[:p])[None]
-        x = rest.to(cast_dtype) + position[p:]
+        head = (prefix.to(cast_dtype) + self.positional_embedding[:p].to(cast_dtype))[None]
+        mask, blocks = self.attn_mask[:p, :p], self.transformer.resblocks
+        states = [head]
+        for block in list(blocks)[:-1]:  # the last block's prefix output is read by nothing
+            head = block(head, attn_mask=mask)
+            states.append(head)
+        return states
+
+    def encode_shared_prefix(self, states: list[torch.Tensor], rest: torch.Tensor,
+                             token_ids: torch.Tensor) -> torch.Tensor:
+        """`encode` of prompts that all start with the same prefix, given as its `prefix_states`, followed by
+        `rest` [N, L-P, D]: only the rest of every prompt runs through the blocks, attending to the prefix's
+        keys and values. Only where `can_share_prefix(token_ids, P)` holds."""
+        n, p, length = rest.shape[0], states[0].shape[1], token_ids.shape[1]
+        cast_dtype = self.transformer.get_cast_dtype()
+        x = rest.to(cast_dtype) + self.positional_embedding[p:length].to(cast_dtype)
         mask = self.attn_mask[:length, :length]
-        blocks = self.transformer.resblocks
-        for i, block in enumerate(blocks):
+        for block, head in zip(self.transformer.resblocks, states):
             x = _tail_block(block, head, x, mask[p:])
-            if i + 1 < len(blocks):  # the last block's prefix output is read by nothing
-                head = block(head, attn_mask=mask[:p, :p])
         x = self.ln_final(x)
         return self._project(x[torch.arange(n, device=x.device), self.pooled_positions(token_ids) - p])
 

@@ -180,7 +180,8 @@ class CoOp(Method):
         ids = self.prompts.token_ids
         if self.share_prefix:
             prefix, embeds = self.prompts.shared_prefix()
-            encode, shared, skip = self.backbone.text.encode_shared_prefix, (prefix,), prefix.shape[0]
+            states = self.backbone.text.prefix_states(prefix)  # once for every length group
+            encode, shared, skip = self.backbone.text.encode_shared_prefix, (states,), prefix.shape[0]
         else:
             embeds, encode, shared, skip = self.prompts(), self._encode, (), 0
         checkpointed = torch.is_grad_enabled() and self.own.class_chunk > 0
