@@ -16,7 +16,6 @@ from promptlearn.methods.base import (
     Method,
     build_method,
     method_class,
-    refuse_unable,
     register_method,
 )
 
@@ -26,5 +25,5 @@ for _module in pkgutil.iter_modules(__path__):
 for _plugin in entry_points(group="promptlearn.methods"):
     _plugin.load()
 
-__all__ = ["METHODS", "AfterTraining", "Capabilities", "Method", "build_method", "method_class", "refuse_unable",
+__all__ = ["METHODS", "AfterTraining", "Capabilities", "Method", "build_method", "method_class",
            "register_method"]

@@ -16,7 +16,7 @@ from torch import nn
 
 from promptlearn.checkpoint import check_meta, load_checkpoint
 from promptlearn.config import register_section
-from promptlearn.errors import CheckpointError, ConfigError
+from promptlearn.errors import CheckpointError
 from promptlearn.features import TrainingFeatures, TrainingImages
 from promptlearn.registry import Registry
 from promptlearn.trainer import StepLosses, backward_sum, cross_entropy_step
@@ -76,18 +76,6 @@ def method_class(name: str) -> type["Method"]:
 
 def build_method(name: str, cfg: "RunConfig", backbone: "FrozenCLIP", classnames: list[str]) -> "Method":
     return method_class(name)(cfg, backbone, classnames).to(backbone.device)
-
-
-def refuse_unable(cfg: "RunConfig", need: dict[str, str]) -> None:
-    """Before anything runs: every listed method must have each capability in `need` (capability ->
-    what needs it); all refusals are named at once."""
-    problems = []
-    for name in cfg.methods:
-        caps = method_class(name).capabilities_for(cfg)
-        problems += [f"{name} cannot {why} (it lacks the capability {capability!r})"
-                     for capability, why in need.items() if not getattr(caps, capability)]
-    if problems:
-        raise ConfigError("; ".join(problems) + "; remove it from methods or change the setting")
 
 
 def own_recipe(trainer: "Trainer", train: "TrainConfig", epochs: int | None = None, **fields) -> "Trainer":
