@@ -1,6 +1,8 @@
 """Where the learned context goes in a prompt: one layout for training, decoding and every prompt method."""
 from __future__ import annotations
 
+import torch
+
 from promptlearn.tokens import PromptTokenizer
 
 END_OF_PROMPT = "."
@@ -37,3 +39,11 @@ def layout_prompt(tok: PromptTokenizer, ctx_ids: list[int], name: str,
             positions.extend(range(len(ids), len(ids) + len(part)))
         ids.extend(part)
     return ids + tok.end_ids, positions
+
+
+def padded_ids(rows: list[list[int]], length: int, pad_id: int) -> torch.Tensor:
+    """[len(rows), length] token ids, each row padded with `pad_id` after its own ids."""
+    token_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    for i, ids in enumerate(rows):
+        token_ids[i, :len(ids)] = torch.tensor(ids)
+    return token_ids

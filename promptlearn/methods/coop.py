@@ -18,7 +18,7 @@ from promptlearn.config import CLASS_POSITIONS
 from promptlearn.decoder import save_decoded_prompt
 from promptlearn.errors import ConfigError, PromptlearnError
 from promptlearn.methods.base import AfterTraining, Capabilities, Method, register_method
-from promptlearn.prompts import layout_prompt
+from promptlearn.prompts import layout_prompt, padded_ids
 
 DEFAULT_N_CTX = 16
 RANDOM_CTX_STD = 0.02
@@ -91,10 +91,7 @@ class PromptLearner(nn.Module):
             rows.append(ids)
             positions.append(pos)
         length = max(map(len, rows)) if cfg.truncate_prompts and tower.can_truncate else tower.context_length
-        token_ids = torch.full((n_cls, length), tok.pad_id, dtype=torch.long)
-        for i, ids in enumerate(rows):
-            token_ids[i, :len(ids)] = torch.tensor(ids)
-        token_ids = token_ids.to(backbone.device)
+        token_ids = padded_ids(rows, length, tok.pad_id).to(backbone.device)
         self.register_buffer("token_ids", token_ids, persistent=False)
         with torch.no_grad():
             self.register_buffer("token_embeds", tower.embed(token_ids).float(), persistent=False)

@@ -21,7 +21,7 @@ from promptlearn.backbone import FrozenCLIP
 from promptlearn.deep_prompts import check_text_tower, checkpointed, image_tower, text_prompts, vision_prompts
 from promptlearn.errors import ConfigError
 from promptlearn.methods.base import ImageMethod, register_method
-from promptlearn.prompts import layout_prompt
+from promptlearn.prompts import layout_prompt, padded_ids
 
 PROMPT_STD = 0.02  # random init of every learned token
 
@@ -72,10 +72,7 @@ class TextPrompts(nn.Module):
             rows.append(ids)
             positions.append(pos[:n_ctx])
         length = max(map(len, rows)) if tower.can_truncate else tower.context_length
-        token_ids = torch.full((len(rows), length), tok.pad_id, dtype=torch.long)
-        for i, ids in enumerate(rows):
-            token_ids[i, :len(ids)] = torch.tensor(ids)
-        token_ids = token_ids.to(backbone.device)
+        token_ids = padded_ids(rows, length, tok.pad_id).to(backbone.device)
         self.register_buffer("token_ids", token_ids, persistent=False)
         with torch.no_grad():
             self.register_buffer("token_embeds", tower.embed(token_ids).float(), persistent=False)

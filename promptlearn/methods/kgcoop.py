@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from promptlearn.data import dataset_templates
-from promptlearn.methods.base import Capabilities, own_recipe, register_method
+from promptlearn.methods.base import own_recipe, register_method
 from promptlearn.methods.coop import CoOp, CoOpConfig
 from promptlearn.methods.zeroshot import text_classifier
 from promptlearn.trainer import StepLosses
@@ -41,9 +41,7 @@ def knowledge_guidance(text_features: torch.Tensor, hand_crafted: torch.Tensor) 
 
 
 @register_method("kgcoop", config=KgCoOpConfig)
-class KgCoOp(CoOp):
-    capabilities = Capabilities(learns=True, trains=True, unseen_classes=True, decodes_prompt=True,
-                                eval_from_checkpoint=True)
+class KgCoOp(CoOp):  # CoOp's capabilities
 
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)

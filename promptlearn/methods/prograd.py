@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from promptlearn.data import dataset_templates
-from promptlearn.methods.base import Capabilities, register_method
+from promptlearn.methods.base import register_method
 from promptlearn.methods.coop import CoOp, CoOpConfig
 from promptlearn.methods.zeroshot import text_classifier
 from promptlearn.trainer import StepLosses
@@ -54,9 +54,7 @@ def project_conflict(grad: torch.Tensor, guide: torch.Tensor, lambda_: float) ->
 
 
 @register_method("prograd", config=ProGradConfig)
-class ProGrad(CoOp):
-    capabilities = Capabilities(learns=True, trains=True, unseen_classes=True, decodes_prompt=True,
-                                eval_from_checkpoint=True)
+class ProGrad(CoOp):  # CoOp's capabilities
 
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
