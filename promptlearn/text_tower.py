@@ -4,10 +4,13 @@ CoOp puts learned vectors where words would be, so it needs the tower from the e
 `TextTower` composes open_clip's own modules (positional embedding, attention mask, transformer,
 final norm, pooling, projection) for every open_clip text tower kind; the exactness tests compare it with
 open_clip's `encode_text` so any drift in open_clip shows up as a failing test.
-`encode_shared_prefix` is the same computation for prompts that share their start, doing the
-start once per step (`prefix_states`) for every group of prompts; tests compare it with `encode`.
+`encode_packed` is the same computation for prompts of different lengths packed into rows without
+padding, with the start they share done once per step (`prefix_states`); tests compare it with `encode`.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,17 +67,28 @@ class TextTower:
         """Running at the longest real prompt length is exact only when no position reads the padding."""
         return self.causal and self.cls_emb is None and self.pool_type in ("argmax", "eos", "first")
 
+    @property
+    def can_pack(self) -> bool:
+        """Whether `encode_packed` is exact: a causal mask (nothing before a prompt's pooled position reads
+        what follows it), no padding mask or appended class token, and only open_clip's plain residual
+        blocks, whose arithmetic `_packed_block` repeats (a block of any other type falls back to `encode`)."""
+        return (self.can_truncate and not self.use_pad_mask and self.transformer.batch_first
+                and all(_is_plain_block(b) for b in self.transformer.resblocks))
+
     def can_share_prefix(self, token_ids: torch.Tensor, prefix_length: int) -> bool:
-        """Whether `encode_shared_prefix` is exact for these prompts: under a causal mask the first
-        `prefix_length` positions never see what follows, so if every prompt has the same ids there,
-        their hidden states are the same for all prompts. The pooled position must lie after the
-        prefix, and every block must be open_clip's plain residual block, whose arithmetic
-        `_tail_block` repeats (a block of any other type falls back to `encode`)."""
-        return (self.causal and not self.use_pad_mask and self.cls_emb is None and self.transformer.batch_first
-                and 0 < prefix_length < token_ids.shape[1]
-                and all(_is_plain_block(b) for b in self.transformer.resblocks)
+        """Whether prompts can share the run of their first `prefix_length` positions (`prefix_states`):
+        under a causal mask those positions never see what follows, so if every prompt has the same ids
+        there, their hidden states are the same for all prompts. The pooled position must lie after them."""
+        return (self.can_pack and 0 < prefix_length < token_ids.shape[1]
                 and bool((token_ids[:, :prefix_length] == token_ids[:1, :prefix_length]).all())
                 and bool((self.pooled_positions(token_ids) >= prefix_length).all()))
+
+    def packing(self, token_ids: torch.Tensor, prefix: int = 0, own_lengths: bool = True) -> "Packing":
+        """The `Packing` of these prompts after their first `prefix` positions, each through its pooled
+        position (own_lengths) or at the full length of `token_ids`."""
+        pooled = self.pooled_positions(token_ids)
+        lengths = pooled + 1 if own_lengths else torch.full_like(pooled, token_ids.shape[1])
+        return Packing.of(lengths, pooled, prefix)
 
     def pooled_positions(self, token_ids: torch.Tensor) -> torch.Tensor:
         """The position each prompt's feature is read at, by open_clip's own pooling rule."""
@@ -113,32 +127,40 @@ class TextTower:
         out = tower.transformer(inputs_embeds=embeddings, attention_mask=mask)
         return tower.proj(tower.pooler(out, mask))
 
-    def prefix_states(self, prefix: torch.Tensor) -> list[torch.Tensor]:
-        """The input of every block at the positions of a prefix [P, D] that prompts share, [1, P, D] each:
-        computed once per step and read by every group of prompts (`encode_shared_prefix`)."""
-        p = prefix.shape[0]
+    def prefix_states(self, prefix: torch.Tensor, deep: Sequence[torch.Tensor] = (), start: int = 0
+                      ) -> list[torch.Tensor]:
+        """The input of every block at the positions of prompt starts that prompts share, [G, P, D] each, from
+        the starts' embeddings `prefix` [G, P, D] (or one start, [P, D]): computed once per step and read by
+        every packed prompt (`encode_packed`). Deep prompts: deep[j] [n, D] replaces positions start..start+n
+        at the input of block j + 1, as `deep_prompts.text_prompts` does in a full pass."""
+        head = prefix if prefix.dim() == 3 else prefix[None]
+        p = head.shape[1]
         cast_dtype = self.transformer.get_cast_dtype()
-        head = (prefix.to(cast_dtype) + self.positional_embedding[:p].to(cast_dtype))[None]
+        head = head.to(cast_dtype) + self.positional_embedding[:p].to(cast_dtype)
         mask, blocks = self.attn_mask[:p, :p], self.transformer.resblocks
         states = [head]
-        for block in list(blocks)[:-1]:  # the last block's prefix output is read by nothing
+        for j, block in enumerate(list(blocks)[:-1]):  # the last block's prefix output is read by nothing
             head = block(head, attn_mask=mask)
+            if j < len(deep):
+                tokens = deep[j].to(head.dtype)[None].expand(head.shape[0], -1, -1)
+                head = torch.cat([head[:, :start], tokens, head[:, start + tokens.shape[1]:]], dim=1)
             states.append(head)
         return states
 
-    def encode_shared_prefix(self, states: list[torch.Tensor], rest: torch.Tensor,
-                             token_ids: torch.Tensor) -> torch.Tensor:
-        """`encode` of prompts that all start with the same prefix, given as its `prefix_states`, followed by
-        `rest` [N, L-P, D]: only the rest of every prompt runs through the blocks, attending to the prefix's
-        keys and values. Only where `can_share_prefix(token_ids, P)` holds."""
-        n, p, length = rest.shape[0], states[0].shape[1], token_ids.shape[1]
+    def encode_packed(self, rest: torch.Tensor, packing: "Packing", states: list[torch.Tensor] | None = None,
+                      prefix_of: torch.Tensor | None = None) -> torch.Tensor:
+        """`encode` of N prompts laid out by `packing`, each at its own length: `rest` holds the embeddings
+        after the shared start [M, L-P, D] (the whole prompts when P is 0), read at `packing.source`;
+        `states` are the starts' `prefix_states` and `prefix_of` [N] says which start each prompt has
+        (None: the first). Only where `can_pack` holds (and `can_share_prefix` for a shared start)."""
+        p, width = packing.prefix, packing.slots.shape[1]
         cast_dtype = self.transformer.get_cast_dtype()
-        x = rest.to(cast_dtype) + self.positional_embedding[p:length].to(cast_dtype)
-        mask = self.attn_mask[:length, :length]
-        for block, head in zip(self.transformer.resblocks, states):
-            x = _tail_block(block, head, x, mask[p:])
-        x = self.ln_final(x)
-        return self._project(x[torch.arange(n, device=x.device), self.pooled_positions(token_ids) - p])
+        columns = packing.column
+        x = rest[packing.source, columns].to(cast_dtype) + self.positional_embedding[p + columns].to(cast_dtype)
+        mask = self.attn_mask[p:p + width, :p + width]
+        for i, block in enumerate(self.transformer.resblocks):
+            x = _packed_block(block, x, packing, mask, states[i] if states else None, prefix_of)
+        return self._project(self.ln_final(x[packing.pooled]))  # a row-wise norm: on the pooled rows alone
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         if self.text_projection is None:
@@ -163,22 +185,73 @@ def _is_plain_block(block: torch.nn.Module) -> bool:
             and attn.bias_k is None and attn.bias_v is None and not attn.add_zero_attn and attn.dropout == 0)
 
 
-def _tail_block(block: ResidualAttentionBlock, head: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`block` on the positions after a shared prefix: what block(cat(head, x)) gives at x's rows.
-    The prefix's keys and values are projected once and shared by all N prompts; the attention is
-    nn.MultiheadAttention's arithmetic (in-projection, scaled dot product, out-projection) on the
-    block's own weights."""
-    attn, (n, _, width) = block.attn, x.shape
+def _packed_block(block: ResidualAttentionBlock, x: torch.Tensor, packing: "Packing", mask: torch.Tensor,
+                  head: torch.Tensor | None, prefix_of: torch.Tensor | None) -> torch.Tensor:
+    """`block` on packed rows [R, D]: what it gives at each prompt's own positions run on the whole prompt.
+    Everything but attention is row-wise and runs on the R rows; attention gathers each prompt's rows into
+    the padded [N, T] slots (the padding after every real position, hidden by the causal mask) with the
+    shared start's keys and values in front, projected once per start. The arithmetic is
+    nn.MultiheadAttention's (in-projection, scaled dot product, out-projection) on the block's own weights."""
+    attn, width = block.attn, x.shape[-1]
     weight, bias = attn.in_proj_weight, attn.in_proj_bias
-    q, k, v = F.linear(block.ln_1(x), weight, bias).chunk(3, dim=-1)
-    head_k, head_v = F.linear(block.ln_1(head), weight[width:],
-                              None if bias is None else bias[width:]).chunk(2, dim=-1)
-    k = torch.cat([head_k.expand(n, -1, -1), k], dim=1)
-    v = torch.cat([head_v.expand(n, -1, -1), v], dim=1)
+    qkv = F.linear(block.ln_1(x), weight, bias)
+    q, k, v = F.pad(qkv, (0, 0, 0, 1))[packing.slots].chunk(3, dim=-1)  # [N, T, D] each; row R is the padding
+    if head is not None:
+        head_k, head_v = F.linear(block.ln_1(head), weight[width:],
+                                  None if bias is None else bias[width:]).chunk(2, dim=-1)
+        n = q.shape[0]
+        head_k, head_v = ((t.expand(n, -1, -1) if prefix_of is None else t[prefix_of]) for t in (head_k, head_v))
+        k, v = torch.cat([head_k, k], dim=1), torch.cat([head_v, v], dim=1)
 
     def split_heads(t: torch.Tensor) -> torch.Tensor:  # [N, L, D] -> [N, H, L, D/H]
         return t.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)
 
     out = F.scaled_dot_product_attention(split_heads(q), split_heads(k), split_heads(v), attn_mask=mask.to(q.dtype))
-    x = x + block.ls_1(attn.out_proj(out.transpose(1, 2).flatten(2)))
+    out = out.transpose(1, 2).flatten(2).flatten(0, 1)[packing.real]  # back to the packed rows
+    x = x + block.ls_1(attn.out_proj(out))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+@dataclass(frozen=True)
+class Packing:
+    """N prompts of different lengths as R packed rows with no padding, each prompt from its position P on
+    (P: a start they share, run once by `prefix_states`; 0 if none). Under a causal mask nothing before a
+    prompt's pooled position reads what follows it, so running each prompt through its pooled position is
+    exact; the rows a step pushes through the text tower fall from N x the context length to the sum of
+    the prompts' own lengths after P."""
+
+    source: torch.Tensor  # [R] the row of the embeddings given to `encode_packed` that each packed row reads
+    column: torch.Tensor  # [R] its column there (its position in the prompt minus P)
+    slots: torch.Tensor  # [N, T] each prompt's packed rows in order, then R (a zero row) as padding
+    real: torch.Tensor  # [R] each packed row's place among the N x T slots
+    pooled: torch.Tensor  # [N] the packed row each prompt's feature is read at
+    prefix: int
+
+    @classmethod
+    def of(cls, lengths: torch.Tensor, pooled_positions: torch.Tensor, prefix: int = 0) -> "Packing":
+        """Prompts of `lengths` [N] tokens (P included), each read at its `pooled_positions` [N]."""
+        tails = lengths - prefix
+        n, width, device = len(tails), int(tails.max()), tails.device
+        columns = torch.arange(width, device=device).expand(n, width)
+        inside = columns < tails[:, None]
+        rows = int(inside.sum())
+        slots = torch.full((n, width), rows, device=device)
+        slots[inside] = torch.arange(rows, device=device)
+        offsets = torch.cumsum(tails, 0) - tails
+        return cls(torch.arange(n, device=device)[:, None].expand(n, width)[inside], columns[inside], slots,
+                   torch.nonzero(inside.flatten()).flatten(), offsets + pooled_positions - prefix, prefix)
+
+    @property
+    def rows(self) -> int:
+        return len(self.source)
+
+    def repeat(self, times: int, sources: int = 0) -> "Packing":
+        """The same prompts `times` over (CoCoOp: the class prompts once per image), copy k reading the
+        embedding rows `source + k * sources` (0: all copies read the same rows); computed on the device,
+        with no copy from the host."""
+        r, (n, width) = self.rows, self.slots.shape
+        copies = torch.arange(times, device=self.slots.device)
+        slots = torch.where(self.slots < r, self.slots + r * copies[:, None, None], r * times)
+        return Packing((self.source + sources * copies[:, None]).flatten(), self.column.repeat(times),
+                       slots.flatten(0, 1), (self.real + n * width * copies[:, None]).flatten(),
+                       (self.pooled + r * copies[:, None]).flatten(), self.prefix)

@@ -114,6 +114,34 @@ def test_text_deep_prompts_equal_to_the_hidden_states_change_nothing(backbones, 
     assert not torch.allclose(different, plain, atol=1e-3)  # the hook does reach the block
 
 
+@pytest.mark.parametrize("name", ["ivlp", "maple", "promptsrc"])
+@pytest.mark.parametrize("family", ["tiny-clip", "tiny-custom-clip"])
+def test_packed_text_prompts_match_the_full_pass_with_hooks(backbones, family, name):
+    """The text side packed (the [SOS] [context] start run once, deep prompts replaced in it, every class
+    through its own length) against every prompt in full with the hooks: features and gradients."""
+    backbone = backbones[family]
+    method = build_method(name, quick_config_for(family), backbone,
+                          [*CLASSES, "hot air balloon", "x"])
+    assert method.text.packing is not None and method.text.packing.prefix == 1 + method.text.ctx.shape[0]
+    with torch.no_grad():
+        for p in (method.text.ctx, method.text.deep):
+            p.normal_(std=0.5)
+    weights = torch.randn(5, backbone.embed_dim, generator=torch.Generator().manual_seed(0))
+    results = []
+    for packing in (method.text.packing, None):
+        method.text.packing = packing
+        method.zero_grad(set_to_none=True)
+        features = method.text_features()
+        (features * weights).sum().backward()
+        learned = [p for p in method.parameters() if p.requires_grad and p.grad is not None]
+        results.append((features.detach(), [p.grad.clone() for p in learned]))
+    (packed, packed_grads), (full, full_grads) = results
+    torch.testing.assert_close(packed, full, rtol=1e-5, atol=1e-6)
+    assert len(packed_grads) == len(full_grads) >= 2
+    for a, b in zip(packed_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
 def quick_config_for(family: str, *extra: str):
     import tempfile
     from pathlib import Path

@@ -100,6 +100,33 @@ def test_cocoop_batched_chunks_match_the_per_image_loop(tmp_path, model):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("model", ["tiny-clip", "tiny-rn-clip"])
+@pytest.mark.parametrize("position", ["end", "middle"])
+def test_cocoop_packed_prompts_match_the_plain_computation(tmp_path, model, position):
+    """Packed prompts (a start run once per image, with the class at the end) against every prompt at the
+    full context length: the same logits and gradients."""
+    names = ["shirt", "ankle boot", "bag", "hot air balloon", "x"]
+    x = F.normalize(torch.randn(3, 32, generator=torch.Generator().manual_seed(1)), dim=-1)
+    results = []
+    for shortcuts in ("true", "false"):
+        cfg = quick_config(tmp_path, f"backbone.model={model}", f"cocoop.class_position={position}",
+                           f"cocoop.truncate_prompts={shortcuts}", f"cocoop.share_prefix={shortcuts}")
+        torch.manual_seed(0)
+        method = build_method("cocoop", cfg, tiny_backbone(model), names)
+        assert method.packed == (shortcuts == "true") and method.share_prefix == (shortcuts == "true" and
+                                                                                   position == "end")
+        with torch.no_grad():
+            for p in method.meta_net.parameters():
+                p.normal_(std=0.5)
+        logits = method(x[:, :method.backbone.embed_dim])
+        (logits * torch.arange(15.0).view(3, 5)).sum().backward()
+        results.append((logits.detach(), [p.grad for p in (method.prompts.ctx, *method.meta_net.parameters())]))
+    (packed, packed_grads), (plain, plain_grads) = results
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+    for a, b in zip(packed_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
 def test_cocoop_refuses_a_class_specific_context(tmp_path):
     with pytest.raises(ConfigError, match="cocoop.class_specific must be false"):
         quick_config(tmp_path, "cocoop.class_specific=true")

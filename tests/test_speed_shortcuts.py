@@ -128,30 +128,42 @@ def test_training_on_cached_features_reaches_the_context_of_per_step_encoding(ba
     torch.testing.assert_close(ours.prompts.ctx, theirs.prompts.ctx, rtol=0, atol=1e-4 * moved)
 
 
-def test_length_groups_split_by_length_then_chunk():
-    from promptlearn.methods.coop import length_groups
+def test_packing_lays_prompts_out_without_padding():
+    from promptlearn.text_tower import Packing
 
-    groups = length_groups(torch.tensor([5, 3, 5, 4, 3]))
-    assert [(rows.tolist(), length) for rows, length in groups] == [([1, 4], 3), ([3], 4), ([0, 2], 5)]
-    chunked = length_groups(torch.tensor([5, 3, 5, 4, 3]), chunk=1)
-    assert [(rows.tolist(), length) for rows, length in chunked] == [([1], 3), ([4], 3), ([3], 4), ([0], 5), ([2], 5)]
+    lengths, pooled, prefix = torch.tensor([5, 3, 6, 4]), torch.tensor([4, 2, 5, 3]), 2
+    packing = Packing.of(lengths, pooled, prefix)
+    tails = (lengths - prefix).tolist()
+    assert packing.rows == sum(tails) and packing.slots.shape == (4, max(tails))
+    for i, tail in enumerate(tails):  # each prompt's rows in order, then the padding row
+        rows = packing.slots[i, :tail]
+        assert (packing.source[rows] == i).all() and packing.column[rows].tolist() == list(range(tail))
+        assert (packing.slots[i, tail:] == packing.rows).all()
+        assert packing.column[packing.pooled[i]] == pooled[i] - prefix and packing.source[packing.pooled[i]] == i
+    assert (packing.slots.flatten()[packing.real] == torch.arange(packing.rows)).all()
+    # three copies read the same embedding rows and are laid out as three copies packed afresh
+    tripled, fresh = packing.repeat(3), Packing.of(lengths.repeat(3), pooled.repeat(3), prefix)
+    assert (tripled.source == fresh.source % len(lengths)).all()
+    assert torch.equal(packing.repeat(3, sources=len(lengths)).source, fresh.source)  # each copy its own rows
+    for field in ("column", "slots", "real", "pooled"):
+        assert torch.equal(getattr(tripled, field), getattr(fresh, field)), field
 
 
 @pytest.mark.parametrize("share_prefix", [False, True])
 def test_real_imagenet_names_run_at_their_own_lengths_with_the_plain_features(backbones, share_prefix):
-    """ImageNet's class names (open_clip ships them) vary from 1 to 14 BPE tokens: each length group
-    runs at its own length, exactly, and the rows per step approach the sum of the prompts' lengths."""
+    """ImageNet's class names (open_clip ships them) vary from 1 to 14 BPE tokens: packed, every prompt
+    runs through its own length, exactly, and the rows per step are the sum of the prompts' lengths."""
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
     backbone, names = backbones["tiny-clip"], list(IMAGENET_CLASSNAMES)
     method = build_coop(coop_config(truncate_prompts=True, share_prefix=share_prefix), backbone, names)
+    ((_, packing),) = method.chunks
     lengths = backbone.text.pooled_positions(method.prompts.token_ids) + 1
-    assert len(method.groups) == len(torch.unique(lengths)) > 5
-    tail_rows = sum(len(rows) * (length - method.prompts.prefix_length) for rows, length in method.groups)
-    padded_rows = len(names) * (method.prompts.token_ids.shape[1] - method.prompts.prefix_length)
-    assert tail_rows == int((lengths - method.prompts.prefix_length).sum()) < 0.45 * padded_rows
+    skip = method.prompts.prefix_length if share_prefix else 0
+    padded_rows = len(names) * (method.prompts.token_ids.shape[1] - skip)
+    assert packing.rows == int((lengths - skip).sum()) < (0.45 if share_prefix else 0.75) * padded_rows
     sample = names[::40]  # 25 names of many lengths, punctuation included, for the gradient comparison
     plain = features_and_grad(backbone, coop_config(), sample)
-    grouped = features_and_grad(backbone, coop_config(truncate_prompts=True, share_prefix=share_prefix), sample)
-    assert len(grouped[0].groups) > 3
-    assert_same(plain, grouped)
+    packed = features_and_grad(backbone, coop_config(truncate_prompts=True, share_prefix=share_prefix), sample)
+    assert len(torch.unique(packed[0].chunks[0][1].pooled.diff())) > 3  # many different lengths
+    assert_same(plain, packed)

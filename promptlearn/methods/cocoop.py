@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from promptlearn.methods.base import Capabilities, own_recipe, register_method
 from promptlearn.methods.coop import CoOp, CoOpConfig
+from promptlearn.text_tower import Packing
 
 META_REDUCTION = 16  # the meta-network's bottleneck: feature width // 16
 
@@ -61,20 +62,43 @@ class CoCoOp(CoOp):
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
         self.meta_net = meta_network(backbone.embed_dim, backbone.text.width).to(backbone.device)
+        self._packings: dict[tuple, Packing | None] = {}
 
     def contexts(self, image_features: torch.Tensor) -> torch.Tensor:
         """[B, M, width]: the learned context shifted by each image's meta-network bias."""
         return self.prompts.ctx + self.meta_net(image_features).unsqueeze(1)
 
     def _pass(self, image_features: torch.Tensor, ctx: torch.Tensor, classes: slice) -> torch.Tensor:
-        """Logits [b, c] of b images against the c classes in `classes`, in one text-tower pass."""
-        embeds = self.prompts.with_contexts(ctx, classes)
-        b, c = embeds.shape[:2]
-        ids = self.prompts.token_ids[classes].repeat(b, 1)
-        text = F.normalize(self.backbone.text.encode(embeds.flatten(0, 1), ids).float(), dim=-1)
-        text = text.view(b, c, -1)
-        return self.backbone.logit_scale * torch.einsum("bd,bcd->bc", image_features.float(), text) \
+        """Logits [b, c] of b images against the c classes in `classes`, in one text-tower pass. Packed
+        (as CoOp's prompts) where the tower allows: the b x c prompts run each through its own length,
+        and with the class at the end each image's prompt start runs once for all its classes."""
+        b, text = ctx.shape[0], self.backbone.text
+        ids = self.prompts.token_ids[classes]
+        c = len(ids)
+        packing = self._packing(classes, b)
+        if packing is None:
+            embeds = self.prompts.with_contexts(ctx, classes).flatten(0, 1)
+            features = text.encode(embeds, ids.repeat(b, 1))
+        elif self.share_prefix:
+            starts, rest = self.prompts.shared_prefix(ctx)
+            prefix_of = torch.arange(b, device=ctx.device).repeat_interleave(c)
+            features = text.encode_packed(rest[classes], packing, text.prefix_states(starts), prefix_of)
+        else:
+            features = text.encode_packed(self.prompts.with_contexts(ctx, classes).flatten(0, 1), packing)
+        features = F.normalize(features.float(), dim=-1).view(b, c, -1)
+        return self.backbone.logit_scale * torch.einsum("bd,bcd->bc", image_features.float(), features) \
             + self.backbone.logit_bias
+
+    def _packing(self, classes: slice, images: int) -> Packing | None:
+        """The packing of `images` x the classes in `classes` (None where the tower runs the plain
+        computation), made once per pass shape: every image's prompts read the same class rows when
+        their start is shared, their own rows otherwise."""
+        key = (classes.start, classes.stop, images)
+        if key not in self._packings:
+            one = self.packing(classes) if self.packed else None
+            sources = 0 if self.share_prefix else len(self.prompts.token_ids[classes])
+            self._packings[key] = one.repeat(images, sources) if one is not None else None
+        return self._packings[key]
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         ctx = self.contexts(image_features)

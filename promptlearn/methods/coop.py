@@ -19,6 +19,7 @@ from promptlearn.decoder import save_decoded_prompt
 from promptlearn.errors import ConfigError, PromptlearnError
 from promptlearn.methods.base import AfterTraining, Capabilities, Method, register_method
 from promptlearn.prompts import layout_prompt, padded_ids
+from promptlearn.text_tower import Packing
 
 DEFAULT_N_CTX = 16
 RANDOM_CTX_STD = 0.02
@@ -31,7 +32,7 @@ class CoOpConfig:
     ctx_init: str = ""  # e.g. "a photo of a"; empty: random normal init, std 0.02
     class_specific: bool = False  # one context per class (CSC)
     class_position: str = "end"  # end | middle | front
-    truncate_prompts: bool = True  # run each prompt at its own real length (grouped by length) where exact
+    truncate_prompts: bool = True  # run each prompt at its own real length (packed rows) where exact
     share_prefix: bool = True  # unified context, class at the end: run the shared prompt start once
     class_chunk: int = 0  # classes per text-tower pass (0: all at once); bounds memory
 
@@ -116,26 +117,20 @@ class PromptLearner(nn.Module):
         values = ctx.to(base.dtype)[:, None].expand(b, c, m, ctx.shape[-1])
         return base.expand(b, -1, -1, -1).index_put((batch, rows, positions.expand(b, c, m)), values)
 
-    def shared_prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The start every prompt shares, context in place [P, D], and each prompt's rest [C, L-P, D]
+    def shared_prefix(self, ctx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The start every prompt shares, [SOS] then the context: [P, D] for the learned context, [B, P, D]
+        for one context per row of `ctx` [B, M, D] (CoCoOp); and each prompt's rest [C, L-P, D]
         (only when `prefix_length` is set)."""
-        p = self.prefix_length
-        prefix = self.token_embeds[0, :p].index_put((self.ctx_positions[0],), self.ctx.to(self.token_embeds.dtype))
-        return prefix, self.token_embeds[:, p:]
+        p, ctx = self.prefix_length, self.ctx if ctx is None else ctx
+        start = self.token_embeds[0, :p - self.n_ctx]
+        start = start.expand(*ctx.shape[:-2], -1, -1)
+        return torch.cat([start, ctx.to(start.dtype)], dim=-2), self.token_embeds[:, p:]
 
 
-def length_groups(lengths: torch.Tensor, chunk: int = 0) -> list[tuple[torch.Tensor, int]]:
-    """Classes grouped by prompt length, each group to run at its own length, split into chunks of at
-    most `chunk` classes (0: no limit): (class indices, length) pairs, shortest first. Under a causal
-    mask nothing before a prompt's pooled position reads what follows it, so a prompt run at its own
-    length gives the features of the full context length; the rows a step pushes through the text
-    tower fall from classes x longest prompt to the sum of the prompts' own lengths."""
-    groups = []
-    for length in torch.unique(lengths).tolist():
-        rows = torch.nonzero(lengths == length).flatten()
-        for part in rows.split(chunk or len(rows)):
-            groups.append((part, int(length)))
-    return groups
+def class_chunks(n: int, chunk: int = 0) -> list[slice]:
+    """Consecutive classes in chunks of at most `chunk` (0: one chunk of all n)."""
+    step = chunk or max(n, 1)
+    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
 
 @register_method("coop", config=CoOpConfig)
@@ -156,37 +151,37 @@ class CoOp(Method):
         self.own = own = getattr(cfg, self.section)  # coop, or the section of a method built on CoOp
         specific = own.class_specific if self.force_class_specific is None else self.force_class_specific
         self.prompts = PromptLearner(backbone, classnames, own, specific)
-        prefix = self.prompts.prefix_length
-        self.share_prefix = (own.share_prefix and prefix is not None
-                             and backbone.text.can_share_prefix(self.prompts.token_ids, prefix))
-        ids = self.prompts.token_ids
-        exact = own.truncate_prompts and backbone.text.can_truncate
-        lengths = backbone.text.pooled_positions(ids) + 1 if exact else torch.full((len(ids),), ids.shape[1])
-        self.groups = length_groups(lengths, own.class_chunk)
-        order = torch.cat([rows for rows, _ in self.groups])
-        self.register_buffer("group_order", torch.argsort(order), persistent=False)  # back to class order
+        text, ids, prefix = backbone.text, self.prompts.token_ids, self.prompts.prefix_length
+        self.share_prefix = own.share_prefix and prefix is not None and text.can_share_prefix(ids, prefix)
+        self.own_lengths = own.truncate_prompts and text.can_truncate
+        # packed rows: each prompt through its own pooled position, after the shared start when there is one
+        self.packed = text.can_pack and (self.own_lengths or self.share_prefix)
+        self.chunks = [(rows, self.packing(rows) if self.packed else None)
+                       for rows in class_chunks(len(ids), own.class_chunk)]
 
-    def _encode(self, embeds: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return self.backbone.text.encode(embeds, ids)
+    def packing(self, classes: slice) -> Packing:
+        """The packing of the prompts of `classes`."""
+        skip = self.prompts.prefix_length if self.share_prefix else 0
+        return self.backbone.text.packing(self.prompts.token_ids[classes], skip, self.own_lengths)
 
     def text_features(self) -> torch.Tensor:
-        """[C, D] L2-normalised class features. With a shared prefix the prompt start runs through the
-        tower once per group; classes run in groups of equal prompt length, each at its own length
-        (`length_groups`), and chunks of classes under activation checkpointing bound the memory of a
-        training step by the chunk size instead of the class count."""
-        ids = self.prompts.token_ids
+        """[C, D] L2-normalised class features. Prompts run packed, each through its own pooled position,
+        with a shared start run once per step (`TextTower.encode_packed`); chunks of classes under
+        activation checkpointing bound the memory of a training step by the chunk size instead of the
+        class count."""
+        text, ids = self.backbone.text, self.prompts.token_ids
         if self.share_prefix:
-            prefix, embeds = self.prompts.shared_prefix()
-            states = self.backbone.text.prefix_states(prefix)  # once for every length group
-            encode, shared, skip = self.backbone.text.encode_shared_prefix, (states,), prefix.shape[0]
+            prefix, rest = self.prompts.shared_prefix()
+            states = text.prefix_states(prefix)  # once for every chunk
         else:
-            embeds, encode, shared, skip = self.prompts(), self._encode, (), 0
+            rest, states = self.prompts(), None
         checkpointed = torch.is_grad_enabled() and self.own.class_chunk > 0
         parts = []
-        for rows, length in self.groups:
-            args = (*shared, embeds[rows, :length - skip], ids[rows, :length])
+        for rows, packing in self.chunks:
+            encode, args = ((text.encode_packed, (rest[rows], packing, states)) if packing is not None
+                            else (text.encode, (rest[rows], ids[rows])))
             parts.append(checkpoint(encode, *args, use_reentrant=False) if checkpointed else encode(*args))
-        return self.backbone.normalize(torch.cat(parts)[self.group_order])
+        return self.backbone.normalize(torch.cat(parts))
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.backbone.logits(image_features, self.text_features())

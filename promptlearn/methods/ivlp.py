@@ -85,6 +85,9 @@ class TextPrompts(nn.Module):
         deep = torch.empty(max(depth - 1, 0) if n_ctx else 0, n_ctx, tower.width, device=backbone.device)
         self.deep = nn.Parameter(deep.normal_(std=PROMPT_STD), requires_grad=deep.numel() > 0)
         self.tower = tower
+        # every prompt starts [SOS] [context]: that start runs once per step, the rest packed (as CoOp's)
+        self.prefix = self.start + n_ctx
+        self.packing = tower.packing(token_ids, self.prefix) if tower.can_share_prefix(token_ids, self.prefix) else None
 
     def embeddings(self) -> torch.Tensor:
         """[C, L, D]: the frozen embeddings with the first-layer context in place."""
@@ -95,8 +98,14 @@ class TextPrompts(nn.Module):
     def encode(self, deep: list[torch.Tensor] | None = None) -> torch.Tensor:
         """[C, D] L2-normalised class features, with `deep` (default: the own deep tokens) at blocks 1.."""
         deep = list(self.deep) if deep is None else deep
-        with text_prompts(self.tower.transformer, self.start, deep):
-            return F.normalize(self.tower.encode(self.embeddings(), self.token_ids).float(), dim=-1)
+        if self.packing is not None:
+            prefix = torch.cat([self.token_embeds[0, :self.start], self.ctx.to(self.token_embeds.dtype)])
+            states = self.tower.prefix_states(prefix, deep, self.start)
+            features = self.tower.encode_packed(self.token_embeds[:, self.prefix:], self.packing, states)
+        else:
+            with text_prompts(self.tower.transformer, self.start, deep):
+                features = self.tower.encode(self.embeddings(), self.token_ids)
+        return F.normalize(features.float(), dim=-1)
 
 
 class DeepPromptMethod(ImageMethod):
