@@ -90,8 +90,8 @@ class FrozenCLIP:
         self.logit_scale = self._logit_scale(model, cfg)
         bias = getattr(model, "logit_bias", None)
         self.logit_bias = float(bias.item()) if bias is not None else 0.0  # SigLIP; ranking unchanged
-        self.precision = cfg.precision if device.type == "cuda" or cfg.precision == "fp16_reference" else "fp32"
-        if cfg.precision not in ("fp32", "fp16_reference") and device.type != "cuda":
+        self.precision = resolved_precision(cfg.precision, device)
+        if cfg.precision not in ("auto", "fp32", "fp16_reference") and device.type != "cuda":
             log.warning("backbone.precision=%s needs a GPU; running fp32 on the CPU", cfg.precision)
         if self.precision == "fp16_reference":
             log.warning(PURE_FP16_WARNING)
@@ -128,12 +128,13 @@ class FrozenCLIP:
         in where they keep it (visual.output_dim, a timm head, a text projection)."""
         return int(self.encode_texts(["a"]).shape[1])
 
-    def autocast(self):
-        """bf16 / fp16 autocast on GPU; a no-op in fp32, in pure fp16 and on the CPU."""
+    def autocast(self, cache: bool = True):
+        """bf16 / fp16 autocast on GPU; a no-op in fp32, in pure fp16 and on the CPU. cache=False for a
+        region captured as a CUDA graph (autocast's cache of cast weights must not outlive the capture)."""
         if self.precision in ("fp32", "fp16_reference"):
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type="cuda", dtype=dtype)
+        return torch.autocast(device_type="cuda", dtype=dtype, cache_enabled=cache)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -165,6 +166,18 @@ class FrozenCLIP:
         if self.precision == "fp16_reference":
             image_features, text_features = image_features.half(), text_features.half()
         return self.logit_scale * image_features @ text_features.t() + self.logit_bias
+
+
+def resolved_precision(setting: str, device: torch.device) -> str:
+    """The precision a run uses: fp32 on the CPU (pure fp16 reproduces the original anywhere); "auto" is
+    bf16 on a GPU that has it (the same range as fp32, no loss scaling) and fp16 on older ones."""
+    if setting == "fp16_reference":
+        return setting
+    if device.type != "cuda":
+        return "fp32"
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return setting
 
 
 def is_random_init(tag: str) -> bool:

@@ -39,9 +39,10 @@ class BackboneConfig:
     model: str = "RN50"  # any open_clip model name
     pretrained: str = "openai"  # open_clip tag, local checkpoint path, or "none" (random init)
     cache_dir: Optional[str] = None  # where open_clip keeps downloaded weights
-    # fp32 | bf16 | fp16 (autocast on GPU; the CPU always runs fp32) | fp16_reference (the original CoOp's
-    # pure fp16: fp16 weights and context, plain SGD on fp16, no loss scaling; only to reproduce its runs)
-    precision: str = "fp32"
+    # auto (bf16 autocast on a GPU that has it, else fp16; fp32 on the CPU) | fp32 | bf16 | fp16 (autocast on
+    # GPU; the CPU always runs fp32) | fp16_reference (the original CoOp's pure fp16: fp16 weights and context,
+    # plain SGD on fp16, no loss scaling; only to reproduce its runs)
+    precision: str = "auto"
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
     logit_scale: Optional[float] = None  # overrides the checkpoint's exp(logit_scale)
     quick_gelu: Optional[bool] = None  # None: the activation the weights were trained with (tag, name, file)
@@ -82,6 +83,8 @@ class TrainConfig:
     drop_last: bool = True  # drop an epoch's last short batch (CoOp/Dassl do; Tip-Adapter-F's code does not)
     feature_passes: int = 10  # augmented passes cached for training (0: encode images every step)
     checkpoint_every: int = 1  # epochs between checkpoints
+    sync_every: int = 50  # steps between reads of the loss and accuracy from the device (and at each epoch's end)
+    cuda_graphs: bool = False  # on one GPU, capture a method's fixed-shape training step once and replay it
 
 
 @dataclass
@@ -115,7 +118,7 @@ class RunConfig:
 
 PROTOCOL_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
 CLASS_POSITIONS = ("end", "middle", "front")
-PRECISIONS = ("fp32", "bf16", "fp16", "fp16_reference")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp16_reference")
 OPTIMIZERS = ("sgd", "adamw")
 DRAWS = ("reference", "sorted")  # few-shot draws, see promptlearn.data.fewshot
 SELECTIONS = ("validation", "none")
@@ -329,6 +332,7 @@ def config_problems(cfg: RunConfig) -> list[str]:
     need(cfg.train.warmup_epochs >= 0, f"train.warmup_epochs must be 0 or more, got {cfg.train.warmup_epochs}")
     need(cfg.train.checkpoint_every >= 1,
          f"train.checkpoint_every must be at least 1, got {cfg.train.checkpoint_every}")
+    need(cfg.train.sync_every >= 1, f"train.sync_every must be at least 1, got {cfg.train.sync_every}")
     need(cfg.data.draw in DRAWS, f"data.draw must be one of {', '.join(DRAWS)}, got {cfg.data.draw!r}")
     need(cfg.data.num_workers >= 0, f"data.num_workers must be 0 or more, got {cfg.data.num_workers}")
     need(cfg.data.eval_batch_size >= 1, f"data.eval_batch_size must be at least 1, got {cfg.data.eval_batch_size}")

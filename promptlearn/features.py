@@ -290,8 +290,11 @@ class EpochFeatures:
         split = self.epoch(epoch)
         # one host-to-device copy per epoch, not one per step
         features, labels = split.features.to(device, non_blocking=True), split.labels.to(device, non_blocking=True)
-        for idx in batch_order(len(labels), batch_size, seed, epoch, drop_last):
-            idx = idx.to(device)
+        order = batch_order(len(labels), batch_size, seed, epoch, drop_last)
+        if not order:
+            return
+        # the epoch's batch indices in one copy too: a copy per step would make every step wait for the host
+        for idx in torch.cat(order).to(device, non_blocking=True).split([len(i) for i in order]):
             yield features[idx], labels[idx]
 
 

@@ -22,6 +22,7 @@ from promptlearn.features import batch_order
 
 if TYPE_CHECKING:
     from promptlearn.features import TrainingFeatures, TrainingImages
+    from promptlearn.methods.base import Capabilities
 
 
 class StepLosses(NamedTuple):
@@ -49,6 +50,7 @@ class Trainable(Protocol):
     name: str
     device: torch.device
     backbone: object  # for autocast()
+    capabilities: "Capabilities"  # static_step: the trainer may capture the step as a CUDA graph
 
     def parameters(self) -> Iterator[torch.nn.Parameter]: ...
     def train(self, mode: bool = True) -> object: ...
@@ -60,8 +62,12 @@ class Trainable(Protocol):
     def checkpoint_meta(self) -> dict: ...
     def trainable_state(self) -> dict[str, torch.Tensor]: ...
     def restore(self, path: str | Path) -> dict: ...
+    def load_trainable_state(self, state: dict[str, torch.Tensor], source: str | Path) -> None: ...
 
 log = logging.getLogger("promptlearn")
+
+
+NOT_IN_RECIPE = ("checkpoint_every", "sync_every", "cuda_graphs")  # how a run goes, not what it computes
 
 
 class NonFiniteLoss(PromptlearnError):
@@ -92,9 +98,118 @@ def optimizer_step(method: Trainable, losses: dict[str, torch.Tensor], optimizer
                    scaler: torch.amp.GradScaler) -> None:
     optimizer.zero_grad(set_to_none=True)
     method.backward(losses, scaler.scale)  # a method may reshape its gradients (ProGrad projects them)
+    apply_gradients(method, optimizer, scaler)
+
+
+def apply_gradients(method: Trainable, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
     distributed.average_gradients(method.parameters())  # under torchrun: the global batch's gradients
     scaler.step(optimizer)
     scaler.update()
+
+
+def forward_backward(method: Trainable, x: torch.Tensor, y: torch.Tensor, weight: float, world: int,
+                     scale: Callable, cache: bool = True) -> tuple[list[str], torch.Tensor]:
+    """A step's losses and gradients (into .grad, which must be unset): the loss names and, on the
+    device, the global batch's mean of each loss and its hits (summed over the ranks under torchrun)."""
+    with method.backbone.autocast(cache):
+        logits, losses = method.training_step(x, y)
+        losses = {name: value * weight for name, value in losses.items()} if weight != 1 else losses
+    values = torch.stack([*(v.detach().float() / world for v in losses.values()),
+                          (logits.argmax(-1) == y).sum().float()])
+    method.backward(losses, scale)  # a method may reshape its gradients (ProGrad projects them)
+    return list(losses), distributed.summed(values)
+
+
+class EpochTotals:
+    """What an epoch adds up, kept on the device so that no step waits for the host: each loss summed over
+    the images, the hits, and the first step whose loss was not finite (with that loss). `read` brings
+    them to the host: every train.sync_every steps and at the epoch's end."""
+
+    def __init__(self, device: torch.device):
+        self.sums: torch.Tensor | None = None
+        self.first_bad = torch.zeros((), dtype=torch.long, device=device)  # 1-based step; 0: none yet
+        self.bad_loss = torch.zeros((), device=device)
+        self.seen = 0
+
+    def add(self, values: torch.Tensor, n: int, step: int) -> None:
+        loss = values[:-1].sum()
+        first = (self.first_bad == 0) & ~torch.isfinite(loss)
+        self.first_bad = torch.where(first, step + 1, self.first_bad)
+        self.bad_loss = torch.where(first, loss, self.bad_loss)
+        weighted = torch.cat([values[:-1] * n, values[-1:]])
+        self.sums = weighted if self.sums is None else self.sums + weighted
+        self.seen += n
+
+    def read(self) -> tuple[list[float], float, int, float]:
+        """(each loss's mean over the images so far, accuracy %, first bad step or 0, its loss)."""
+        if self.sums is None:  # no batch yet
+            return [], 0.0, 0, 0.0
+        values = torch.cat([self.sums, self.first_bad[None].float(), self.bad_loss[None]]).tolist()
+        *losses, hits, bad_step, bad_loss = values
+        seen = max(self.seen, 1)
+        return [v / seen for v in losses], 100.0 * hits / seen, int(bad_step), bad_loss
+
+
+class StepGraph:
+    """A training step's forward and backward captured once as a CUDA graph and replayed for every batch
+    of the captured shape: one launch for hundreds of kernels, with no Python between them (train.cuda_graphs).
+    Only for methods that declare a fixed-shape step with no host reads (`Capabilities.static_step`), in
+    one process. The first WARMUP steps run eagerly on a side stream, as capture requires; a step the
+    capture cannot take (a host read, a CPU tensor) turns the graph off for the run, with a warning."""
+
+    WARMUP = 2
+
+    def __init__(self, method: Trainable, world: int):
+        self.method, self.world = method, world
+        self.params = [p for p in method.parameters() if p.requires_grad]
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.shape: tuple | None = None
+        self.warmed, self.off = 0, False
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, weight: float, scale: Callable
+             ) -> tuple[list[str], torch.Tensor] | None:
+        """`forward_backward` of the batch, the gradients in .grad, or None where this batch runs eagerly
+        (another shape than the captured one, or graphs off)."""
+        if self.off or weight != 1 or (self.shape is not None and self.shape != (x.shape, y.shape)):
+            return None
+        self.shape = (x.shape, y.shape)
+        if self.graph is None and self.warmed < self.WARMUP:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for p in self.params:
+                    p.grad = None
+                self.names, values = forward_backward(self.method, x, y, 1.0, self.world, scale, cache=False)
+            torch.cuda.current_stream().wait_stream(side)
+            self.warmed += 1
+            return self.names, values
+        if self.graph is None:
+            self.capture(x, y, scale)
+            if self.off:
+                return None
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self.graph.replay()
+        for p, grad in zip(self.params, self.grads):  # an eager step in between may have replaced them
+            p.grad = grad
+        return self.names, self.values
+
+    def capture(self, x: torch.Tensor, y: torch.Tensor, scale: Callable) -> None:
+        self.x, self.y = x.clone(), y.clone()
+        for p in self.params:
+            p.grad = None  # the graph allocates the gradients it writes, and rewrites them at every replay
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                _, self.values = forward_backward(self.method, self.x, self.y, 1.0, self.world, scale, cache=False)
+        except Exception as e:  # noqa: BLE001 - any failure to capture leaves the step eager, correct as before
+            log.warning("%s: train.cuda_graphs is off for this run: its step could not be captured (%s)",
+                        self.method.name, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            self.off = True
+            for p in self.params:
+                p.grad = None
+            return
+        self.graph, self.grads = graph, [p.grad for p in self.params]
 
 
 def restore_unless_damaged(method: Trainable, checkpoint: Path) -> dict | None:
@@ -120,7 +235,7 @@ class Trainer:
 
     def recipe(self, data: "TrainingFeatures | TrainingImages") -> dict:
         """Everything that changes the result of training: resuming under another recipe is refused."""
-        settings = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "checkpoint_every"}
+        settings = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in NOT_IN_RECIPE}
         return {**settings, "epochs": self.epochs, "seed": self.seed, **data.draw}
 
     def fit(self, method: Trainable, data: "TrainingFeatures | TrainingImages", checkpoint: Path,
@@ -132,6 +247,8 @@ class Trainer:
         steps = len(batch_order(data.images, cfg.batch_size, 0, 0, cfg.drop_last)) if cfg.lr_per_step else 1
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: lr_factor(t / steps, cfg, self.epochs))
         scaler = grad_scaler(device, self.precision)
+        graph = (StepGraph(method, distributed.world_size()) if cfg.cuda_graphs and device.type == "cuda"
+                 and distributed.world_size() == 1 and method.capabilities.static_step else None)
         meta, recipe = method.checkpoint_meta(), self.recipe(data)
         start, history, seconds_before = 0, [], 0.0
         saved = restore_unless_damaged(method, checkpoint) if resume and checkpoint.is_file() else None
@@ -157,7 +274,8 @@ class Trainer:
         last_done = snapshot(start)
         try:
             for epoch in range(start, self.epochs):
-                history.append(self._epoch(method, data, optimizer, scheduler, scaler, epoch, last_done["epoch"]))
+                history.append(self._epoch(method, data, optimizer, scheduler, scaler, epoch, last_done["epoch"],
+                                           graph))
                 method.end_of_epoch(epoch + 1, self.epochs)
                 if not cfg.lr_per_step:
                     scheduler.step()
@@ -171,21 +289,36 @@ class Trainer:
             raise PromptlearnError(f"interrupted; saved the state after epoch {last_done['epoch']} to "
                                    f"{checkpoint}. Rerun with --resume to continue.") from None
         except NonFiniteLoss:
+            method.load_trainable_state(last_done["state"], checkpoint)  # no step after the bad one is kept
             save(last_done)  # the last good state, whatever checkpoint_every is
             raise
         if self.epochs == 0 or start == self.epochs:
             save(last_done)
         return {"epochs": self.epochs, "train_seconds": last_done["train_seconds"], "history": history}
 
-    def _epoch(self, method, data, optimizer, scheduler, scaler, epoch: int, checkpoint_epoch: int) -> dict:
+    def _epoch(self, method, data, optimizer, scheduler, scaler, epoch: int, checkpoint_epoch: int,
+               graph: StepGraph | None) -> dict:
         """One epoch. Under torchrun each rank takes its share of every global batch and the gradients are
-        averaged over the ranks (optimizer_step), so the ranks stay equal to one process with that batch."""
+        averaged over the ranks (apply_gradients), so the ranks stay equal to one process with that batch.
+        Losses and hits stay on the device (EpochTotals) until a read, so a GPU never waits for the host."""
         method.train()
-        world = distributed.world_size()
-        total_loss, correct, seen, parts = 0.0, 0, 0, {}
+        world, sync_every = distributed.world_size(), self.cfg.sync_every
+        totals, names = EpochTotals(method.device), []
         batches = data.batches(epoch, self.cfg.batch_size, self.seed, method.device, self.cfg.drop_last)
         bar = tqdm(batches, desc=f"{method.name} epoch {epoch + 1}/{self.epochs}", leave=False, dynamic_ncols=True,
                    disable=not distributed.is_writer())
+
+        def read() -> tuple[list[float], float]:
+            losses, accuracy, bad_step, bad_loss = totals.read()
+            if bad_step:  # the same on every rank (the values are summed over the ranks): all stop together
+                raise NonFiniteLoss(
+                    f"{method.name}: the loss became {bad_loss} at epoch {epoch + 1}, step {bad_step}; training "
+                    f"stopped and the parameters went back to the state after epoch {checkpoint_epoch}, which the "
+                    f"checkpoint keeps. Try a lower train.lr or backbone.precision=fp32.")
+            bar.set_postfix(loss=f"{sum(losses):.3f}", acc=f"{accuracy:.1f}",
+                            lr=f"{optimizer.param_groups[0]['lr']:.1e}")
+            return losses, accuracy
+
         for step, (x, y) in enumerate(bar):
             n = len(y)
             if world > 1:
@@ -194,29 +327,19 @@ class Trainer:
             # weighted so that the gradients averaged over the ranks are those of the global batch's mean loss
             # (the weight is exactly 1 in one process)
             weight = len(y) * world / n
-            with method.backbone.autocast():
-                logits, losses = method.training_step(x, y)
-                losses = {name: value * weight for name, value in losses.items()} if weight != 1 else losses
-            # the global batch's losses and hits, the same on every rank (so all stop together on a bad loss)
-            totals = distributed.summed(torch.stack([*(v.detach().float() / world for v in losses.values()),
-                                                     (logits.argmax(-1) == y).sum().float()]))
-            batch_loss, hits = totals[:-1].sum(), totals[-1]
-            if not torch.isfinite(batch_loss):
-                raise NonFiniteLoss(
-                    f"{method.name}: the loss became {batch_loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                    f"training stopped before the parameters were updated; the checkpoint keeps the state "
-                    f"after epoch {checkpoint_epoch}. Try a lower train.lr or backbone.precision=fp32.")
-            optimizer_step(method, losses, optimizer, scaler)
+            done = graph.step(x, y, weight, scaler.scale) if graph is not None else None
+            if done is None:
+                optimizer.zero_grad(set_to_none=True)
+                done = forward_backward(method, x, y, weight, world, scaler.scale)
+            names, values = done
+            apply_gradients(method, optimizer, scaler)
             if self.cfg.lr_per_step:
                 scheduler.step()
-            total_loss += batch_loss.item() * n
-            for name, value in zip(losses, totals[:-1].tolist()):
-                parts[name] = parts.get(name, 0.0) + value * n
-            correct += int(hits)
-            seen += n
-            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
-                            lr=f"{optimizer.param_groups[0]['lr']:.1e}")
+            totals.add(values, n, step)
+            if (step + 1) % sync_every == 0:
+                read()
+        losses, accuracy = read()
         method.eval()
-        parts = {name: value / max(seen, 1) for name, value in parts.items()} if len(parts) > 1 else {}
-        return {"epoch": epoch + 1, "loss": total_loss / max(seen, 1), "accuracy": 100.0 * correct / max(seen, 1),
+        parts = dict(zip(names, losses)) if len(losses) > 1 else {}
+        return {"epoch": epoch + 1, "loss": sum(losses), "accuracy": accuracy,
                 "lr": optimizer.param_groups[0]["lr"], **parts}

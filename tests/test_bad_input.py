@@ -379,9 +379,9 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_state(tmp_
     method = _coop()
     cfg = load_config([QUICKSTART], ["train.batch_size=4", f"train.checkpoint_every={checkpoint_every}"])
     checkpoint = tmp_path / "checkpoint.pt"
-    with pytest.raises(NonFiniteLoss, match=r"coop: the loss became nan at epoch 3, step 1; training stopped before "
-                                            r"the parameters were updated; the checkpoint keeps the state after epoch "
-                                            r"2\. Try a lower train\.lr"):
+    with pytest.raises(NonFiniteLoss, match=r"coop: the loss became nan at epoch 3, step 1; training stopped and the "
+                                            r"parameters went back to the state after epoch 2, which the checkpoint "
+                                            r"keeps\. Try a lower train\.lr"):
         Trainer(cfg.train, epochs=5, seed=1).fit(method, BlowsUpAtEpoch(method.backbone.embed_dim, 2), checkpoint)
     saved = load_checkpoint(checkpoint)
     assert saved["epoch"] == 2 and len(saved["history"]) == 2

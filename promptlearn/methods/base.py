@@ -40,6 +40,7 @@ class Capabilities:
     decodes_prompt: bool = False  # has a learned prompt to read as words after training (after_training)
     eval_from_checkpoint: bool = False  # can be evaluated from a saved checkpoint (--eval-only)
     uses_validation: bool = False  # chooses hyper-parameters on the few-shot validation split
+    static_step: bool = False  # its training step has fixed shapes and no host reads (CUDA graphs may replay it)
 
     def describe(self) -> str:
         return ", ".join(name.replace("_", " ") for name, value in vars(self).items() if value) or "zero-shot only"

@@ -136,7 +136,7 @@ def class_chunks(n: int, chunk: int = 0) -> list[slice]:
 @register_method("coop", config=CoOpConfig)
 class CoOp(Method):
     capabilities = Capabilities(learns=True, trains=True, unseen_classes=True, decodes_prompt=True,
-                                eval_from_checkpoint=True)
+                                eval_from_checkpoint=True, static_step=True)
     force_class_specific: bool | None = None
 
     @classmethod

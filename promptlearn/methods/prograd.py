@@ -44,13 +44,12 @@ def distillation(logits: torch.Tensor, teacher: torch.Tensor, temperature: float
 
 
 def project_conflict(grad: torch.Tensor, guide: torch.Tensor, lambda_: float) -> torch.Tensor:
-    """`grad` without (lambda times) its component against `guide` when the two conflict."""
+    """`grad` without (lambda times) its component against `guide` when the two conflict (a zero guide
+    removes nothing). Decided on the device: a training step never waits for the host."""
     norm = torch.linalg.vector_norm(guide)
-    if norm == 0:
-        return grad
-    unit = guide / norm
+    unit = guide / torch.where(norm == 0, 1.0, norm)
     dot = torch.dot(grad.flatten(), unit.flatten())
-    return grad - lambda_ * dot * unit if dot < 0 else grad
+    return grad - torch.where(dot < 0, lambda_ * dot, 0.0) * unit
 
 
 @register_method("prograd", config=ProGradConfig)
