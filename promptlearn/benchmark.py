@@ -77,6 +77,7 @@ class BenchmarkSpec:
     logit_images: int = 8
     reference: bool = True  # False: measure promptlearn alone (a class count the reference cannot afford)
     class_names: str = "synthetic"  # synthetic (two-word names) | imagenet (CLIP's ImageNet names, first N)
+    cuda_graphs: bool = True  # promptlearn's step replayed as a CUDA graph on a GPU (train.cuda_graphs)
     quick: bool = False
 
     def quick_mode(self) -> "BenchmarkSpec":
@@ -156,7 +157,7 @@ def run_config(spec: BenchmarkSpec, reference: bool) -> RunConfig:
         cfg.coop.truncate_prompts = cfg.coop.share_prefix = False
         cfg.coop.class_chunk = 0
     else:
-        cfg.coop.class_chunk = spec.class_chunk
+        cfg.coop.class_chunk, cfg.train.cuda_graphs = spec.class_chunk, spec.cuda_graphs
     validate(cfg)
     return cfg
 
@@ -290,6 +291,7 @@ def measure_promptlearn(spec: BenchmarkSpec, classnames: list[str], items: list[
     return {"precision": backbone.precision, "prompt_length": method.prompts.token_ids.shape[1],
             "shared_prefix_length": method.prompts.prefix_length if method.share_prefix else 0,
             "class_chunk": spec.class_chunk, "feature_passes": spec.feature_passes,
+            "cuda_graphs": spec.cuda_graphs and device.type == "cuda",
             "time_per_step_s": step_s, "measured_steps": spec.promptlearn_steps,
             "feature_batch_size": batch, "feature_extraction_s_per_image": per_image_s,
             "feature_extraction_s": features_s,

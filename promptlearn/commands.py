@@ -5,6 +5,7 @@
     promptlearn inspect    a learned prompt read as its nearest vocabulary tokens
     promptlearn benchmark  speed and memory beside a loop faithful to the original code
     promptlearn benchmark-methods  CoCoOp, KgCoOp, ProGrad, CLAP, LP++: step time and memory by class count
+    promptlearn benchmark-full-run  a whole ImageNet-sized CoOp run on synthetic images, timed end to end
     promptlearn list       methods | datasets | protocols | models
 
 tools/*.py are shims onto these subcommands.
@@ -12,6 +13,7 @@ tools/*.py are shims onto these subcommands.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -148,6 +150,8 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
                         help="few measured steps: under a minute for RN50 on 2 CPU cores")
     parser.add_argument("--no-reference", dest="reference", action="store_false",
                         help="measure promptlearn alone (for class counts the reference loop cannot afford)")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="run promptlearn's steps eagerly on a GPU (train.cuda_graphs=false)")
     parser.add_argument("--output", default="output/benchmark.json", help="where the JSON goes")
 
 
@@ -155,7 +159,8 @@ def benchmark(args: argparse.Namespace) -> int:
     from promptlearn.benchmark import BenchmarkSpec, run_benchmark
     from promptlearn.io import atomic_write_json
 
-    spec = BenchmarkSpec(reference=args.reference, **{k: getattr(args, k) for k in BENCHMARK_HELP})
+    spec = BenchmarkSpec(reference=args.reference, cuda_graphs=args.cuda_graphs,
+                         **{k: getattr(args, k) for k in BENCHMARK_HELP})
     if min(spec.classes, spec.shots, spec.reference_steps, spec.promptlearn_steps, spec.feature_sample) < 1:
         raise ConfigError("--classes, --shots, --*-steps and --feature-sample must be at least 1")
     result = run_benchmark(spec.quick_mode() if args.quick else spec, log=lambda m: print(m, file=sys.stderr))
@@ -278,6 +283,51 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def add_full_run_arguments(parser: argparse.ArgumentParser) -> None:
+    from promptlearn.full_run import FullRunSpec
+
+    spec = FullRunSpec()
+    parser.add_argument("--model", default=spec.model, help="open_clip model name")
+    parser.add_argument("--pretrained", default=spec.pretrained, help="open_clip tag, checkpoint path or none")
+    for name, help_text in (("classes", "ImageNet classes (the first N real names)"),
+                            ("shots", "training images per class"),
+                            ("train_per_class", "images per class folder of the training split"),
+                            ("test_per_class", "images per class folder of the test split"),
+                            ("num_workers", "image-loading workers (default: one per CPU core but one)"),
+                            ("epochs", "epochs (default: the protocol's, 50)")):
+        default = getattr(spec, name)
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=default,
+                            help=help_text + (f" (default: {default})" if default is not None else ""))
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="run every step eagerly (train.cuda_graphs=false)")
+    parser.add_argument("--beside", help="a `promptlearn benchmark` JSON of the same class count, for the "
+                                         "reference loop's figures")
+    parser.add_argument("--work-dir", help="where the dataset and the run go (default: a temporary folder)")
+    parser.add_argument("--output", default="output/benchmark-full-run.json", help="where the JSON goes")
+
+
+def full_run(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from promptlearn.full_run import FullRunSpec, run_full
+    from promptlearn.io import atomic_write_json
+
+    spec = FullRunSpec(model=args.model, pretrained=args.pretrained, classes=args.classes, shots=args.shots,
+                       train_per_class=args.train_per_class, test_per_class=args.test_per_class,
+                       num_workers=args.num_workers, cuda_graphs=args.cuda_graphs, epochs=args.epochs)
+    if spec.train_per_class < spec.shots + 1:
+        raise ConfigError(f"--train-per-class must exceed --shots ({spec.shots}): validation is drawn from the rest")
+    beside = json.loads(Path(args.beside).read_text()) if args.beside else None
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
+        result = run_full(spec, Path(work), beside)
+    atomic_write_json(args.output, result)
+    print(f"{result['device']}; {spec.model}, {spec.classes} ImageNet classes, {spec.shots} shots, "
+          f"{result['epochs']} epochs, {result['total_steps']} steps: the whole run took {result['run_wall_s']:.0f} s "
+          f"({result['time_per_step_s'] * 1e3:.2f} ms per training step)")
+    print(f"wrote {args.output}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry
 
 COMMANDS = {
@@ -289,6 +339,8 @@ COMMANDS = {
     "benchmark-methods": Command("CoCoOp, KgCoOp, ProGrad, CLAP, LP++: step time and memory at several class "
                                  "counts beside the original computation", add_methods_benchmark_arguments,
                                  methods_benchmark),
+    "benchmark-full-run": Command("a whole ImageNet-sized CoOp run on synthetic images, timed end to end",
+                                  add_full_run_arguments, full_run),
     "list": Command("list methods, datasets, protocols or models", add_list_arguments, listing),
 }
 

@@ -46,3 +46,26 @@ def test_spec_extrapolates_the_protocol_run():
     assert BenchmarkSpec(classes=10, shots=16).run_epochs == 200
     assert len(set(class_names(1200))) == 1200
     assert benchmark_class_names("imagenet", 3) == ["tench", "goldfish", "great white shark"]
+
+
+def test_the_full_run_benchmark_runs_coop_on_an_imagenet_layout_with_the_real_names(tmp_path):
+    """`promptlearn benchmark-full-run` end to end on a tiny backbone: the dataset it writes is read by the
+    ImageNet reader with CLIP's class names, the run trains every step of its epochs, and the JSON sets
+    it beside a benchmark JSON's reference figures."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    from promptlearn.full_run import FullRunSpec, run_full, write_imagenet_layout
+
+    spec = FullRunSpec(model="tiny-clip", classes=8, shots=4, train_per_class=5, test_per_class=1, unique_images=4,
+                       num_workers=0, epochs=3)
+    write_imagenet_layout(tmp_path / "layout", spec)
+    listing = (tmp_path / "layout" / "imagenet" / "classnames.txt").read_text().splitlines()
+    assert [line.split(" ", 1)[1] for line in listing] == list(IMAGENET_CLASSNAMES[:8])
+    assert len(list((tmp_path / "layout" / "imagenet" / "images" / "train").glob("*/*.JPEG"))) == 40
+
+    beside = {"reference": {"time_per_step_s": 2.0, "full_run_s": 1e4}, "max_logit_diff": 1e-6}
+    result = run_full(spec, tmp_path / "work", beside)
+    assert (result["classes"], result["class_names"], result["epochs"]) == (8, "imagenet", 3)
+    assert result["total_steps"] == 3  # 32 training images: one batch of 32 per epoch
+    assert result["run_info"]["environment"]["precision"] == "fp32" and result["run_wall_s"] > 0
+    assert result["speedup"] == 1e4 / result["run_wall_s"] and result["max_logit_diff"] == 1e-6

@@ -70,10 +70,10 @@ def test_two_gloo_processes_learn_what_one_process_learns(one_process, tmp_path)
 def test_run_interrupted_in_one_process_resumes_on_two(one_process, tmp_path, monkeypatch, one_thread):
     real_epoch = Trainer._epoch
 
-    def stop_at_epoch_two(self, method, model, data, optimizer, scaler, epoch, checkpoint_epoch):
+    def stop_at_epoch_two(self, method, data, optimizer, scheduler, scaler, epoch, *rest):
         if epoch == 2:
             raise KeyboardInterrupt
-        return real_epoch(self, method, model, data, optimizer, scaler, epoch, checkpoint_epoch)
+        return real_epoch(self, method, data, optimizer, scheduler, scaler, epoch, *rest)
 
     monkeypatch.setattr(Trainer, "_epoch", stop_at_epoch_two)
     with pytest.raises(PromptlearnError, match="interrupted; saved the state after epoch 2"):
