@@ -58,25 +58,26 @@ def extract_features(backbone: FrozenCLIP, items: list[Item], transform, *, batc
             raise DataError(bad[0].message)
         skipped.extend(bad)
         if images is not None:
+            # features stay on the device: a copy to the host per batch would wait for each batch's encoding
             if encode is None:  # the frozen backbone: keep each feature's norm (Tip-Adapter's raw-feature keys)
-                raw = backbone.encode_images(images, normalize=False).cpu()
+                raw = backbone.encode_images(images, normalize=False)
                 features.append(torch.nn.functional.normalize(raw, dim=-1))
                 norms.append(raw.norm(dim=-1))
             else:
-                features.append(encode(images).cpu())
+                features.append(encode(images))
                 norms.append(features[-1].norm(dim=-1))
             indices.append(batch_indices)
     if skipped:
         log.warning("%s: skipped %d unreadable images (data.skip_bad_images=true), e.g. %s",
                     desc, len(skipped), skipped[0].message)
-    if share:  # every rank's part, put back in the items' order
-        parts = [part for part in distributed.gathered(list(zip(features, norms, indices))) if part]
-        features, norms, indices = ([row[j] for part in parts for row in part] for j in range(3))
-    if not features:
+    part = (torch.cat(features).cpu(), torch.cat(norms).cpu(), torch.cat(indices)) if features else None
+    parts = [p for p in (distributed.gathered(part) if share else [part]) if p is not None]
+    if not parts:
         raise DataError(f"{desc}: none of the {len(items)} images could be read")
-    kept, order = torch.cat(indices).sort()
-    return SplitFeatures(torch.cat(features)[order], torch.tensor([items[i].label for i in kept.tolist()]),
-                         [items[i].path for i in kept.tolist()], torch.cat(norms)[order])
+    features, norms, indices = (torch.cat([p[j] for p in parts]) for j in range(3))  # every rank's part
+    kept, order = indices.sort()  # in the items' order
+    return SplitFeatures(features[order], torch.tensor([items[i].label for i in kept.tolist()]),
+                         [items[i].path for i in kept.tolist()], norms[order])
 
 
 STALE_TEMP_SECONDS = 24 * 3600  # a cache temp file untouched this long belongs to a killed extraction
