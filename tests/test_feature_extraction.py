@@ -1,17 +1,47 @@
-"""Feature extraction at the data pipeline's limit: convolutional towers run channels_last on a GPU only,
-so the CPU's features stay as they were; GPU features (channels_last, bf16 autocast, pinned batches,
-collected on the device) match the CPU's fp32 features."""
+"""Feature extraction at the data pipeline's limit: run_info.json records the images the frozen backbone
+encoded (per split, apart from those read from the feature cache) and how fast; convolutional towers run
+channels_last on a GPU only, so the CPU's features stay as they were; GPU features (channels_last, bf16
+autocast, pinned batches, collected on the device) match the CPU's fp32 features."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
-from helpers import SAMPLE, tiny_backbone
+from helpers import SAMPLE, quick_config, tiny_backbone
 
 from promptlearn.backbone import image_memory_format, load_backbone
 from promptlearn.config import BackboneConfig
+from promptlearn.data import build_dataset
 from promptlearn.data.base import Item
 from promptlearn.data.transforms import eval_transform
 from promptlearn.features import extract_features
+from promptlearn.runner import run_experiment
+
+# two augmented training passes, both used; three methods read the test features
+RUN = ["methods=[zeroshot, linear_probe, coop]", "train.augment=true", "train.feature_passes=2", "train.epochs=2"]
+
+
+def test_run_info_records_the_images_encoded_and_those_read_from_the_cache(tmp_path, one_thread):
+    cfg = quick_config(tmp_path, *RUN)
+    run_experiment(cfg)
+    draw = json.loads((tmp_path / "run" / "fewshot" / "shot_16-seed_1.json").read_text())
+    train, val, test = len(draw["train"]), len(draw["val"]), len(build_dataset(cfg.data).test)
+    first = json.loads((tmp_path / "run" / "run_info.json").read_text())["feature_extraction"]
+    # linear_probe: plain train and val; coop: the passes; the first method evaluated: test
+    encoded = {"train": train, "train passes": 2 * train, "val": val, "test": test}
+    assert first["encoded_by_split"] == encoded and first["images_encoded"] == sum(encoded.values())
+    assert first["from_cache_by_split"] == {"test": 2 * test}  # the other two methods' test features
+    assert first["images_from_cache"] == 2 * test
+    assert first["seconds"] > 0 and first["images_per_second"] > 0
+    assert first["num_workers"] == cfg.data.num_workers and first["batch_size"] == cfg.data.eval_batch_size
+
+    run_experiment(quick_config(tmp_path, *RUN, f"output_dir={tmp_path / 'again'}"))  # the same cache
+    again = json.loads((tmp_path / "again" / "run_info.json").read_text())["feature_extraction"]
+    assert again["images_encoded"] == 0 and again["encoded_by_split"] == {}
+    assert again["seconds"] == 0 and again["images_per_second"] is None
+    assert again["from_cache_by_split"] == {**encoded, "test": 3 * test}
+    assert again["images_from_cache"] == first["images_encoded"] + first["images_from_cache"]
 
 
 @pytest.mark.parametrize("model, convolutional", [("tiny-rn-clip", True), ("tiny-timm-convnet-clip", True),
