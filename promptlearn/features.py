@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -58,25 +59,26 @@ def extract_features(backbone: FrozenCLIP, items: list[Item], transform, *, batc
             raise DataError(bad[0].message)
         skipped.extend(bad)
         if images is not None:
+            # features stay on the device: a copy to the host per batch would wait for each batch's encoding
             if encode is None:  # the frozen backbone: keep each feature's norm (Tip-Adapter's raw-feature keys)
-                raw = backbone.encode_images(images, normalize=False).cpu()
+                raw = backbone.encode_images(images, normalize=False)
                 features.append(torch.nn.functional.normalize(raw, dim=-1))
                 norms.append(raw.norm(dim=-1))
             else:
-                features.append(encode(images).cpu())
+                features.append(encode(images))
                 norms.append(features[-1].norm(dim=-1))
             indices.append(batch_indices)
     if skipped:
         log.warning("%s: skipped %d unreadable images (data.skip_bad_images=true), e.g. %s",
                     desc, len(skipped), skipped[0].message)
-    if share:  # every rank's part, put back in the items' order
-        parts = [part for part in distributed.gathered(list(zip(features, norms, indices))) if part]
-        features, norms, indices = ([row[j] for part in parts for row in part] for j in range(3))
-    if not features:
+    part = (torch.cat(features).cpu(), torch.cat(norms).cpu(), torch.cat(indices)) if features else None
+    parts = [p for p in (distributed.gathered(part) if share else [part]) if p is not None]
+    if not parts:
         raise DataError(f"{desc}: none of the {len(items)} images could be read")
-    kept, order = torch.cat(indices).sort()
-    return SplitFeatures(torch.cat(features)[order], torch.tensor([items[i].label for i in kept.tolist()]),
-                         [items[i].path for i in kept.tolist()], torch.cat(norms)[order])
+    features, norms, indices = (torch.cat([p[j] for p in parts]) for j in range(3))  # every rank's part
+    kept, order = indices.sort()  # in the items' order
+    return SplitFeatures(features[order], torch.tensor([items[i].label for i in kept.tolist()]),
+                         [items[i].path for i in kept.tolist()], norms[order])
 
 
 STALE_TEMP_SECONDS = 24 * 3600  # a cache temp file untouched this long belongs to a killed extraction
@@ -215,32 +217,56 @@ class FeatureBank:
         self.batch_size, self.num_workers, self.skip_bad, self.seed = batch_size, num_workers, skip_bad, seed
         self._passes: dict[tuple[int, tuple], SplitFeatures] = {}  # (pass, crop scale) -> features
         self.extract_seconds = 0.0  # wall-clock spent encoding images (cache misses), for the run's phase times
+        # images per split ("train", "train passes", "val", "test"), for run_info.json's images per second
+        self.images_encoded: Counter[str] = Counter()
+        self.images_from_cache: Counter[str] = Counter()
 
-    def _features(self, items: list[Item], transform, aug_seed, desc: str, cached: bool = True) -> SplitFeatures:
+    def _features(self, items: list[Item], transform, aug_seed, desc: str, split: str,
+                  cached: bool = True) -> SplitFeatures:
+        encoded = False
+
         def compute() -> SplitFeatures:
+            nonlocal encoded
             began = time.perf_counter()
             try:
-                return extract_features(self.backbone, items, transform, batch_size=self.batch_size,
-                                        num_workers=self.num_workers, skip_bad=self.skip_bad,
-                                        aug_seed=aug_seed, desc=desc, shared=not cached)
+                result = extract_features(self.backbone, items, transform, batch_size=self.batch_size,
+                                          num_workers=self.num_workers, skip_bad=self.skip_bad,
+                                          aug_seed=aug_seed, desc=desc, shared=not cached)
             finally:
                 self.extract_seconds += time.perf_counter() - began
+            encoded = True
+            self.images_encoded[split] += len(result)
+            return result
         if not cached:  # images streamed afresh each epoch (under torchrun, every rank encodes its share)
             return compute()
-        return self.cache.get_or_compute(self.cache.key(self.backbone, items, transform, aug_seed, self.skip_bad),
-                                         compute)
+        result = self.cache.get_or_compute(self.cache.key(self.backbone, items, transform, aug_seed, self.skip_bad),
+                                           compute)
+        if not encoded:
+            self.images_from_cache[split] += len(result)
+        return result
+
+    def extraction_record(self) -> dict:
+        """Feature extraction in run_info.json: the images the frozen backbone encoded and those read from the
+        feature cache (in all and per split), the seconds spent encoding, the rate, and the loader's settings."""
+        encoded = sum(self.images_encoded.values())
+        return {"images_encoded": encoded, "images_from_cache": sum(self.images_from_cache.values()),
+                "seconds": round(self.extract_seconds, 3),
+                "images_per_second": round(encoded / self.extract_seconds, 1) if encoded else None,
+                "encoded_by_split": dict(self.images_encoded),
+                "from_cache_by_split": dict(self.images_from_cache),
+                "num_workers": self.num_workers, "batch_size": self.batch_size}
 
     @cached_property
     def train(self) -> SplitFeatures:
-        return self._features(self.fewshot.train, eval_transform(self.backbone), None, "train features")
+        return self._features(self.fewshot.train, eval_transform(self.backbone), None, "train features", "train")
 
     @cached_property
     def val(self) -> SplitFeatures:
-        return self._features(self.fewshot.val, eval_transform(self.backbone), None, "val features")
+        return self._features(self.fewshot.val, eval_transform(self.backbone), None, "val features", "val")
 
     @cached_property
     def test(self) -> SplitFeatures:
-        return self._features(self.dataset.test, eval_transform(self.backbone), None, "test features")
+        return self._features(self.dataset.test, eval_transform(self.backbone), None, "test features", "test")
 
     def test_of(self, dataset: DatasetSplits | None = None,
                 encode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SplitFeatures:
@@ -248,7 +274,8 @@ class FeatureBank:
         the same backbone and cache. `encode`: a method's own image encoder (prompted or adapted), never cached."""
         dataset = dataset or self.dataset
         if encode is None:
-            return self._features(dataset.test, eval_transform(self.backbone), None, f"{dataset.name} test features")
+            return self._features(dataset.test, eval_transform(self.backbone), None, f"{dataset.name} test features",
+                                  "test")
         return extract_features(self.backbone, dataset.test, eval_transform(self.backbone),
                                 batch_size=self.batch_size, num_workers=self.num_workers, skip_bad=self.skip_bad,
                                 desc=f"{dataset.name} test features", encode=encode)
@@ -261,11 +288,11 @@ class FeatureBank:
         transform = train_transform(self.backbone, crop_scale=crop_scale)
         if not cached:
             return self._features(self.fewshot.train, transform, (self.seed, index), f"train pass {index}",
-                                  cached=False)
+                                  "train passes", cached=False)
         key = (index, tuple(crop_scale))
         if key not in self._passes:
             self._passes[key] = self._features(self.fewshot.train, transform, (self.seed, index),
-                                               f"train pass {index}")
+                                               f"train pass {index}", "train passes")
         return self._passes[key]
 
 

@@ -1,5 +1,6 @@
 """What every run folder records beside its results (run_info.json): the environment (promptlearn, torch,
-open_clip and Python versions, device, precision), wall-clock per phase and peak memory."""
+open_clip and Python versions, device, precision), wall-clock per phase and peak memory; the feature bank adds
+what it encoded and how fast (FeatureBank.extraction_record)."""
 from __future__ import annotations
 
 import platform

@@ -92,24 +92,26 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
                 reports.append(extra.report)
             metrics[name] = result
             atomic_write_json(out / "metrics.json", metrics)
-            atomic_write_json(info_file, run_info(cfg, backbone, clock))
+            atomic_write_json(info_file, run_info(cfg, backbone, clock, bank))
         if not writer:
             return {}
         table = run_table(protocol, metrics, f"{everything.name}, {cfg.data.shots} shots, seed {cfg.data.seed}, "
                                              f"{backbone.name} ({backbone.pretrained})", cfg.selection)
         atomic_write_json(out / "metrics.json", metrics)
-        atomic_write_json(info_file, run_info(cfg, backbone, clock))
+        atomic_write_json(info_file, run_info(cfg, backbone, clock, bank))
         atomic_write_text(out / "summary.md", table + "\n")                             # report
         atomic_write_json(out / COMPLETE_MARKER, {"methods": list(metrics)})
         print("\n\n".join([table, *filter(None, reports)]))
         return metrics
 
 
-def run_info(cfg: RunConfig, backbone, clock: PhaseClock) -> dict:
-    """The protocol, the environment, wall-clock per phase and peak memory (run_info.json)."""
+def run_info(cfg: RunConfig, backbone, clock: PhaseClock, bank: FeatureBank) -> dict:
+    """The protocol, the environment, wall-clock per phase, feature extraction (images encoded and read from
+    the cache, images per second) and peak memory (run_info.json)."""
     return {"protocol": cfg.protocol, "selection": cfg.selection,
             "environment": environment(backbone.device, backbone.precision),
-            "phase_seconds": clock.record(), **peak_memory(backbone.device)}
+            "phase_seconds": clock.record(), "feature_extraction": bank.extraction_record(),
+            **peak_memory(backbone.device)}
 
 
 def check_run(cfg: RunConfig, eval_only: str | None = None, resume: bool = False, overwrite: bool = False) -> None:

@@ -102,6 +102,9 @@ def collate_images(batch):
 
 
 def image_loader(dataset: ImageItems, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
+    """Batches in the items' order; on a GPU in pinned memory, so copies to the device run asynchronously.
+    Each worker keeps torch's default two batches ready: decoding, not the queue, limits a GPU's intake,
+    and a deeper queue only holds more pinned memory (a batch of 128 images at 224 px is 77 MB)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       pin_memory=device.type == "cuda", collate_fn=collate_images,
                       persistent_workers=False)
