@@ -22,19 +22,22 @@ $PY -c "import torch, open_clip; print('torch', torch.__version__, 'open_clip', 
 
 step() { echo "=== $1 ($(date +%T))"; }
 step "CUDA tests"
-timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_gpu_step.py 2>&1 | tail -15 | tee "$OUT/tests.log"
+timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_gpu_step.py tests/test_feature_extraction.py \
+  -k "cuda_graph_replay or gpu_features" 2>&1 | tail -15 | tee "$OUT/tests.log"
 
 bench() {  # classes, extra arguments
   timeout 300 $PY -m promptlearn benchmark --model "$MODEL" --classes "$1" --class-names imagenet --shots "$SHOTS" \
     --protocol imagenet --promptlearn-steps "$STEPS" --reference-steps 5 --warmup-steps 2 \
-    --output "$OUT/benchmark-$1.json" "${@:2}" 2>&1 | grep -v Warning | tail -8
+    --output "$OUT/benchmark-$1$2.json" "${@:3}" 2>&1 | grep -v Warning | tail -6
 }
-step "benchmark, $CLASSES classes"; bench "$CLASSES"
+step "benchmark, $CLASSES classes"; bench "$CLASSES" ""
 step "whole run, $CLASSES classes"
 timeout 420 $PY -m promptlearn benchmark-full-run --model "$MODEL" --classes "$CLASSES" --shots "$SHOTS" \
   --train-per-class "$TRAIN_PER_CLASS" ${EPOCHS:+--epochs "$EPOCHS"} --beside "$OUT/benchmark-$CLASSES.json" \
-  --output "$OUT/full-run-$CLASSES.json" --work-dir /tmp 2>&1 | grep -E "whole run|wrote|Error|error" | tail -5
+  --output "$OUT/full-run-$CLASSES.json" --work-dir /tmp > "$OUT/full-run.log" 2>&1
+grep -E "epoch (1|25|50)/|whole run|wrote|Error|error|cuda_graphs" "$OUT/full-run.log" | tail -8
 for n in 100 10; do
-  [ "$n" -lt "$CLASSES" ] && { step "benchmark, $n classes"; bench "$n"; }
+  [ "$n" -lt "$CLASSES" ] && { step "benchmark, $n classes"; bench "$n" ""; }
 done
+step "benchmark, $CLASSES classes, every step eager"; bench "$CLASSES" "-eager" --no-cuda-graphs --no-reference
 step done
