@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -367,22 +368,19 @@ def other_processes_share(before, after) -> float | None:
 
 
 def in_own_process(fn: Callable, *args):
-    """fn(*args) in a fresh process (spawned: safe with CUDA), so its peak memory is its own.
-    Its progress bars are off: they would interleave with the benchmark's own output."""
+    """fn(*args) in a fresh process (spawned: safe with CUDA), so its peak memory is its own. The process is
+    not a daemon, so its data loaders may start workers of their own. Its progress bars are off: they would
+    interleave with the benchmark's own output."""
     saved = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"  # read by tqdm when the child imports it
     try:
-        pool = multiprocessing.get_context("spawn").Pool(1)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(fn, *args).result()
     finally:
         if saved is None:
             del os.environ["TQDM_DISABLE"]
         else:
             os.environ["TQDM_DISABLE"] = saved
-    try:
-        return pool.apply(fn, args)
-    finally:  # a clean exit, not terminate(): the child releases what its imports allocated
-        pool.close()
-        pool.join()
 
 
 def ratio(reference: dict | None, ours: dict, key: str) -> float | None:

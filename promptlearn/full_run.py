@@ -114,11 +114,14 @@ def run_full(spec: FullRunSpec, work_dir: Path, beside: dict | None = None) -> d
               "training_s": coop["phases"]["training_seconds"],  # the steps alone: feature extraction is apart
               "time_per_step_s": coop["phases"]["training_seconds"] / max(steps, 1),
               "run_info": info, "spec": asdict(spec)}
-    if beside is not None:  # `promptlearn benchmark` at the same class count: the reference loop's figures
-        reference = beside.get("reference") or {}
-        result["reference_time_per_step_s"] = reference.get("time_per_step_s")
-        full = reference.get("full_run_s")
-        result["reference_full_run_s"] = full
-        result["speedup"] = full / wall if full else None
-        result["max_logit_diff"] = beside.get("max_logit_diff")
-    return result
+    return with_reference(result, beside) if beside is not None else result
+
+
+def with_reference(result: dict, beside: dict) -> dict:
+    """The full run's figures beside a `promptlearn benchmark` JSON of the same class count: the reference
+    loop's time per step and extrapolated run, the speed-up of the whole run over it, and the largest
+    logit difference of the two paths at the same context."""
+    reference = beside.get("reference") or {}
+    full = reference.get("full_run_s")
+    return {**result, "reference_time_per_step_s": reference.get("time_per_step_s"), "reference_full_run_s": full,
+            "speedup": full / result["run_wall_s"] if full else None, "max_logit_diff": beside.get("max_logit_diff")}

@@ -17,7 +17,7 @@ PATH_FIELDS = {"precision", "prompt_length", "time_per_step_s", "measured_steps"
 def test_quick_benchmark_writes_both_paths_and_equal_logits(tmp_path):
     out = tmp_path / "bench" / "result.json"
     run = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark.py"), "--quick", "--model", "tiny-clip",
-                          "--classes", "3", "--shots", "4", "--device", "cpu", "--class-names", "imagenet",
+                          "--classes", "3", "--shots", "4", "--device", "cpu", "--class-names", "imagenet", "--num-workers", "1",
                           "--output", str(out)],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
