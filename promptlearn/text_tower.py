@@ -147,20 +147,24 @@ class TextTower:
             states.append(head)
         return states
 
-    def encode_packed(self, rest: torch.Tensor, packing: "Packing", states: list[torch.Tensor] | None = None,
-                      prefix_of: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_packed(self, rest: torch.Tensor, packing: "Packing",
+                      states: list[torch.Tensor] | None = None) -> torch.Tensor:
         """`encode` of N prompts laid out by `packing`, each at its own length: `rest` holds the embeddings
         after the shared start [M, L-P, D] (the whole prompts when P is 0), read at `packing.source`;
-        `states` are the starts' `prefix_states` and `prefix_of` [N] says which start each prompt has
-        (None: the first). Only where `can_pack` holds (and `can_share_prefix` for a shared start)."""
-        p, width = packing.prefix, packing.slots.shape[1]
+        `states` are the starts' `prefix_states`, G starts [G, P, D] each for N prompts in G consecutive
+        runs of N / G (CoCoOp: one start per image). Only where `can_pack` holds (and `can_share_prefix`
+        for a shared start)."""
+        p, width = packing.prefix, packing.width
         cast_dtype = self.transformer.get_cast_dtype()
         columns = packing.column
-        x = rest[packing.source, columns].to(cast_dtype) + self.positional_embedding[p + columns].to(cast_dtype)
+        # index_select, not a gather with repeated indices: its backward adds each row once
+        x = rest.flatten(0, 1).index_select(0, packing.source * rest.shape[1] + columns).to(cast_dtype)
+        x = x + self.positional_embedding[p + columns].to(cast_dtype)
         mask = self.attn_mask[p:p + width, :p + width]
         for i, block in enumerate(self.transformer.resblocks):
-            x = _packed_block(block, x, packing, mask, states[i] if states else None, prefix_of)
-        return self._project(self.ln_final(x[packing.pooled]))  # a row-wise norm: on the pooled rows alone
+            x = _packed_block(block, x, packing, mask, states[i] if states else None)
+        # a row-wise norm: on the pooled rows alone
+        return self._project(self.ln_final(x.index_select(0, packing.pooled)))
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         if self.text_projection is None:
@@ -186,28 +190,33 @@ def _is_plain_block(block: torch.nn.Module) -> bool:
 
 
 def _packed_block(block: ResidualAttentionBlock, x: torch.Tensor, packing: "Packing", mask: torch.Tensor,
-                  head: torch.Tensor | None, prefix_of: torch.Tensor | None) -> torch.Tensor:
+                  head: torch.Tensor | None) -> torch.Tensor:
     """`block` on packed rows [R, D]: what it gives at each prompt's own positions run on the whole prompt.
-    Everything but attention is row-wise and runs on the R rows; attention gathers each prompt's rows into
-    the padded [N, T] slots (the padding after every real position, hidden by the causal mask) with the
-    shared start's keys and values in front, projected once per start. The arithmetic is
-    nn.MultiheadAttention's (in-projection, scaled dot product, out-projection) on the block's own weights."""
-    attn, width = block.attn, x.shape[-1]
+    Everything but attention is row-wise and runs on the R rows; attention places each prompt's rows in
+    padded [N, T] slots (the padding after every real position, hidden by the causal mask) with the
+    shared start's keys and values in front, projected once per start. Rows move between the two
+    layouts by index_copy / index_select on unique indices, whose backward is as cheap as their forward
+    (a gather that repeats one padding row has a backward that adds thousands of rows into one, serially
+    on a GPU). The arithmetic is nn.MultiheadAttention's (in-projection, scaled dot product,
+    out-projection) on the block's own weights."""
+    attn, width, n = block.attn, x.shape[-1], packing.prompts
     weight, bias = attn.in_proj_weight, attn.in_proj_bias
     qkv = F.linear(block.ln_1(x), weight, bias)
-    q, k, v = F.pad(qkv, (0, 0, 0, 1))[packing.slots].chunk(3, dim=-1)  # [N, T, D] each; row R is the padding
+    qkv = qkv.new_zeros(n * packing.width, qkv.shape[-1]).index_copy(0, packing.real, qkv)
+    q, k, v = qkv.view(n, packing.width, -1).chunk(3, dim=-1)  # [N, T, D] each
     if head is not None:
         head_k, head_v = F.linear(block.ln_1(head), weight[width:],
                                   None if bias is None else bias[width:]).chunk(2, dim=-1)
-        n = q.shape[0]
-        head_k, head_v = ((t.expand(n, -1, -1) if prefix_of is None else t[prefix_of]) for t in (head_k, head_v))
+        g = head_k.shape[0]  # one start for all prompts, or one per consecutive run of n / g prompts
+        head_k, head_v = ((t.expand(n, -1, -1) if g == 1 else t.repeat_interleave(n // g, dim=0))
+                          for t in (head_k, head_v))
         k, v = torch.cat([head_k, k], dim=1), torch.cat([head_v, v], dim=1)
 
     def split_heads(t: torch.Tensor) -> torch.Tensor:  # [N, L, D] -> [N, H, L, D/H]
         return t.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)
 
     out = F.scaled_dot_product_attention(split_heads(q), split_heads(k), split_heads(v), attn_mask=mask.to(q.dtype))
-    out = out.transpose(1, 2).flatten(2).flatten(0, 1)[packing.real]  # back to the packed rows
+    out = out.transpose(1, 2).flatten(2).flatten(0, 1).index_select(0, packing.real)  # back to the packed rows
     x = x + block.ls_1(attn.out_proj(out))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
@@ -222,10 +231,11 @@ class Packing:
 
     source: torch.Tensor  # [R] the row of the embeddings given to `encode_packed` that each packed row reads
     column: torch.Tensor  # [R] its column there (its position in the prompt minus P)
-    slots: torch.Tensor  # [N, T] each prompt's packed rows in order, then R (a zero row) as padding
-    real: torch.Tensor  # [R] each packed row's place among the N x T slots
+    real: torch.Tensor  # [R] its slot among the N x T attention slots (prompt x T + column)
     pooled: torch.Tensor  # [N] the packed row each prompt's feature is read at
-    prefix: int
+    prompts: int  # N
+    width: int  # T: the longest prompt after P
+    prefix: int  # P
 
     @classmethod
     def of(cls, lengths: torch.Tensor, pooled_positions: torch.Tensor, prefix: int = 0) -> "Packing":
@@ -234,12 +244,9 @@ class Packing:
         n, width, device = len(tails), int(tails.max()), tails.device
         columns = torch.arange(width, device=device).expand(n, width)
         inside = columns < tails[:, None]
-        rows = int(inside.sum())
-        slots = torch.full((n, width), rows, device=device)
-        slots[inside] = torch.arange(rows, device=device)
         offsets = torch.cumsum(tails, 0) - tails
-        return cls(torch.arange(n, device=device)[:, None].expand(n, width)[inside], columns[inside], slots,
-                   torch.nonzero(inside.flatten()).flatten(), offsets + pooled_positions - prefix, prefix)
+        return cls(torch.arange(n, device=device)[:, None].expand(n, width)[inside], columns[inside],
+                   torch.nonzero(inside.flatten()).flatten(), offsets + pooled_positions - prefix, n, width, prefix)
 
     @property
     def rows(self) -> int:
@@ -249,9 +256,7 @@ class Packing:
         """The same prompts `times` over (CoCoOp: the class prompts once per image), copy k reading the
         embedding rows `source + k * sources` (0: all copies read the same rows); computed on the device,
         with no copy from the host."""
-        r, (n, width) = self.rows, self.slots.shape
-        copies = torch.arange(times, device=self.slots.device)
-        slots = torch.where(self.slots < r, self.slots + r * copies[:, None, None], r * times)
-        return Packing((self.source + sources * copies[:, None]).flatten(), self.column.repeat(times),
-                       slots.flatten(0, 1), (self.real + n * width * copies[:, None]).flatten(),
-                       (self.pooled + r * copies[:, None]).flatten(), self.prefix)
+        copies = torch.arange(times, device=self.source.device)[:, None]
+        return Packing((self.source + sources * copies).flatten(), self.column.repeat(times),
+                       (self.real + self.prompts * self.width * copies).flatten(),
+                       (self.pooled + self.rows * copies).flatten(), self.prompts * times, self.width, self.prefix)

@@ -134,19 +134,20 @@ def test_packing_lays_prompts_out_without_padding():
     lengths, pooled, prefix = torch.tensor([5, 3, 6, 4]), torch.tensor([4, 2, 5, 3]), 2
     packing = Packing.of(lengths, pooled, prefix)
     tails = (lengths - prefix).tolist()
-    assert packing.rows == sum(tails) and packing.slots.shape == (4, max(tails))
-    for i, tail in enumerate(tails):  # each prompt's rows in order, then the padding row
-        rows = packing.slots[i, :tail]
+    assert packing.rows == sum(tails) and (packing.prompts, packing.width) == (4, max(tails))
+    start = 0
+    for i, tail in enumerate(tails):  # each prompt's rows in order, in its own attention slots
+        rows = torch.arange(start, start + tail)
         assert (packing.source[rows] == i).all() and packing.column[rows].tolist() == list(range(tail))
-        assert (packing.slots[i, tail:] == packing.rows).all()
-        assert packing.column[packing.pooled[i]] == pooled[i] - prefix and packing.source[packing.pooled[i]] == i
-    assert (packing.slots.flatten()[packing.real] == torch.arange(packing.rows)).all()
+        assert packing.real[rows].tolist() == [i * packing.width + j for j in range(tail)]
+        assert packing.pooled[i] == start + pooled[i] - prefix
+        start += tail
     # three copies read the same embedding rows and are laid out as three copies packed afresh
     tripled, fresh = packing.repeat(3), Packing.of(lengths.repeat(3), pooled.repeat(3), prefix)
     assert (tripled.source == fresh.source % len(lengths)).all()
     assert torch.equal(packing.repeat(3, sources=len(lengths)).source, fresh.source)  # each copy its own rows
-    for field in ("column", "slots", "real", "pooled"):
-        assert torch.equal(getattr(tripled, field), getattr(fresh, field)), field
+    for field in ("column", "real", "pooled", "prompts", "width"):
+        assert torch.equal(torch.as_tensor(getattr(tripled, field)), torch.as_tensor(getattr(fresh, field))), field
 
 
 @pytest.mark.parametrize("share_prefix", [False, True])

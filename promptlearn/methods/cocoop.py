@@ -81,8 +81,7 @@ class CoCoOp(CoOp):
             features = text.encode(embeds, ids.repeat(b, 1))
         elif self.share_prefix:
             starts, rest = self.prompts.shared_prefix(ctx)
-            prefix_of = torch.arange(b, device=ctx.device).repeat_interleave(c)
-            features = text.encode_packed(rest[classes], packing, text.prefix_states(starts), prefix_of)
+            features = text.encode_packed(rest[classes], packing, text.prefix_states(starts))  # image-major
         else:
             features = text.encode_packed(self.prompts.with_contexts(ctx, classes).flatten(0, 1), packing)
         features = F.normalize(features.float(), dim=-1).view(b, c, -1)
