@@ -236,6 +236,7 @@ def measure_reference(spec: BenchmarkSpec, classnames: list[str], items: list[It
     memory = memory_facts(backbone.device, after_load)
     flops, text_s = text_tower_work(method, reps=1)
     return {"precision": backbone.precision, "prompt_length": method.prompts.token_ids.shape[1],
+            "text_rows_per_step": method.text_rows(),
             "time_per_step_s": step_s, "measured_steps": spec.reference_steps,
             "full_run_s": total * step_s, "text_tower_flops_per_step": flops, "text_tower_s_per_step": text_s,
             **memory}
@@ -291,6 +292,7 @@ def measure_promptlearn(spec: BenchmarkSpec, classnames: list[str], items: list[
     achieved = flops / text_s / 1e12
     return {"precision": backbone.precision, "prompt_length": method.prompts.token_ids.shape[1],
             "shared_prefix_length": method.prompts.prefix_length if method.share_prefix else 0,
+            "text_rows_per_step": method.text_rows(),
             "class_chunk": spec.class_chunk, "feature_passes": spec.feature_passes,
             "cuda_graphs": spec.cuda_graphs and device.type == "cuda",
             "time_per_step_s": step_s, "measured_steps": spec.promptlearn_steps,

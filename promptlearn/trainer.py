@@ -22,7 +22,6 @@ from promptlearn.features import batch_order
 
 if TYPE_CHECKING:
     from promptlearn.features import TrainingFeatures, TrainingImages
-    from promptlearn.methods.base import Capabilities
 
 
 class StepLosses(NamedTuple):
@@ -50,7 +49,7 @@ class Trainable(Protocol):
     name: str
     device: torch.device
     backbone: object  # for autocast()
-    capabilities: "Capabilities"  # static_step: the trainer may capture the step as a CUDA graph
+    capabilities: object  # its static_step: the trainer may capture the step as a CUDA graph
 
     def parameters(self) -> Iterator[torch.nn.Parameter]: ...
     def train(self, mode: bool = True) -> object: ...

@@ -28,6 +28,7 @@ def test_quick_benchmark_writes_both_paths_and_equal_logits(tmp_path):
     reference, ours = result["reference"], result["promptlearn"]
     assert PATH_FIELDS <= reference.keys() and PATH_FIELDS <= ours.keys()
     assert reference["prompt_length"] == 77 and ours["prompt_length"] < 77 and ours["shared_prefix_length"] == 17
+    assert reference["text_rows_per_step"] == 3 * 77 and 17 + 3 * 3 <= ours["text_rows_per_step"] < 17 + 3 * 60
     for path in (reference, ours):
         assert path["time_per_step_s"] > 0 and path["peak_memory_mb"] > 0 and path["memory_kind"] == "peak RSS"
         assert path["full_run_s"] > 0

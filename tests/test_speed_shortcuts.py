@@ -163,6 +163,7 @@ def test_real_imagenet_names_run_at_their_own_lengths_with_the_plain_features(ba
     skip = method.prompts.prefix_length if share_prefix else 0
     padded_rows = len(names) * (method.prompts.token_ids.shape[1] - skip)
     assert packing.rows == int((lengths - skip).sum()) < (0.45 if share_prefix else 0.75) * padded_rows
+    assert method.text_rows() == skip + packing.rows
     sample = names[::40]  # 25 names of many lengths, punctuation included, for the gradient comparison
     plain = features_and_grad(backbone, coop_config(), sample)
     packed = features_and_grad(backbone, coop_config(truncate_prompts=True, share_prefix=share_prefix), sample)

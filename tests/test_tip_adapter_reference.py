@@ -90,14 +90,14 @@ def test_fine_tuning_steps_a_cosine_every_iteration_and_keeps_the_last_batch(tmp
     cfg, backbone, bank, trainer, classnames = reference_setup(
         tmp_path, shared_cache, "eurosat", "data.shots=16", "tip_adapter.batch_size=64", "tip_adapter.lr=0.001")
     lrs = []
-    original_step = trainer_module.optimizer_step
+    original_step = trainer_module.apply_gradients
 
     def recording_step(*args):
         optimizer = next(a for a in args if isinstance(a, torch.optim.Optimizer))
         lrs.append(optimizer.param_groups[0]["lr"])
         original_step(*args)
 
-    monkeypatch.setattr(trainer_module, "optimizer_step", recording_step)
+    monkeypatch.setattr(trainer_module, "apply_gradients", recording_step)
     tip_f = build_method("tip_adapter_f", cfg, backbone, classnames)
     info = tip_f.fit(NoTestBank(bank), trainer, tmp_path / "tip_f.pt", resume=False)
     n = len(bank.train)

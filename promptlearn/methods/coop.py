@@ -164,6 +164,13 @@ class CoOp(Method):
         skip = self.prompts.prefix_length if self.share_prefix else 0
         return self.backbone.text.packing(self.prompts.token_ids[classes], skip, self.own_lengths)
 
+    def text_rows(self) -> int:
+        """The token rows one computation of the class features pushes through the text tower."""
+        start = self.prompts.prefix_length if self.share_prefix else 0
+        ids = self.prompts.token_ids
+        return start + sum(packing.rows if packing is not None else len(ids[rows]) * ids.shape[1]
+                           for rows, packing in self.chunks)
+
     def text_features(self) -> torch.Tensor:
         """[C, D] L2-normalised class features. Prompts run packed, each through its own pooled position,
         with a shared start run once per step (`TextTower.encode_packed`); chunks of classes under
