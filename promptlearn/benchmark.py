@@ -291,7 +291,7 @@ def measure_promptlearn(spec: BenchmarkSpec, classnames: list[str], items: list[
     peak = next((tflops for name, tflops in PEAK_TFLOPS if name in device_name(device)), None)
     achieved = flops / text_s / 1e12
     return {"precision": backbone.precision, "prompt_length": method.prompts.token_ids.shape[1],
-            "shared_prefix_length": method.prompts.prefix_length if method.share_prefix else 0,
+            "shared_prefix_length": method.shared_start,
             "text_rows_per_step": method.text_rows(),
             "class_chunk": spec.class_chunk, "feature_passes": spec.feature_passes,
             "cuda_graphs": spec.cuda_graphs and device.type == "cuda",

@@ -159,16 +159,19 @@ class CoOp(Method):
         self.chunks = [(rows, self.packing(rows) if self.packed else None)
                        for rows in class_chunks(len(ids), own.class_chunk)]
 
+    @property
+    def shared_start(self) -> int:
+        """The positions every prompt shares and runs once per step (0 without a shared start)."""
+        return self.prompts.prefix_length if self.share_prefix else 0
+
     def packing(self, classes: slice) -> Packing:
         """The packing of the prompts of `classes`."""
-        skip = self.prompts.prefix_length if self.share_prefix else 0
-        return self.backbone.text.packing(self.prompts.token_ids[classes], skip, self.own_lengths)
+        return self.backbone.text.packing(self.prompts.token_ids[classes], self.shared_start, self.own_lengths)
 
     def text_rows(self) -> int:
         """The token rows one computation of the class features pushes through the text tower."""
-        start = self.prompts.prefix_length if self.share_prefix else 0
         ids = self.prompts.token_ids
-        return start + sum(packing.rows if packing is not None else len(ids[rows]) * ids.shape[1]
+        return self.shared_start + sum(packing.rows if packing is not None else len(ids[rows]) * ids.shape[1]
                            for rows, packing in self.chunks)
 
     def text_features(self) -> torch.Tensor:
