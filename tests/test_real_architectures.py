@@ -44,3 +44,15 @@ def test_every_method_runs_on_the_real_architecture(tmp_path, monkeypatch, model
             method.values = torch.nn.functional.one_hot(labels, len(CLASSNAMES)).float()
         logits = method.predict(features)
         assert logits.shape == (IMAGES, len(CLASSNAMES)) and torch.isfinite(logits).all(), (model, name)
+    # the packed prompts (own lengths, shared start) give the plain 77-token features on the real tower too
+    plain_cfg = quick_config(tmp_path, f"backbone.model={model}", "coop.n_ctx=4", "coop.ctx_init=",
+                             "coop.class_specific=false", "coop.truncate_prompts=false", "coop.share_prefix=false")
+    packed_cfg = quick_config(tmp_path, f"backbone.model={model}", "coop.n_ctx=4", "coop.ctx_init=",
+                              "coop.class_specific=false")
+    names = [*CLASSNAMES, "hot air balloon", "x"]
+    plain, packed = (build_method("coop", c, backbone, names) for c in (plain_cfg, packed_cfg))
+    with torch.no_grad():
+        packed.prompts.ctx.copy_(plain.prompts.ctx)
+        torch.testing.assert_close(packed.text_features(), plain.text_features(), rtol=1e-4, atol=1e-5)
+    if backbone.text.can_pack:
+        assert packed.packed and packed.text_rows() < plain.text_rows(), model
