@@ -216,6 +216,7 @@ class FeatureBank:
         self.backbone, self.dataset, self.fewshot, self.cache = backbone, dataset, fewshot, cache
         self.batch_size, self.num_workers, self.skip_bad, self.seed = batch_size, num_workers, skip_bad, seed
         self._passes: dict[tuple[int, tuple], SplitFeatures] = {}  # (pass, crop scale) -> features
+        self._tests: dict[tuple[Item, ...], SplitFeatures] = {}  # test items -> frozen features, read once a run
         self.extract_seconds = 0.0  # wall-clock spent encoding images (cache misses), for the run's phase times
         # images per split ("train", "train passes", "val", "test"), for run_info.json's images per second
         self.images_encoded: Counter[str] = Counter()
@@ -264,18 +265,21 @@ class FeatureBank:
     def val(self) -> SplitFeatures:
         return self._features(self.fewshot.val, eval_transform(self.backbone), None, "val features", "val")
 
-    @cached_property
+    @property
     def test(self) -> SplitFeatures:
-        return self._features(self.dataset.test, eval_transform(self.backbone), None, "test features", "test")
+        return self.test_of()
 
     def test_of(self, dataset: DatasetSplits | None = None,
                 encode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SplitFeatures:
         """The test split of `dataset` (default: the run's own; a protocol's novel classes or a target set) with
         the same backbone and cache. `encode`: a method's own image encoder (prompted or adapted), never cached."""
         dataset = dataset or self.dataset
-        if encode is None:
-            return self._features(dataset.test, eval_transform(self.backbone), None, f"{dataset.name} test features",
-                                  "test")
+        if encode is None:  # every method scoring frozen features reads them once, even with no feature cache
+            key = tuple(dataset.test)
+            if key not in self._tests:
+                self._tests[key] = self._features(dataset.test, eval_transform(self.backbone), None,
+                                                  f"{dataset.name} test features", "test")
+            return self._tests[key]
         return extract_features(self.backbone, dataset.test, eval_transform(self.backbone),
                                 batch_size=self.batch_size, num_workers=self.num_workers, skip_bad=self.skip_bad,
                                 desc=f"{dataset.name} test features", encode=encode)

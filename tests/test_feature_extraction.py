@@ -28,11 +28,10 @@ def test_run_info_records_the_images_encoded_and_those_read_from_the_cache(tmp_p
     draw = json.loads((tmp_path / "run" / "fewshot" / "shot_16-seed_1.json").read_text())
     train, val, test = len(draw["train"]), len(draw["val"]), len(build_dataset(cfg.data).test)
     first = json.loads((tmp_path / "run" / "run_info.json").read_text())["feature_extraction"]
-    # linear_probe: plain train and val; coop: the passes; the first method evaluated: test
+    # linear_probe: plain train and val; coop: the passes; test once for the three methods that score it
     encoded = {"train": train, "train passes": 2 * train, "val": val, "test": test}
     assert first["encoded_by_split"] == encoded and first["images_encoded"] == sum(encoded.values())
-    assert first["from_cache_by_split"] == {"test": 2 * test}  # the other two methods' test features
-    assert first["images_from_cache"] == 2 * test
+    assert first["from_cache_by_split"] == {} and first["images_from_cache"] == 0
     assert first["seconds"] > 0 and first["images_per_second"] > 0
     assert first["num_workers"] == cfg.data.num_workers and first["batch_size"] == cfg.data.eval_batch_size
 
@@ -40,8 +39,16 @@ def test_run_info_records_the_images_encoded_and_those_read_from_the_cache(tmp_p
     again = json.loads((tmp_path / "again" / "run_info.json").read_text())["feature_extraction"]
     assert again["images_encoded"] == 0 and again["encoded_by_split"] == {}
     assert again["seconds"] == 0 and again["images_per_second"] is None
-    assert again["from_cache_by_split"] == {**encoded, "test": 3 * test}
-    assert again["images_from_cache"] == first["images_encoded"] + first["images_from_cache"]
+    assert again["from_cache_by_split"] == encoded
+    assert again["images_from_cache"] == first["images_encoded"]
+
+
+def test_without_a_feature_cache_the_test_images_are_encoded_once_for_every_method(tmp_path, one_thread):
+    cfg = quick_config(tmp_path, *RUN, "cache_dir=none")
+    run_experiment(cfg)
+    record = json.loads((tmp_path / "run" / "run_info.json").read_text())["feature_extraction"]
+    assert record["encoded_by_split"]["test"] == len(build_dataset(cfg.data).test)
+    assert record["images_from_cache"] == 0
 
 
 @pytest.mark.parametrize("model, convolutional", [("tiny-rn-clip", True), ("tiny-timm-convnet-clip", True),
