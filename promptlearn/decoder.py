@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from promptlearn.backbone import FrozenCLIP, load_backbone
 from promptlearn.checkpoint import FORMAT, DamagedCheckpoint, is_promptlearn_checkpoint, read_weights_only, verified
 from promptlearn.config import CLASS_POSITIONS, BackboneConfig
 from promptlearn.errors import CheckpointError, ConfigError
 from promptlearn.io import atomic_write_json, atomic_write_text
+from promptlearn.progress import progress
 from promptlearn.prompts import layout_prompt
 from promptlearn.tokens import PromptTokenizer
 
@@ -59,7 +59,7 @@ def nearest_tokens(vectors: torch.Tensor, table: torch.Tensor, k: int, metric: s
     pool = min(k + RERANK_MARGIN, available)
     blocks = vectors.detach().split(ROW_BLOCK)
     all_ids, all_dist = [], []
-    for block in tqdm(blocks, desc="nearest tokens", leave=False, disable=len(blocks) < 4):
+    for block in progress(blocks, desc="nearest tokens", leave=False, disable=len(blocks) < 4):
         x = block.to(table.device, torch.float32)
         ids = _candidates(x, table, pool, metric, excluded)
         dist = _distances(x, table[ids].float(), metric)

@@ -16,7 +16,6 @@ from typing import Callable, Iterator
 import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from promptlearn import distributed
 from promptlearn.backbone import FrozenCLIP
@@ -27,6 +26,7 @@ from promptlearn.data.loader import ImageItems, collate_images, image_loader
 from promptlearn.data.transforms import DEFAULT_CROP_SCALE, eval_transform, train_transform
 from promptlearn.errors import DataError
 from promptlearn.io import TEMP_SUFFIX, atomic_write_bytes, file_creation_mode
+from promptlearn.progress import progress
 
 log = logging.getLogger("promptlearn")
 Batch = tuple[torch.Tensor, torch.Tensor]  # (features or images, labels) of one training step
@@ -54,7 +54,7 @@ def extract_features(backbone: FrozenCLIP, items: list[Item], transform, *, batc
     rows = range(distributed.rank(), len(items), distributed.world_size()) if share else None
     loader = image_loader(ImageItems(items, transform, aug_seed, rows), batch_size, num_workers, backbone.device)
     features, norms, indices, skipped = [], [], [], []
-    for images, _, batch_indices, bad in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    for images, _, batch_indices, bad in progress(loader, desc=desc, leave=False):
         if bad and not skip_bad:
             raise DataError(bad[0].message)
         skipped.extend(bad)

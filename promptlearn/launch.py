@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from promptlearn.config import RunConfig
 from promptlearn.errors import ConfigError, PromptlearnError
 from promptlearn.io import atomic_write_json
+from promptlearn.progress import progress
 from promptlearn.runner import run_experiment
 
 log = logging.getLogger("promptlearn")
@@ -181,7 +181,7 @@ def run_local(todo: list[SweepRun], options: LaunchOptions, output_dir: Path) ->
     # each run gets a fresh one-process executor: no CUDA or thread state inherited (spawn), pinned
     # to its own GPU, and a process that dies takes no other run down with it
     context = multiprocessing.get_context("spawn")
-    with tqdm(total=len(todo), desc="sweep", unit="run", dynamic_ncols=True) as bar:
+    with progress(total=len(todo), desc="sweep", unit="run") as bar:
         try:
             while queue or running:
                 while queue and free:
@@ -284,7 +284,7 @@ def submit_array(todo: list[SweepRun], options: LaunchOptions, output_dir: Path)
 def wait_for_array(todo: list[SweepRun], jobs: list) -> list[tuple[SweepRun, str]]:
     """Wait for every task; the runs whose task failed, with the error."""
     failed = []
-    for run, job in tqdm(list(zip(todo, jobs)), desc="sweep (SLURM array)", unit="run", dynamic_ncols=True):
+    for run, job in progress(list(zip(todo, jobs)), desc="sweep (SLURM array)", unit="run"):
         try:
             job.result()
         except Exception as e:  # submitit re-raises the task's error with its traceback

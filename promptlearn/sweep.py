@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from tqdm.auto import tqdm
 
 from promptlearn.cli import dataset_config
 from promptlearn.config import RunConfig, build_config, flatten_tree, load_config, parse_override, read_sources, to_dict
@@ -26,6 +25,7 @@ from promptlearn.data import build_dataset
 from promptlearn.errors import ConfigError, PromptlearnError
 from promptlearn.io import atomic_write_text
 from promptlearn.launch import LaunchOptions, execute
+from promptlearn.progress import progress
 from promptlearn.protocols import PROTOCOLS, SELECTION_TEXT, protocol_for
 from promptlearn.report import mean_std, protocol_points, protocol_summary
 from promptlearn.runner import is_complete, run_experiment
@@ -101,7 +101,7 @@ def plan_runs(sweep: SweepConfig, base: RunConfig, run_overrides: list[str]) -> 
     missing dataset stops the sweep before any long work."""
     out = Path(sweep.output_dir)
     runs, seen = [], {}
-    for entry in tqdm(sweep.datasets, desc="checking datasets", leave=False, dynamic_ncols=True):
+    for entry in progress(sweep.datasets, desc="checking datasets", leave=False):
         files, extra = dataset_config(entry)
         dataset_cfg = load_config(files, extra + list(run_overrides), base=copy.deepcopy(base))
         name = build_dataset(dataset_cfg.data).name
@@ -180,7 +180,7 @@ def run_sweep(sweep: SweepConfig, runs: list[PlannedRun], report_only: bool = Fa
 
 
 def run_serially(todo: list[PlannedRun]) -> None:
-    for run in tqdm(todo, desc="sweep", dynamic_ncols=True):
+    for run in progress(todo, desc="sweep"):
         log.info("sweep: %s, %d shots, seed %d -> %s", run.dataset, run.shots, run.seed, run.folder)
         try:
             run_experiment(run.cfg, resume=True)

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from promptlearn import distributed
 from promptlearn.checkpoint import DamagedCheckpoint, check_meta, save_checkpoint, set_aside
 from promptlearn.config import TrainConfig
 from promptlearn.errors import PromptlearnError
 from promptlearn.features import batch_order
+from promptlearn.progress import progress
 
 if TYPE_CHECKING:
     from promptlearn.features import TrainingFeatures, TrainingImages
@@ -304,8 +304,8 @@ class Trainer:
         world, sync_every = distributed.world_size(), self.cfg.sync_every
         totals, names = EpochTotals(method.device), []
         batches = data.batches(epoch, self.cfg.batch_size, self.seed, method.device, self.cfg.drop_last)
-        bar = tqdm(batches, desc=f"{method.name} epoch {epoch + 1}/{self.epochs}", leave=False, dynamic_ncols=True,
-                   disable=not distributed.is_writer())
+        bar = progress(batches, desc=f"{method.name} epoch {epoch + 1}/{self.epochs}", leave=False,
+                       disable=not distributed.is_writer())
 
         def read() -> tuple[list[float], float]:
             losses, accuracy, bad_step, bad_loss = totals.read()

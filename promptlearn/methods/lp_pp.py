@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from promptlearn.data import dataset_templates
 from promptlearn.errors import DataError
 from promptlearn.methods.base import Capabilities, Method, register_method
 from promptlearn.methods.zeroshot import text_classifier
+from promptlearn.progress import progress
 
 
 @dataclass
@@ -89,7 +89,7 @@ class LinearProbePlusPlus(Method):
         optimizer = torch.optim.SGD(self.visual.parameters(), lr=lr_visual, momentum=0.9)
         best, best_epoch, best_state = -1.0, 0, copy.deepcopy(self.state_dict())
         history = []
-        for epoch in tqdm(range(own.epochs), desc="lp_pp", leave=False, dynamic_ncols=True):
+        for epoch in progress(range(own.epochs), desc="lp_pp", leave=False):
             self.train()
             loss = F.cross_entropy(self(x), y)
             optimizer.zero_grad()

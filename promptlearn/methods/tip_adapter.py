@@ -19,12 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from promptlearn.errors import ConfigError, DataError
 from promptlearn.features import SplitFeatures, TrainingFeatures
 from promptlearn.methods.base import Capabilities, register_method
 from promptlearn.methods.zeroshot import ZeroShot
+from promptlearn.progress import progress
 
 PROTOCOLS = ("promptlearn", "reference")
 
@@ -205,7 +205,7 @@ class TipAdapter(ZeroShot):
         x, y = val.features.to(self.device), val.labels.to(self.device)
         zero_shot, affinity = super().forward(x), x @ self.keys.t()
         best_correct, best_alpha, best_beta = -1, 0.0, 0.0
-        for beta in tqdm(betas, desc=f"{self.name} alpha/beta search", leave=False, dynamic_ncols=True):
+        for beta in progress(betas, desc=f"{self.name} alpha/beta search", leave=False):
             logits = zero_shot + alphas[:, None, None] * cache_logits(affinity, self.values, beta)
             correct = (logits.argmax(-1) == y).sum(-1)  # per alpha
             i = int(correct.argmax())
