@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from filelock import FileLock
@@ -29,7 +29,14 @@ from promptlearn.io import TEMP_SUFFIX, atomic_write_bytes, file_creation_mode
 from promptlearn.progress import progress
 
 log = logging.getLogger("promptlearn")
-Batch = tuple[torch.Tensor, torch.Tensor]  # (features or images, labels) of one training step
+
+
+class Batch(NamedTuple):
+    """This process's share of one training step's global batch (all of it in one process)."""
+
+    inputs: torch.Tensor  # features or images
+    labels: torch.Tensor
+    size: int  # the images of the global batch: every rank's shares together
 
 
 @dataclass
@@ -315,9 +322,15 @@ class EpochFeatures:
     def epoch(self, epoch: int) -> SplitFeatures:
         raise NotImplementedError
 
+    @property
+    def images(self) -> int:
+        """Training images per epoch."""
+        return len(self.epoch(0).labels)
+
     def batches(self, epoch: int, batch_size: int, seed: int, device: torch.device,
                 drop_last: bool = True) -> Iterator[Batch]:
-        """(features, labels) batches of epoch `epoch`, on `device`, in the order `batch_order` gives."""
+        """Batches of epoch `epoch` on `device`, in the order `batch_order` gives; under torchrun this rank's
+        share of each."""
         split = self.epoch(epoch)
         # one host-to-device copy per epoch, not one per step
         features, labels = split.features.to(device, non_blocking=True), split.labels.to(device, non_blocking=True)
@@ -326,7 +339,8 @@ class EpochFeatures:
             return
         # the epoch's batch indices in one copy too: a copy per step would make every step wait for the host
         for idx in torch.cat(order).to(device, non_blocking=True).split([len(i) for i in order]):
-            yield features[idx], labels[idx]
+            own = distributed.local_share(idx)
+            yield Batch(features[own], labels[own], len(idx))
 
 
 class TrainingFeatures(EpochFeatures):
@@ -383,11 +397,18 @@ class TrainingImages:
         bank = self.bank
         items = ImageItems(bank.fewshot.train, train_transform(bank.backbone, self.augment),
                            (bank.seed, epoch) if self.augment else None)
-        order = [idx.tolist() for idx in batch_order(len(items), batch_size, seed, epoch, drop_last)]
-        loader = DataLoader(items, batch_sampler=order, num_workers=bank.num_workers,
+        order = batch_order(len(items), batch_size, seed, epoch, drop_last)
+        # under torchrun each rank decodes only its share of every global batch
+        shares = [distributed.local_share(idx).tolist() for idx in order]
+        loader = DataLoader(items, batch_sampler=shares, num_workers=bank.num_workers,
                             pin_memory=device.type == "cuda", collate_fn=collate_images)
-        for images, labels, _, bad in loader:
+        for (images, labels, _, bad), idx in zip(loader, order):
             if bad and not bank.skip_bad:
                 raise DataError(bad[0].message)
+            size = len(idx) - len(bad)
+            if distributed.world_size() > 1 and bank.skip_bad:
+                # the ranks agree on the images that loaded, and skip together a step some rank has none of
+                counts = distributed.summed(torch.tensor([len(bad), images is None], device=device)).tolist()
+                size, images = len(idx) - counts[0], None if counts[1] else images
             if images is not None:
-                yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                yield Batch(images.to(device, non_blocking=True), labels.to(device, non_blocking=True), size)

@@ -242,12 +242,18 @@ class Trainer:
         cfg, device = self.cfg, method.device
         params = [p for p in method.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, cfg)
-        # the scheduler counts epochs, or steps with train.lr_per_step
-        steps = len(batch_order(data.images, cfg.batch_size, 0, 0, cfg.drop_last)) if cfg.lr_per_step else 1
+        world, sizes = distributed.world_size(), [len(b) for b in batch_order(data.images, cfg.batch_size, 0, 0,
+                                                                              cfg.drop_last)]
+        if min(sizes, default=world) < world:  # a rank with no images would leave the others waiting
+            raise PromptlearnError(
+                f"{method.name}: a global batch of {min(sizes)} images cannot be shared by {world} processes; "
+                f"under torchrun use a batch size of at least {world} (train.batch_size, or the method's own, "
+                f"such as cocoop.batch_size) and keep train.drop_last=true")
+        steps = len(sizes) if cfg.lr_per_step else 1  # the scheduler counts epochs, or steps (train.lr_per_step)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: lr_factor(t / steps, cfg, self.epochs))
         scaler = grad_scaler(device, self.precision)
-        graph = (StepGraph(method, distributed.world_size()) if cfg.cuda_graphs and device.type == "cuda"
-                 and distributed.world_size() == 1 and method.capabilities.static_step else None)
+        graph = (StepGraph(method, world) if cfg.cuda_graphs and device.type == "cuda" and world == 1
+                 and method.capabilities.static_step else None)
         meta, recipe = method.checkpoint_meta(), self.recipe(data)
         start, history, seconds_before = 0, [], 0.0
         saved = restore_unless_damaged(method, checkpoint) if resume and checkpoint.is_file() else None
@@ -318,11 +324,7 @@ class Trainer:
                             lr=f"{optimizer.param_groups[0]['lr']:.1e}")
             return losses, accuracy
 
-        for step, (x, y) in enumerate(bar):
-            n = len(y)
-            if world > 1:
-                rows = distributed.local_share(torch.arange(n, device=y.device))
-                x, y = x[rows], y[rows]
+        for step, (x, y, n) in enumerate(bar):  # this rank's share of a global batch of n images
             # weighted so that the gradients averaged over the ranks are those of the global batch's mean loss
             # (the weight is exactly 1 in one process)
             weight = len(y) * world / n

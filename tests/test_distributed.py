@@ -119,3 +119,65 @@ def test_streamed_images_are_encoded_once_across_the_ranks(tmp_path, one_thread)
     for part in parts:  # and both got every image, in order, with its own augmentation
         assert part["paths"] == alone.paths
         torch.testing.assert_close(part["features"], alone.features, rtol=1e-5, atol=1e-6)
+
+
+def streamed_batches(rank: int, world: int, store: str, items: list, result: str) -> None:
+    """Rank `rank`'s batches of TrainingImages for two epochs (world 1: the whole run in one process)."""
+    from promptlearn.data.base import DatasetSplits
+    from promptlearn.data.fewshot import FewShotSplit
+    from promptlearn.features import FeatureBank, FeatureCache, TrainingImages
+
+    if world > 1:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    dataset = DatasetSplits("sample", [str(i) for i in range(len(items))], train=items)
+    bank = FeatureBank(tiny_backbone(), dataset, FewShotSplit("sample", 1, 1, items, []), cache=FeatureCache(None),
+                       batch_size=4, num_workers=0, skip_bad=True, seed=1)
+    data = TrainingImages(bank, augment=True)
+    batches = [(b.inputs, b.labels, b.size) for epoch in (0, 1)
+               for b in data.batches(epoch, 5, seed=1, device=torch.device("cpu"))]
+    torch.save(batches, f"{result}.{rank}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def test_streamed_training_images_are_decoded_once_across_the_ranks(tmp_path, one_thread):
+    """Methods that learn inside the image encoder stream their images: each rank loads only its share of
+    every global batch (the ranks' shares together are the one-process batch), and with data.skip_bad_images the
+    ranks agree on the global batch's size when an image does not load."""
+    images = sorted((REPO / "datasets" / "fashion_mnist_sample").rglob("*.png"))[:14]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    paths = [str(p) for p in images[:6]] + [str(broken)] + [str(p) for p in images[6:]]
+    items = [Item(path, label, str(label)) for label, path in enumerate(paths)]  # the label names the image
+    streamed_batches(0, 1, "", items, str(tmp_path / "alone"))
+    torch.multiprocessing.spawn(streamed_batches, args=(2, str(tmp_path / "store"), items, str(tmp_path / "part")),
+                                nprocs=2)
+    alone = torch.load(tmp_path / "alone.0", weights_only=True)
+    parts = [torch.load(tmp_path / f"part.{rank}", weights_only=True) for rank in (0, 1)]
+    assert len(alone) == len(parts[0]) == len(parts[1]) == 2 * (len(items) // 5)
+    skipped = 0
+    for (x, y, size), (x0, y0, size0), (x1, y1, size1) in zip(alone, *parts):
+        assert len(y0) + len(y1) == len(y) == size == size0 == size1  # shares, one global size
+        assert len(y0) <= 3 and len(y1) <= 3  # never the whole batch of 5
+        assert sorted(torch.cat([y0, y1]).tolist()) == sorted(y.tolist())
+        for label, image in zip(torch.cat([y0, y1]), torch.cat([x0, x1])):  # the same crop of the same image
+            torch.testing.assert_close(image, x[(y == label).nonzero()[0, 0]])
+        skipped += size < 5
+    assert skipped == 2  # the broken image, once per epoch
+
+
+def test_a_global_batch_smaller_than_the_processes_is_refused(tmp_path, monkeypatch):
+    from promptlearn import distributed
+    from promptlearn.methods import build_method
+
+    cfg = quick_config(tmp_path, "methods=[cocoop]")
+    method = build_method("cocoop", cfg, tiny_backbone(), ["a", "b"])
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+
+    class FiveImages:
+        images, draw = 5, {}
+
+    trainer = Trainer(cfg.train, epochs=1, seed=1)
+    trainer.cfg.batch_size = 1  # CoCoOp's own batch
+    with pytest.raises(PromptlearnError, match="a global batch of 1 images cannot be shared by 2 processes"):
+        trainer.fit(method, FiveImages(), tmp_path / "checkpoint.pt")
