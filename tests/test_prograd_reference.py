@@ -12,7 +12,7 @@ are the published ones, restated as numbers and rules.
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import quick_config, tiny_backbone
+from helpers import REPO, quick_config, tiny_backbone
 
 from promptlearn.config import load_config
 from promptlearn.data import build_dataset
@@ -168,3 +168,8 @@ def test_config_validation(tmp_path):
             quick_config(tmp_path, "prograd.protocol=reference", override)
     with pytest.raises(ConfigError, match="did you mean 'prograd.protocol'"):
         quick_config(tmp_path, "prograd.protocl=reference")
+
+
+def test_shipped_reference_config_loads():
+    cfg = load_config([REPO / "configs" / "coop" / "rn50.yaml", REPO / "configs" / "baselines" / "prograd_reference.yaml"])
+    assert cfg.prograd.protocol == "reference" and cfg.methods == ["zeroshot", "prograd"]
