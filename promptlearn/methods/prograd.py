@@ -65,6 +65,11 @@ def context_phrase(template: str) -> str:
     return template.replace(" {}.", "")
 
 
+def word_count(phrase: str) -> int:
+    """W: the published code counts the phrase's space-separated words, not its tokens."""
+    return len(phrase.split(" "))
+
+
 def reference_template(cfg) -> str | None:
     """The published template of the run's dataset under prograd.protocol=reference (None otherwise);
     refused for a dataset without one, or a context shorter than its words."""
@@ -78,7 +83,7 @@ def reference_template(cfg) -> str | None:
             f"data.name={cfg.data.name}; use prograd.protocol=promptlearn (data.template and prograd.ctx_init "
             "give your own prompt)")
     phrase, n_ctx = context_phrase(template), own.n_ctx or DEFAULT_N_CTX
-    words = len(phrase.split(" "))
+    words = word_count(phrase)
     if n_ctx < words:
         raise ConfigError(f"prograd.n_ctx={n_ctx} is fewer than the {words} words of {phrase!r}, which start the "
                           f"context on {cfg.data.name} under prograd.protocol=reference; set it to {words} or more "
@@ -89,7 +94,7 @@ def reference_template(cfg) -> str | None:
 def zero_padded_context(backbone, phrase: str, n_ctx: int) -> ContextStart:
     """The published start: n_ctx vectors, zeros then the embeddings of the phrase's first W tokens, W its
     number of words; the phrase's tokens past W stay fixed words before the class name."""
-    words = len(phrase.split(" "))
+    words = word_count(phrase)
     ids = placeholder_ids(backbone, n_ctx - words) + backbone.tokenizer.encode(phrase)
     vectors = token_vectors(backbone, ids[:n_ctx])
     vectors[:n_ctx - words] = 0
