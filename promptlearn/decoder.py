@@ -271,8 +271,9 @@ def _quoted(text: str) -> str:
 
 def decode_context(ctx: torch.Tensor, backbone: FrozenCLIP, classnames: list[str] | None = None,
                    class_position: str = "end", topk: int = 3, metric: str = "euclidean",
-                   source: str = "context", warnings: list[str] = ()) -> DecodedPrompt:
-    """Decode a context [M, D] (unified) or [C, M, D] (class-specific, one per class name)."""
+                   source: str = "context", warnings: list[str] = (), fixed_ids: list[int] = ()) -> DecodedPrompt:
+    """Decode a context [M, D] (unified) or [C, M, D] (class-specific, one per class name); `fixed_ids` are
+    the prompt's words between the context and the class name (ProGrad's published prompts)."""
     if ctx.dim() not in (2, 3):
         raise CheckpointError(f"{source}: a context is [M, D] or [classes, M, D], got shape {tuple(ctx.shape)}")
     if class_position not in CLASS_POSITIONS:
@@ -299,7 +300,8 @@ def decode_context(ctx: torch.Tensor, backbone: FrozenCLIP, classnames: list[str
         decoded.append(DecodedContext(
             classname=name, ids=row_ids, distances=row_dist,
             texts=[[tok.token_text(t) for t in position] for position in row_ids],
-            context=text_of(tok, nearest), prompt=prompt_text(tok, nearest, name or UNIFIED_CLASS, class_position)))
+            context=text_of(tok, nearest),
+            prompt=prompt_text(tok, nearest + list(fixed_ids), name or UNIFIED_CLASS, class_position)))
     return DecodedPrompt(source=source, model=backbone.name, pretrained=backbone.pretrained, metric=metric,
                          topk=len(ids[0][0]), class_position=class_position, class_specific=class_specific,
                          n_ctx=n_ctx, vocabulary_size=len(table) - len(excluded),
@@ -317,10 +319,10 @@ def _check_width(ctx: torch.Tensor, backbone: FrozenCLIP, source: str) -> None:
 
 def decode_method(method, topk: int = 3, metric: str = "euclidean", source: str | None = None) -> DecodedPrompt:
     """Decode the current context of a prompt method (anything with `prompts.ctx`, `prompts.position`,
-    `backbone` and `classnames`, such as CoOp)."""
+    `prompts.fixed_ids`, `backbone` and `classnames`, such as CoOp)."""
     prompts = method.prompts
     return decode_context(prompts.ctx, method.backbone, method.classnames, prompts.position, topk, metric,
-                          source or f"{method.name} context")
+                          source or f"{method.name} context", fixed_ids=prompts.fixed_ids)
 
 
 def save_decoded_prompt(method, folder: str | Path, topk: int = 3) -> DecodedPrompt:

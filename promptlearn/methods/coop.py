@@ -49,48 +49,69 @@ class CoOpConfig:
         return found
 
 
-def context_length_and_init(backbone: FrozenCLIP, cfg: CoOpConfig) -> tuple[int, list[int] | None]:
-    """M and the phrase's token ids (None for random init)."""
+@dataclass(frozen=True)
+class ContextStart:
+    """Where the context sits in every prompt and what it starts from."""
+
+    n_ctx: int
+    ids: list[int]  # the tokens between the start token and the class name: the context's n_ctx, then any fixed
+    # ones (laid out with the class at the end only)
+    vectors: Optional[torch.Tensor] = None  # [n_ctx, width] starting values; None: random normal, std 0.02
+
+
+def placeholder_ids(backbone: FrozenCLIP, n: int) -> list[int]:
+    return backbone.tokenizer.encode("X") * n  # any ordinary token: the context replaces it
+
+
+def token_vectors(backbone: FrozenCLIP, ids: list[int]) -> torch.Tensor:
+    """[len(ids), width] fp32 token embeddings."""
+    with torch.no_grad():
+        return backbone.text.embed(torch.tensor(ids, device=backbone.device)).float()
+
+
+def context_from_config(backbone: FrozenCLIP, cfg: CoOpConfig) -> ContextStart:
+    """The phrase's tokens, each starting from its embedding; without a phrase, M random vectors."""
     if not cfg.ctx_init.strip():
-        return cfg.n_ctx or DEFAULT_N_CTX, None
+        n_ctx = cfg.n_ctx or DEFAULT_N_CTX
+        return ContextStart(n_ctx, placeholder_ids(backbone, n_ctx))
     ids = backbone.tokenizer.encode(cfg.ctx_init)
     if not ids:
         raise ConfigError(f"{cfg.section}.ctx_init {cfg.ctx_init!r} has no tokens; give a phrase or leave it empty")
     if cfg.n_ctx is not None and cfg.n_ctx != len(ids):
         raise ConfigError(f"{cfg.section}.n_ctx={cfg.n_ctx} conflicts with {cfg.section}.ctx_init {cfg.ctx_init!r}, "
                           f"which is {len(ids)} tokens; drop n_ctx or set it to {len(ids)}")
-    return len(ids), ids
+    return ContextStart(len(ids), ids, token_vectors(backbone, ids))
 
 
 class PromptLearner(nn.Module):
     """The learnable context and the frozen embeddings of everything else in the prompts."""
 
-    def __init__(self, backbone: FrozenCLIP, classnames: list[str], cfg: CoOpConfig, class_specific: bool):
+    def __init__(self, backbone: FrozenCLIP, classnames: list[str], cfg: CoOpConfig, class_specific: bool,
+                 start: ContextStart):
         super().__init__()
         tok, tower = backbone.tokenizer, backbone.text
-        n_ctx, init_ids = context_length_and_init(backbone, cfg)
+        n_ctx = start.n_ctx
         self.n_ctx, self.class_specific, self.position = n_ctx, class_specific, cfg.class_position
+        self.fixed_ids = start.ids[n_ctx:]  # tokens between the context and the class name, kept as words
         n_cls = len(classnames)
         with torch.no_grad():
-            if init_ids is not None:  # every class starts from the phrase, class-specific or not
-                ctx = tower.embed(torch.tensor(init_ids, device=backbone.device)).float()
-                ctx = ctx.expand(n_cls, -1, -1).clone() if class_specific else ctx.clone()
+            if start.vectors is not None:  # every class starts from the same vectors, class-specific or not
+                ctx = start.vectors.expand(n_cls, -1, -1).clone() if class_specific else start.vectors.clone()
             else:
                 shape = (n_cls, n_ctx, tower.width) if class_specific else (n_ctx, tower.width)
                 ctx = torch.empty(shape, device=backbone.device).normal_(std=RANDOM_CTX_STD)
         self.ctx = nn.Parameter(ctx.to(backbone.parameter_dtype))
 
-        placeholder = init_ids or tok.encode("X") * n_ctx  # any ordinary token: it is replaced
         rows, positions = [], []
         for name in classnames:
-            ids, pos = layout_prompt(tok, placeholder, name, cfg.class_position)
+            ids, pos = layout_prompt(tok, start.ids, name, cfg.class_position)
             if len(ids) > tower.context_length:
                 raise PromptlearnError(
                     f"the prompt for class {name!r} is {len(ids)} tokens ({n_ctx} of them context), more than the "
                     f"text tower's context length {tower.context_length}; shorten the class name, or the context "
                     f"(a shorter {cfg.section}.ctx_init phrase or a smaller {cfg.section}.n_ctx)")
             rows.append(ids)
-            positions.append(pos)
+            positions.append(pos[:n_ctx])  # fixed ids after the context keep their own embeddings
         length = max(map(len, rows)) if cfg.truncate_prompts and tower.can_truncate else tower.context_length
         token_ids = padded_ids(rows, length, tok.pad_id).to(backbone.device)
         self.register_buffer("token_ids", token_ids, persistent=False)
@@ -150,7 +171,7 @@ class CoOp(Method):
         super().__init__(cfg, backbone, classnames)
         self.own = own = getattr(cfg, self.section)  # coop, or the section of a method built on CoOp
         specific = own.class_specific if self.force_class_specific is None else self.force_class_specific
-        self.prompts = PromptLearner(backbone, classnames, own, specific)
+        self.prompts = PromptLearner(backbone, classnames, own, specific, self.context_start())
         text, ids, prefix = backbone.text, self.prompts.token_ids, self.prompts.prefix_length
         self.share_prefix = own.share_prefix and prefix is not None and text.can_share_prefix(ids, prefix)
         self.own_lengths = own.truncate_prompts and text.can_truncate
@@ -158,6 +179,10 @@ class CoOp(Method):
         self.packed = text.can_pack and (self.own_lengths or self.share_prefix)
         self.chunks = [(rows, self.packing(rows) if self.packed else None)
                        for rows in class_chunks(len(ids), own.class_chunk)]
+
+    def context_start(self) -> ContextStart:
+        """Hook: where the context sits and what it starts from (CoOp: <section>.ctx_init or n_ctx)."""
+        return context_from_config(self.backbone, self.own)
 
     @property
     def shared_start(self) -> int:

@@ -5,6 +5,11 @@ Per parameter, with g the cross-entropy gradient and k the distillation gradient
 g <- g - lambda (g . k^) k^ with k^ = k / |k|; otherwise g is kept. The distillation loss is
 T^2 * mean_i sum_c -softmax(z_i / T)_c log softmax(s_i / T)_c (z: zero-shot logits, s: the prompt's).
 Defaults are the authors': lambda 1, T 1, CoOp's recipe (SGD lr 0.002, batch 32, the protocol's epochs).
+
+prograd.protocol=reference follows the published code's prompts: the zero-shot teacher uses its
+per-dataset template, and the context (n_ctx, 16 when unset) starts as zeros followed by the embeddings
+of the template's first W tokens before the class, W its number of words; where a word splits into more
+tokens ("pet," is "pet" ","), the tokens left over stay fixed words between the context and the class.
 """
 from __future__ import annotations
 
@@ -15,16 +20,29 @@ import torch
 import torch.nn.functional as F
 
 from promptlearn.data import dataset_templates
+from promptlearn.errors import ConfigError
 from promptlearn.methods.base import register_method
-from promptlearn.methods.coop import CoOp, CoOpConfig
+from promptlearn.methods.coop import DEFAULT_N_CTX, ContextStart, CoOp, CoOpConfig, placeholder_ids, token_vectors
 from promptlearn.methods.zeroshot import text_classifier
 from promptlearn.trainer import StepLosses
+
+PROTOCOLS = ("promptlearn", "reference")
+# The published code's hand-crafted prompt per dataset: the zero-shot teacher's template, whose words
+# before the class also start the context under protocol=reference
+REFERENCE_TEMPLATES = {
+    "oxford_pets": "a type of pet, a photo of a {}.", "oxford_flowers": "a type of flower, a photo of a {}.",
+    "fgvc_aircraft": "a type of aircraft, a photo of a {}.", "dtd": "a texture of {}.",
+    "eurosat": "a centered satellite photo of {}.", "stanford_cars": "a photo of a {}.",
+    "food101": "a type of food, a photo of {}.", "sun397": "a photo of a {}.", "caltech101": "a photo of a {}.",
+    "ucf101": "a photo of a person doing {}.", "imagenet": "a photo of a {}.", "imagenet_sketch": "a photo of a {}.",
+    "imagenet_v2": "a photo of a {}.", "imagenet_a": "a photo of a {}.", "imagenet_r": "a photo of a {}."}
 
 
 @dataclass
 class ProGradConfig(CoOpConfig):
     section: ClassVar[str] = "prograd"
-    ctx_init: str = "a photo of a"
+    protocol: str = "promptlearn"  # promptlearn | reference (the published code's per-dataset prompts and context)
+    ctx_init: str = "a photo of a"  # not read under protocol=reference
     projection: float = 1.0  # lambda: the share of the conflicting component removed (1: all of it)
     temperature: float = 1.0  # of the distillation towards zero-shot CLIP
 
@@ -34,7 +52,53 @@ class ProGradConfig(CoOpConfig):
             found.append(f"prograd.projection must be in [0, 1], got {self.projection}")
         if self.temperature <= 0:
             found.append(f"prograd.temperature must be positive, got {self.temperature}")
+        if self.protocol not in PROTOCOLS:
+            found.append(f"prograd.protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        elif self.protocol == "reference" and (self.class_specific or self.class_position != "end"):
+            found.append("prograd.protocol=reference lays out the published prompt, one context with the class "
+                         "at the end; drop prograd.class_specific and prograd.class_position")
         return found
+
+
+def context_phrase(template: str) -> str:
+    """The template's words before the class."""
+    return template.replace(" {}.", "")
+
+
+def word_count(phrase: str) -> int:
+    """W: the published code counts the phrase's space-separated words, not its tokens."""
+    return len(phrase.split(" "))
+
+
+def reference_template(cfg) -> str | None:
+    """The published template of the run's dataset under prograd.protocol=reference (None otherwise);
+    refused for a dataset without one, or a context shorter than its words."""
+    own = cfg.prograd
+    if own.protocol != "reference":
+        return None
+    template = REFERENCE_TEMPLATES.get(cfg.data.name)
+    if template is None:
+        raise ConfigError(
+            f"prograd.protocol=reference knows the published prompts of {', '.join(REFERENCE_TEMPLATES)} only, not "
+            f"data.name={cfg.data.name}; use prograd.protocol=promptlearn (data.template and prograd.ctx_init "
+            "give your own prompt)")
+    phrase, n_ctx = context_phrase(template), own.n_ctx or DEFAULT_N_CTX
+    words = word_count(phrase)
+    if n_ctx < words:
+        raise ConfigError(f"prograd.n_ctx={n_ctx} is fewer than the {words} words of {phrase!r}, which start the "
+                          f"context on {cfg.data.name} under prograd.protocol=reference; set it to {words} or more "
+                          f"(the published code uses {DEFAULT_N_CTX})")
+    return template
+
+
+def zero_padded_context(backbone, phrase: str, n_ctx: int) -> ContextStart:
+    """The published start: n_ctx vectors, zeros then the embeddings of the phrase's first W tokens, W its
+    number of words; the phrase's tokens past W stay fixed words before the class name."""
+    words = word_count(phrase)
+    ids = placeholder_ids(backbone, n_ctx - words) + backbone.tokenizer.encode(phrase)
+    vectors = token_vectors(backbone, ids[:n_ctx])
+    vectors[:n_ctx - words] = 0
+    return ContextStart(n_ctx, ids, vectors)
 
 
 def distillation(logits: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -55,10 +119,21 @@ def project_conflict(grad: torch.Tensor, guide: torch.Tensor, lambda_: float) ->
 @register_method("prograd", config=ProGradConfig)
 class ProGrad(CoOp):  # CoOp's capabilities
 
+    @classmethod
+    def capabilities_for(cls, cfg):
+        reference_template(cfg)  # a reference protocol it cannot follow stops here, before anything loads
+        return super().capabilities_for(cfg)
+
     def __init__(self, cfg, backbone, classnames):
+        self.template = reference_template(cfg)  # before CoOp's __init__, whose context_start reads it
         super().__init__(cfg, backbone, classnames)
-        self.register_buffer("zero_shot", text_classifier(backbone, classnames, dataset_templates(cfg.data)),
-                             persistent=False)
+        templates = [self.template] if self.template else dataset_templates(cfg.data)
+        self.register_buffer("zero_shot", text_classifier(backbone, classnames, templates), persistent=False)
+
+    def context_start(self) -> ContextStart:
+        if self.template is None:
+            return super().context_start()
+        return zero_padded_context(self.backbone, context_phrase(self.template), self.own.n_ctx or DEFAULT_N_CTX)
 
     def training_step(self, image_features, labels) -> StepLosses:
         logits = self(image_features).float()
@@ -75,4 +150,5 @@ class ProGrad(CoOp):  # CoOp's capabilities
             p.grad = project_conflict(p.grad, guide, self.own.projection)
 
     def checkpoint_meta(self) -> dict:
-        return {**super().checkpoint_meta(), "projection": self.own.projection, "temperature": self.own.temperature}
+        return {**super().checkpoint_meta(), "projection": self.own.projection, "temperature": self.own.temperature,
+                "protocol": self.own.protocol}
