@@ -146,6 +146,8 @@ def test_training_moves_the_zero_vectors_and_the_decoded_prompt_keeps_the_fixed_
     assert info["history"][-1]["loss"] < info["history"][0]["loss"]
     assert method.prompts.ctx[:8].detach().abs().sum() > 0
     assert method.checkpoint_meta()["protocol"] == "reference"
+    cfg.prograd.protocol = "promptlearn"  # the default is not named: checkpoints from before the option load
+    assert "protocol" not in build_method("prograd", cfg, backbone, dataset.classnames).checkpoint_meta()
 
 
 def test_a_dataset_without_published_prompts_is_refused(tmp_path):

@@ -150,5 +150,6 @@ class ProGrad(CoOp):  # CoOp's capabilities
             p.grad = project_conflict(p.grad, guide, self.own.projection)
 
     def checkpoint_meta(self) -> dict:
-        return {**super().checkpoint_meta(), "projection": self.own.projection, "temperature": self.own.temperature,
-                "protocol": self.own.protocol}
+        meta = {**super().checkpoint_meta(), "projection": self.own.projection, "temperature": self.own.temperature}
+        # named only when not the default, so checkpoints written before the option still load
+        return meta if self.own.protocol == "promptlearn" else {**meta, "protocol": self.own.protocol}
