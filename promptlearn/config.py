@@ -80,6 +80,8 @@ class TrainConfig:
     augment: bool = True  # random resized crop + flip on training images
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop's area range
     lr_per_step: bool = False  # step the schedule every iteration, not every epoch (Tip-Adapter-F's code)
+    min_lr: float = 0.0  # where the cosine ends (CLIP-LoRA's code: 1e-6)
+    max_steps: Optional[int] = None  # stop after this many optimizer steps, mid-epoch if need be; None: epochs decide
     drop_last: bool = True  # drop an epoch's last short batch (CoOp/Dassl do; Tip-Adapter-F's code does not)
     feature_passes: int = 10  # augmented passes cached for training (0: encode images every step)
     checkpoint_every: int = 1  # epochs between checkpoints
@@ -349,6 +351,10 @@ def config_problems(cfg: RunConfig) -> list[str]:
     need(cfg.selection in SELECTIONS,
          f"selection must be one of {', '.join(SELECTIONS)}, got {cfg.selection!r}")
     need(cfg.train.eps > 0, f"train.eps must be positive, got {cfg.train.eps}")
+    need(0 <= cfg.train.min_lr <= cfg.train.lr,
+         f"train.min_lr must be 0 or more and at most train.lr ({cfg.train.lr}), got {cfg.train.min_lr}")
+    need(cfg.train.max_steps is None or cfg.train.max_steps >= 1,
+         f"train.max_steps must be at least 1 (or unset), got {cfg.train.max_steps}")
     scale = cfg.train.crop_scale
     need(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
          f"train.crop_scale must be [low, high] with 0 < low <= high <= 1, got {scale}")

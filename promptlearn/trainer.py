@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import math
 import time
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple, Protocol
 
@@ -73,13 +74,17 @@ class NonFiniteLoss(PromptlearnError):
     pass
 
 
-def lr_factor(epoch: float, cfg: TrainConfig, epochs: int) -> float:
-    """CoOp's schedule: constant warm-up lr for the first epochs, then cosine over all epochs. With
-    train.lr_per_step, `epoch` is fractional (step / steps per epoch): with no warm-up that is
-    CosineAnnealingLR over epochs x steps stepped every iteration, as Tip-Adapter-F's code does."""
+def lr_factor(epoch: float, cfg: TrainConfig, epochs: float) -> float:
+    """CoOp's schedule: constant warm-up lr for the first epochs, then cosine over all epochs, from train.lr
+    down to train.min_lr. With train.lr_per_step, `epoch` is fractional (step / steps per epoch): with no
+    warm-up that is CosineAnnealingLR(T_max = epochs x steps, eta_min = min_lr) stepped every iteration, as
+    Tip-Adapter-F's and CLIP-LoRA's code do. `epochs` is fractional where train.max_steps ends training
+    mid-epoch, so that the cosine reaches min_lr at the last step."""
     if epoch < cfg.warmup_epochs:
         return cfg.warmup_lr / cfg.lr
-    return 0.5 * (1.0 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / max(epochs, 1)))
+    floor = cfg.min_lr / cfg.lr
+    share = (epoch - cfg.warmup_epochs) / epochs if epochs else 0.0  # of the cosine run so far
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * share))
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -249,8 +254,11 @@ class Trainer:
                 f"{method.name}: a global batch of {min(sizes)} images cannot be shared by {world} processes; "
                 f"under torchrun use a batch size of at least {world} (train.batch_size, or the method's own, "
                 f"such as cocoop.batch_size) and keep train.drop_last=true")
-        steps = len(sizes) if cfg.lr_per_step else 1  # the scheduler counts epochs, or steps (train.lr_per_step)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: lr_factor(t / steps, cfg, self.epochs))
+        steps = len(sizes)  # per epoch: counted by the scheduler with train.lr_per_step, spent by train.max_steps
+        length = self.epochs if cfg.max_steps is None else min(self.epochs, cfg.max_steps / max(steps, 1))
+        epochs = math.ceil(length)  # the last one cut short where train.max_steps ends training mid-epoch
+        per_step = max(steps, 1) if cfg.lr_per_step else 1
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: lr_factor(t / per_step, cfg, length))
         scaler = grad_scaler(device, self.precision)
         graph = (StepGraph(method, world) if cfg.cuda_graphs and device.type == "cuda" and world == 1
                  and method.capabilities.static_step else None)
@@ -267,7 +275,7 @@ class Trainer:
         began = time.perf_counter()
 
         def snapshot(epoch: int) -> dict:
-            return {"method": method.name, "meta": meta, "recipe": recipe, "epoch": epoch, "epochs": self.epochs,
+            return {"method": method.name, "meta": meta, "recipe": recipe, "epoch": epoch, "epochs": epochs,
                     "state": method.trainable_state(), "optimizer": copy.deepcopy(optimizer.state_dict()),
                     "scheduler": scheduler.state_dict(), "history": list(history),
                     "train_seconds": seconds_before + time.perf_counter() - began}
@@ -278,16 +286,17 @@ class Trainer:
 
         last_done = snapshot(start)
         try:
-            for epoch in range(start, self.epochs):
-                history.append(self._epoch(method, data, optimizer, scheduler, scaler, epoch, last_done["epoch"],
-                                           graph))
-                method.end_of_epoch(epoch + 1, self.epochs)
+            for epoch in range(start, epochs):
+                steps_left = None if cfg.max_steps is None else cfg.max_steps - epoch * steps
+                history.append(self._epoch(method, data, optimizer, scheduler, scaler, epoch, epochs, steps_left,
+                                           last_done["epoch"], graph))
+                method.end_of_epoch(epoch + 1, epochs)
                 if not cfg.lr_per_step:
                     scheduler.step()
                 last_done = snapshot(epoch + 1)
                 log.info("%s epoch %d/%d: loss %.4f, train accuracy %.2f%%, lr %.2e", method.name, epoch + 1,
-                         self.epochs, history[-1]["loss"], history[-1]["accuracy"], history[-1]["lr"])
-                if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == self.epochs:
+                         epochs, history[-1]["loss"], history[-1]["accuracy"], history[-1]["lr"])
+                if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == epochs:
                     save(last_done)
         except KeyboardInterrupt:
             save(last_done)
@@ -297,20 +306,22 @@ class Trainer:
             method.load_trainable_state(last_done["state"], checkpoint)  # no step after the bad one is kept
             save(last_done)  # the last good state, whatever checkpoint_every is
             raise
-        if self.epochs == 0 or start == self.epochs:
+        if epochs == 0 or start == epochs:
             save(last_done)
-        return {"epochs": self.epochs, "train_seconds": last_done["train_seconds"], "history": history}
+        return {"epochs": epochs, "train_seconds": last_done["train_seconds"], "history": history}
 
-    def _epoch(self, method, data, optimizer, scheduler, scaler, epoch: int, checkpoint_epoch: int,
-               graph: StepGraph | None) -> dict:
-        """One epoch. Under torchrun each rank takes its share of every global batch and the gradients are
-        averaged over the ranks (apply_gradients), so the ranks stay equal to one process with that batch.
-        Losses and hits stay on the device (EpochTotals) until a read, so a GPU never waits for the host."""
+    def _epoch(self, method, data, optimizer, scheduler, scaler, epoch: int, epochs: int, steps_left: int | None,
+               checkpoint_epoch: int, graph: StepGraph | None) -> dict:
+        """One epoch, ended after `steps_left` steps if that comes first (train.max_steps). Under torchrun each
+        rank takes its share of every global batch and the gradients are averaged over the ranks
+        (apply_gradients), so the ranks stay equal to one process with that batch. Losses and hits stay on the
+        device (EpochTotals) until a read, so a GPU never waits for the host."""
         method.train()
         world, sync_every = distributed.world_size(), self.cfg.sync_every
         totals, names = EpochTotals(method.device), []
-        batches = data.batches(epoch, self.cfg.batch_size, self.seed, method.device, self.cfg.drop_last)
-        bar = progress(batches, desc=f"{method.name} epoch {epoch + 1}/{self.epochs}", leave=False,
+        batches = islice(data.batches(epoch, self.cfg.batch_size, self.seed, method.device, self.cfg.drop_last),
+                         steps_left)
+        bar = progress(batches, desc=f"{method.name} epoch {epoch + 1}/{epochs}", leave=False,
                        disable=not distributed.is_writer())
 
         def read() -> tuple[list[float], float]:

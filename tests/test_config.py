@@ -33,6 +33,11 @@ def test_unknown_key_suggests_nearest(tmp_path):
     ("data.template=a photo", "must contain {}"),
     ("data.template={}{x}", "exactly one {} and no other braces"),
     ("train.lr=fast", "train.lr must be a number"),
+    ("train.min_lr=-1e-6", r"train.min_lr must be 0 or more and at most train.lr \(0.002\), got -1e-06"),
+    ("train.min_lr=0.01", r"train.min_lr must be 0 or more and at most train.lr \(0.002\), got 0.01"),
+    ("train.max_steps=0", "train.max_steps must be at least 1"),
+    ("train.max_steps=1.5", "train.max_steps must be an integer"),
+    ("clip_lora.protocol=original", "clip_lora.protocol must be one of promptlearn, reference, got 'original'"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -4,6 +4,10 @@ The published recipe, one for every dataset and shot count: rank 2 on q, k and v
 both towers, scaling alpha / sqrt(rank) with alpha 1, dropout 0.25 on the adapters' input, AdamW
 (lr 2e-4, weight decay 0.01), batch 32, 500 x shots iterations; the classifier is the adapted text
 encoder's features of the dataset's first template. The adapters live in promptlearn.lora.
+
+clip_lora.protocol=reference follows the published training loop otherwise: the cosine stepped every
+iteration down to 1e-6, training stopped after exactly 500 x shots iterations (mid-epoch), the last short
+batch kept, and "a photo of a {}." for every dataset.
 """
 from __future__ import annotations
 
@@ -23,10 +27,14 @@ from promptlearn.lora import PROJECTIONS, LoRAAttention, adaptable_blocks, attac
 from promptlearn.methods.base import ImageMethod, register_method
 
 ENCODERS = ("both", "vision", "text")
+PROTOCOLS = ("promptlearn", "reference")
+REFERENCE_MIN_LR = 1e-6  # the published code's eta_min
+REFERENCE_TEMPLATE = "a photo of a {}."  # the published code's template for every dataset
 
 
 @dataclass
 class ClipLoraConfig:
+    protocol: str = "promptlearn"  # promptlearn | reference (the published code's schedule, step count, template)
     rank: int = 2
     alpha: float = 1.0
     dropout: float = 0.25
@@ -46,6 +54,8 @@ class ClipLoraConfig:
             found.append(f"clip_lora.dropout must be in [0, 1), got {self.dropout}")
         if not self.projections or set(self.projections) - set(PROJECTIONS):
             found.append(f"clip_lora.projections must be letters of qkvo, got {self.projections!r}")
+        if self.protocol not in PROTOCOLS:
+            found.append(f"clip_lora.protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         if self.encoder not in ENCODERS:
             found.append(f"clip_lora.encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
         if self.lr <= 0:
@@ -81,12 +91,19 @@ class ClipLora(ImageMethod):
                 self.adapters[tower] = nn.ModuleList([LoRAAttention(b.attn, own.projections, own.rank, own.alpha,
                                                                     own.dropout) for b in blocks])
         self.adapters.to(backbone.device)
-        template = dataset_templates(cfg.data)[0]
+        template = self.template()
         self.register_buffer("token_ids", backbone.tokenizer([template.format(c) for c in classnames]),
                              persistent=False)
         if "text" not in self.adapters:
             with torch.no_grad():
                 self.register_buffer("frozen_text", self.text_features(), persistent=False)
+
+    def template(self) -> str:
+        """The dataset's first template; under the reference "a photo of a {}.", unless data.template(s) is set."""
+        data = self.cfg.data
+        if self.own.protocol == "reference" and data.template is None and not data.templates:
+            return REFERENCE_TEMPLATE
+        return dataset_templates(data)[0]
 
     def _adapted(self, tower: str):
         return attached(self.blocks.get(tower, []), self.adapters[tower] if tower in self.adapters else [])
@@ -107,12 +124,19 @@ class ClipLora(ImageMethod):
         return F.normalize(checkpointed(run, self.token_ids, enabled=self.own.grad_checkpointing).float(), dim=-1)
 
     def fit(self, bank, trainer, checkpoint, resume) -> dict:
+        """AdamW with a cosine and no warm-up for iterations_per_shot x shots iterations: as many epochs as
+        that takes, the cosine stepped per epoch; the reference steps it every iteration down to 1e-6, keeps
+        the last short batch and stops at exactly that many iterations."""
         own = self.own
+        iterations = own.iterations_per_shot * bank.fewshot.shots
         recipe = dataclasses.replace(self.cfg.train, optimizer="adamw", lr=own.lr, weight_decay=own.weight_decay,
                                      batch_size=own.batch_size, warmup_epochs=0)
+        if own.protocol == "reference":
+            recipe = dataclasses.replace(recipe, lr_per_step=True, min_lr=REFERENCE_MIN_LR, max_steps=iterations,
+                                         drop_last=False)
         data = self.training_images(bank)
-        steps = len(batch_order(len(data), own.batch_size, 0, 0))
-        epochs = math.ceil(own.iterations_per_shot * bank.fewshot.shots / max(steps, 1))
+        steps = len(batch_order(len(data), own.batch_size, 0, 0, recipe.drop_last))
+        epochs = math.ceil(iterations / max(steps, 1))
         return trainer.with_recipe(recipe, epochs).fit(self, data, checkpoint, resume)
 
     def checkpoint_meta(self) -> dict:
