@@ -25,14 +25,14 @@ class RandomFeatures(EpochFeatures):
     draw = {"dataset": "synthetic", "shots": 4}
 
     def __init__(self, dim: int, images: int = 40, bad: tuple[int, int] | None = None, batch_size: int = 4):
-        self.dim, self.images, self.bad, self.batch_size = dim, images, bad, batch_size
+        self.dim, self.count, self.bad, self.batch_size = dim, images, bad, batch_size
 
     def epoch(self, e: int) -> SplitFeatures:
-        x = F.normalize(torch.randn(self.images, self.dim, generator=torch.Generator().manual_seed(e)), dim=-1)
+        x = F.normalize(torch.randn(self.count, self.dim, generator=torch.Generator().manual_seed(e)), dim=-1)
         if self.bad is not None and e == self.bad[0]:
             from promptlearn.features import batch_order
-            x[batch_order(self.images, self.batch_size, 1, e)[self.bad[1] - 1]] = float("nan")
-        return SplitFeatures(x, torch.arange(self.images) % len(NAMES), [f"{i}.png" for i in range(self.images)])
+            x[batch_order(self.count, self.batch_size, 1, e)[self.bad[1] - 1]] = float("nan")
+        return SplitFeatures(x, torch.arange(self.count) % len(NAMES), [f"{i}.png" for i in range(self.count)])
 
 
 def coop(*overrides: str):
