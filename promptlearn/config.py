@@ -61,6 +61,8 @@ class DataConfig:
     fewshot_dir: Optional[str] = None  # where few-shot draws are cached (default: the run folder)
     draw: str = "reference"  # reference (the original code's draw for a seed) | sorted (listing-independent)
     fewshot_import: Optional[str] = None  # CoOp's split_fewshot/ folder or a shot_K-seed_S.pkl: use its draw
+    # validation images per class: unset, CoOp's min(K, 4); `shots`, K (LP++'s authors); or a number
+    val_shots: Optional[str] = None
     num_workers: int = 2
     eval_batch_size: int = 128
     skip_bad_images: bool = False  # skip unreadable images (counted) instead of stopping
@@ -336,6 +338,9 @@ def config_problems(cfg: RunConfig) -> list[str]:
          f"train.checkpoint_every must be at least 1, got {cfg.train.checkpoint_every}")
     need(cfg.train.sync_every >= 1, f"train.sync_every must be at least 1, got {cfg.train.sync_every}")
     need(cfg.data.draw in DRAWS, f"data.draw must be one of {', '.join(DRAWS)}, got {cfg.data.draw!r}")
+    val_shots = cfg.data.val_shots
+    need(val_shots in (None, "shots") or (val_shots.isdecimal() and int(val_shots) >= 1),
+         f"data.val_shots must be a whole number of at least 1, or 'shots' for K (unset: min(K, 4)), got {val_shots!r}")
     need(cfg.data.num_workers >= 0, f"data.num_workers must be 0 or more, got {cfg.data.num_workers}")
     need(cfg.data.eval_batch_size >= 1, f"data.eval_batch_size must be at least 1, got {cfg.data.eval_batch_size}")
     for key in ("momentum", "weight_decay", "warmup_lr"):

@@ -38,10 +38,20 @@ def test_unknown_key_suggests_nearest(tmp_path):
     ("train.max_steps=0", "train.max_steps must be at least 1"),
     ("train.max_steps=1.5", "train.max_steps must be an integer"),
     ("clip_lora.protocol=original", "clip_lora.protocol must be one of promptlearn, reference, got 'original'"),
+    ("data.val_shots=0", "data.val_shots must be a whole number of at least 1, or 'shots' for K"),
+    ("data.val_shots=-3", "data.val_shots must be a whole number of at least 1, or 'shots' for K"),
+    ("data.val_shots=2.5", "data.val_shots must be a whole number of at least 1, or 'shots' for K"),
+    ("data.val_shots=all", "data.val_shots must be a whole number of at least 1, or 'shots' for K"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config([], [override])
+
+
+def test_val_shots_is_a_number_or_shots():
+    assert load_config([], ["data.val_shots=6"]).data.val_shots == "6"
+    assert load_config([], ["data.val_shots=shots"]).data.val_shots == "shots"
+    assert load_config([], []).data.val_shots is None  # CoOp's min(K, 4)
 
 
 def test_invalid_yaml_names_the_file(tmp_path):

@@ -1,15 +1,17 @@
 import json
 import logging
 import os
+import random
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 from helpers import REPO, SAMPLE
 
-from promptlearn.config import DataConfig
+from promptlearn.config import DRAWS, DataConfig
 from promptlearn.data import DatasetSplits, Item, build_dataset
-from promptlearn.data.fewshot import draw_few_shot, fewshot_path, load_or_draw
+from promptlearn.data.fewshot import draw_few_shot, fewshot_path, load_few_shot, load_or_draw
 from promptlearn.errors import DataError
 
 
@@ -55,12 +57,15 @@ def test_draw_is_the_same_across_processes_and_hash_seeds(tmp_path):
     assert outs[0] == outs[1] == [it.path for it in draw_few_shot(sample(), 2, 3).train]
 
 
-@pytest.mark.parametrize("draw", ["reference", "sorted"])
-def test_val_from_leftover_train_when_no_val_split(draw):
+@pytest.mark.parametrize("draw", DRAWS)
+@pytest.mark.parametrize("val_shots, per_class", [(None, 4), ("shots", 8)])
+def test_val_from_leftover_train_when_no_val_split(draw, val_shots, per_class):
+    """ImageNet's case; LP++'s authors draw 2K training images per class there and validate on half of them."""
     ds = sample()
     no_val = DatasetSplits(ds.name, ds.classnames, ds.train, [], ds.test)
-    split = draw_few_shot(no_val, 8, 1, draw)
-    assert len(split.val) == 40 and not {it.path for it in split.val} & {it.path for it in split.train}
+    split = draw_few_shot(no_val, 8, 1, draw, val_shots)
+    assert Counter(it.label for it in split.val) == dict.fromkeys(range(10), per_class)
+    assert not {it.path for it in split.val} & {it.path for it in split.train}
 
 
 def test_small_class_keeps_all_with_warning(caplog):
@@ -95,3 +100,97 @@ def test_saved_as_json_and_reused(tmp_path):
     path.write_text("{not json")
     with pytest.raises(DataError, match="unreadable"):
         load_or_draw(ds, data_cfg, tmp_path)
+
+
+# ----------------------------------------------------------------------------- data.val_shots
+
+@pytest.mark.parametrize("val_shots, per_class", [(None, 4), ("shots", 6), ("2", 2), ("5", 5)])
+def test_val_shots_sets_the_validation_size_per_class(val_shots, per_class):
+    ds = sample()  # 24 training and 8 val images per class
+    split = draw_few_shot(ds, 6, 1, val_shots=val_shots)
+    assert Counter(it.label for it in split.val) == dict.fromkeys(range(10), per_class)
+    assert {it.path for it in split.val} <= {it.path for it in ds.val}  # from the val split, never training images
+    assert Counter(it.label for it in split.train) == dict.fromkeys(range(10), 6)
+
+
+def test_val_shots_larger_than_the_val_split_keeps_all_with_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="promptlearn"):
+        split = draw_few_shot(sample(), 16, 1, val_shots="shots")
+    assert len(split.val) == 80 and "10 classes have fewer than 16 validation images" in caplog.text
+
+
+@pytest.mark.parametrize("draw", DRAWS)
+def test_the_validation_size_never_changes_the_training_draw(draw):
+    """Validation is drawn after training on the same generator: every method trains on the same images."""
+    ds = sample()
+    default = draw_few_shot(ds, 6, 2, draw)
+    for val_shots in ("shots", "2"):
+        other = draw_few_shot(ds, 6, 2, draw, val_shots)
+        assert other.train == default.train and other.val != default.val
+
+
+def test_the_validation_draw_is_deterministic_per_seed():
+    ds = sample()
+    first, again = draw_few_shot(ds, 6, 1, val_shots="shots"), draw_few_shot(ds, 6, 1, val_shots="shots")
+    assert first.val == again.val
+    assert {it.path for it in first.val} != {it.path for it in draw_few_shot(ds, 6, 2, val_shots="shots").val}
+
+
+def lp_pp_authors_draw(ds: DatasetSplits, shots: int, seed: int) -> tuple[list[Item], list[Item]]:
+    """The few-shot sets of one LP++ task as the authors' main.py draws them: Python's `random` seeded with
+    the task's seed, K per class from the train split, then K per class from the val split on the same
+    generator; classes in the order they first appear, items in listing order."""
+    rng = random.Random(seed)
+    drawn = []
+    for items in (ds.train, ds.val):
+        by_label: dict[int, list[Item]] = {}
+        for item in items:
+            by_label.setdefault(item.label, []).append(item)
+        assert min(map(len, by_label.values())) >= shots  # smaller classes: their code repeats images
+        drawn.append([it for pool in by_label.values() for it in rng.sample(pool, shots)])
+    return drawn[0], drawn[1]
+
+
+@pytest.mark.parametrize("shots", [2, 6])
+def test_val_shots_shots_gives_the_lp_pp_authors_draw(shots):
+    ds = sample()
+    for seed in (1, 2, 3):
+        train, val = lp_pp_authors_draw(ds, shots, seed)
+        split = draw_few_shot(ds, shots, seed, val_shots="shots")
+        assert split.train == train and split.val == val
+    assert draw_few_shot(ds, 6, 1).val != lp_pp_authors_draw(ds, 6, 1)[1]  # the default is not their draw
+
+
+def test_each_validation_size_is_saved_apart(tmp_path):
+    ds = sample()
+    default = load_or_draw(ds, DataConfig(shots=6, seed=1), tmp_path)
+    authors = load_or_draw(ds, DataConfig(shots=6, seed=1, val_shots="shots"), tmp_path)
+    assert fewshot_path(tmp_path, 6, 1).name == "shot_6-seed_1.json"  # the default keeps its name
+    assert fewshot_path(tmp_path, 6, 1, "shots").name == "shot_6-seed_1-val_6.json"
+    assert json.loads(fewshot_path(tmp_path, 6, 1).read_text())["val_shots"] == 4
+    assert json.loads(fewshot_path(tmp_path, 6, 1, "shots").read_text())["val_shots"] == 6
+    assert (len(default.val), len(authors.val)) == (40, 60)
+    assert load_or_draw(ds, DataConfig(shots=6, seed=1), tmp_path).val == default.val
+    assert load_or_draw(ds, DataConfig(shots=6, seed=1, val_shots="shots"), tmp_path).val == authors.val
+    assert fewshot_path(tmp_path, 2, 1, "shots") == fewshot_path(tmp_path, 2, 1)  # K = min(K, 4): the same draw
+
+
+def test_a_saved_draw_of_another_validation_size_is_refused(tmp_path):
+    ds = sample()
+    load_or_draw(ds, DataConfig(shots=6, seed=1, val_shots="shots"), tmp_path)
+    copied = fewshot_path(tmp_path, 6, 1, "5")  # a file copied or renamed by hand
+    copied.write_text(fewshot_path(tmp_path, 6, 1, "shots").read_text())
+    with pytest.raises(DataError, match="holds 6 validation images per class, not the 5 data.val_shots asks for"):
+        load_or_draw(ds, DataConfig(shots=6, seed=1, val_shots="5"), tmp_path)
+
+
+def test_a_saved_draw_without_its_validation_size_holds_min_k_4(tmp_path):
+    ds = sample()
+    saved = load_or_draw(ds, DataConfig(shots=6, seed=1), tmp_path)
+    path = fewshot_path(tmp_path, 6, 1)
+    data = json.loads(path.read_text())
+    del data["val_shots"]  # as in files written before data.val_shots
+    path.write_text(json.dumps(data))
+    assert load_few_shot(path, ds, 6, 1).val == saved.val
+    with pytest.raises(DataError, match="holds 4 validation images per class, not the 6"):
+        load_few_shot(path, ds, 6, 1, val_shots="shots")

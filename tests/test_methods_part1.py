@@ -167,6 +167,15 @@ def test_every_method_runs_end_to_end_and_training_lowers_the_loss(tmp_path):
     assert 0 < metrics["clap"]["multipliers_mean"] < 1
 
 
+def test_lp_pp_selects_its_epoch_on_k_validation_images_per_class_with_val_shots(tmp_path):
+    """The authors validate LP++ on K images per class; data.val_shots=shots gives it that set, saved apart."""
+    metrics = run_experiment(quick_config(tmp_path, "methods=[lp_pp]", "data.shots=6", "data.val_shots=shots",
+                                          "lp_pp.epochs=3"))
+    saved = json.loads((tmp_path / "run" / "fewshot" / "shot_6-seed_1-val_6.json").read_text())
+    assert saved["val_shots"] == 6 and len(saved["val"]) == 60 and 1 <= metrics["lp_pp"]["epoch"] <= 3
+    assert not (tmp_path / "run" / "fewshot" / "shot_6-seed_1.json").exists()
+
+
 def test_capabilities_declared():
     cfg = RunConfig()
     for name in ["cocoop", "kgcoop", "prograd", "clap"]:

@@ -181,18 +181,31 @@ def test_cached_pickle_imports_as_the_same_draw(pets, datum_class, tmp_path):
     assert load_or_draw(ds, data_cfg, tmp_path / "run").train == reference.train
 
 
-def test_imagenet_pickle_without_val_draws_val_from_other_train_images(tmp_path, datum_class):
+@pytest.mark.parametrize("val_shots, per_class", [(None, 1), ("2", 2)])
+def test_imagenet_pickle_without_val_draws_val_from_other_train_images(tmp_path, datum_class, val_shots, per_class):
     make_imagenet(tmp_path, train_per_class=3)
     ds = build_dataset(DataConfig(name="imagenet", root=str(tmp_path)))
     chosen = [ds.train[0], ds.train[4], ds.train[8]]
     datums = [datum_class(f"/mnt/x/imagenet/{os.path.relpath(it.path, tmp_path / 'imagenet')}", it.label, 0,
                           it.classname) for it in chosen]
     write_pickle(tmp_path / "shot_1-seed_1.pkl", {"train": datums})
-    split = load_or_draw(ds, DataConfig(name="imagenet", root=str(tmp_path), shots=1, seed=1,
+    split = load_or_draw(ds, DataConfig(name="imagenet", root=str(tmp_path), shots=1, seed=1, val_shots=val_shots,
                                         fewshot_import=str(tmp_path / "shot_1-seed_1.pkl")), tmp_path / "run")
     assert split.train == chosen
-    assert sorted(it.label for it in split.val) == [0, 1, 2] and not set(split.val) & set(chosen)
+    assert sorted(it.label for it in split.val) == sorted([0, 1, 2] * per_class) and not set(split.val) & set(chosen)
     assert all(it in ds.train for it in split.val)  # never the test set (the original's ImageNet val)
+    assert json.loads(fewshot_path(tmp_path / "run", 1, 1, val_shots).read_text())["val_shots"] == per_class
+
+
+def test_imported_draw_keeps_its_own_validation_size(pets, datum_class, tmp_path):
+    """The original's file holds min(K, 4) validation images per class: another data.val_shots is refused."""
+    root, split, ds = pets
+    train, val = original_draw(split, 4, 2)
+    path = write_pickle(tmp_path / "shot_4-seed_2.pkl", {"train": foreign(train, datum_class),
+                                                         "val": foreign(val, datum_class)})
+    with pytest.raises(DataError, match="data.val_shots=3 asks for 3 validation images per class"):
+        load_or_draw(ds, DataConfig(name="oxford_pets", root=str(root), shots=4, seed=2, fewshot_import=str(path),
+                                    val_shots="3"), tmp_path / "run")
 
 
 class Payload:

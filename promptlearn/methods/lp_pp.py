@@ -7,7 +7,8 @@ trained full batch on one augmented pass of the few-shot features with the autho
     alpha_c starts at 250 * mean over (class c, text k) of the class-c mean of f . t_k,
     lr_alpha = N / (4 max_k sum_i (f_i . t_k)^2), alpha updated every 10 epochs by plain gradient
     descent on its gradient accumulated since the start (the authors' code never clears it).
-The state of the last epoch with the best few-shot validation accuracy is kept (300 epochs).
+The state of the last epoch with the best few-shot validation accuracy is kept (300 epochs). The authors
+validate on K images per class (`data.val_shots=shots`), not the protocol's min(K, 4).
 """
 from __future__ import annotations
 
