@@ -86,8 +86,9 @@ def test_every_shipped_run_config_loads():
     from helpers import REPO
 
     base = REPO / "configs" / "coop" / "rn50.yaml"
-    files = sorted((REPO / "configs" / "coop").glob("*.yaml")) + [REPO / "configs" / "quickstart.yaml"]
-    assert len(files) >= 12
+    files = (sorted((REPO / "configs" / "coop").glob("*.yaml")) + sorted((REPO / "configs" / "baselines").glob("*.yaml"))
+             + [REPO / "configs" / "quickstart.yaml"])
+    assert len(files) >= 16
     for f in files:
         cfg = load_config([base, f])
         assert cfg.backbone.model and cfg.methods, f

@@ -21,6 +21,7 @@ from promptlearn.methods.clap import class_adaptive_multipliers, prototype_penal
 from promptlearn.methods.kgcoop import knowledge_guidance
 from promptlearn.methods.lp_pp import blend_step_size, class_sums, initial_blend, visual_step_size
 from promptlearn.methods.prograd import distillation, project_conflict
+from promptlearn.methods.zeroshot import text_classifier
 from promptlearn.runner import run_experiment
 from promptlearn.trainer import Trainer
 
@@ -194,7 +195,7 @@ def test_published_defaults():
     assert (prograd.ctx_init, prograd.projection, prograd.temperature, prograd.protocol) == \
         ("a photo of a", 1.0, 1.0, "promptlearn")
     assert (clap.lr, clap.batch_size, clap.epochs, clap.feature_passes, clap.weight_decay) == (0.1, 256, 300, 20, 0.0)
-    assert (lp.epochs, lp.alpha_every, lp.alpha_init_scale) == (300, 10, 250.0)
+    assert (lp.epochs, lp.alpha_every, lp.alpha_init_scale, lp.protocol) == (300, 10, 250.0, "promptlearn")
 
 
 def test_bad_values_name_their_own_section(tmp_path):
@@ -265,3 +266,41 @@ def test_clap_restored_for_other_classes_keeps_zero_shot_prototypes_for_novel_on
     moved = build_method("clap", cfg, backbone, names)  # what base2novel does: the trained state, other classes
     moved.load_trainable_state(base.trainable_state(), "base")
     assert torch.equal(moved.prototypes, other.prototypes)
+
+
+# the published code's ImageNet ensemble (LP++'s datasets/imagenet.py, as Tip-Adapter's)
+IMAGENET_7 = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+              "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
+
+
+def test_lp_pp_reference_uses_imagenet_seven_templates_and_crops_of_half_the_image(tmp_path):
+    names = ["shirt", "ankle boot", "bag"]
+    cfg = quick_config(tmp_path, "methods=[lp_pp]", "lp_pp.protocol=reference", "lp_pp.epochs=2")
+    cfg.data.name, cfg.data.template = "imagenet", None  # the templates follow the dataset's name
+    backbone = tiny_backbone()
+    reference = build_method("lp_pp", cfg, backbone, names)
+    torch.testing.assert_close(reference.text, text_classifier(backbone, names, IMAGENET_7), atol=0, rtol=0)
+    cfg.data.template = "a {} photo."  # a template the user sets wins
+    assert torch.equal(build_method("lp_pp", cfg, backbone, names).text,
+                       text_classifier(backbone, names, ["a {} photo."]))
+    cfg.data.template, cfg.lp_pp.protocol = None, "promptlearn"
+    torch.testing.assert_close(build_method("lp_pp", cfg, backbone, names).text,
+                               text_classifier(backbone, names, ["a photo of a {}."]), atol=0, rtol=0)
+
+    crops = []
+    for protocol, scale in (("reference", None), ("promptlearn", None), ("promptlearn", "[0.3,1.0]")):
+        overrides = ["methods=[lp_pp]", f"lp_pp.protocol={protocol}", "lp_pp.epochs=2", "train.augment=true"]
+        run = quick_config(tmp_path / f"{protocol}{scale}", *overrides, *([f"train.crop_scale={scale}"] if scale else []))
+        seen = []
+        original = FeatureBank.train_pass
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(FeatureBank, "train_pass", lambda self, i, augment, cached=True, crop_scale=None:
+                          seen.append(tuple(crop_scale)) or original(self, i, augment, cached, crop_scale))
+            run_experiment(run)
+        crops.append(seen)
+    assert crops == [[(0.5, 1.0)], [(0.08, 1.0)], [(0.3, 1.0)]]  # the user's train.crop_scale is honoured
+
+
+def test_lp_pp_protocol_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="lp_pp.protocol must be one of promptlearn, reference, got 'original'"):
+        quick_config(tmp_path, "lp_pp.protocol=original")

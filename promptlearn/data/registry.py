@@ -13,6 +13,9 @@ if TYPE_CHECKING:
 
 Reader = Callable[["DataConfig"], DatasetSplits]
 DEFAULT_TEMPLATE = "a photo of a {}."
+# the 7-template ensemble that Tip-Adapter's and LP++'s code use for ImageNet in place of its template
+IMAGENET_ENSEMBLE = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+                     "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
 
 
 @dataclass(frozen=True)
@@ -41,10 +44,13 @@ def build_dataset(cfg: "DataConfig") -> DatasetSplits:
     return DATASETS.get(cfg.name).reader(cfg)
 
 
-def dataset_templates(cfg: "DataConfig") -> list[str]:
-    """The zero-shot template(s): data.templates, else data.template, else the dataset's own."""
+def dataset_templates(cfg: "DataConfig", imagenet_ensemble: bool = False) -> list[str]:
+    """The zero-shot template(s): data.templates, else data.template, else the dataset's own (with
+    imagenet_ensemble, ImageNet's is IMAGENET_ENSEMBLE)."""
     if cfg.templates:
         return list(cfg.templates)
     if cfg.template is not None:
         return [cfg.template]
+    if imagenet_ensemble and cfg.name == "imagenet":
+        return list(IMAGENET_ENSEMBLE)
     return [DATASETS.get(cfg.name).template]

@@ -5,7 +5,8 @@ from torchvision import transforms as T
 
 from promptlearn.backbone import FrozenCLIP
 
-DEFAULT_CROP_SCALE = (0.08, 1.0)  # torchvision's and CoOp's; Tip-Adapter's code uses (0.5, 1)
+DEFAULT_CROP_SCALE = (0.08, 1.0)  # torchvision's and CoOp's
+HALF_AREA_CROP_SCALE = (0.5, 1.0)  # Tip-Adapter's and LP++'s code
 
 
 def train_transform(backbone: FrozenCLIP, augment: bool = True, crop_scale=DEFAULT_CROP_SCALE):

@@ -9,6 +9,10 @@ trained full batch on one augmented pass of the few-shot features with the autho
     descent on its gradient accumulated since the start (the authors' code never clears it).
 The state of the last epoch with the best few-shot validation accuracy is kept (300 epochs). The authors
 validate on K images per class (`data.val_shots=shots`), not the protocol's min(K, 4).
+
+lp_pp.protocol=reference follows the published code where promptlearn's default differs: the training pass
+is cropped to area (0.5, 1) instead of train.crop_scale, and ImageNet's text embeddings average the
+7-template ensemble (unless data.template(s) is set).
 """
 from __future__ import annotations
 
@@ -20,23 +24,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptlearn.data import dataset_templates
+from promptlearn.data.transforms import HALF_AREA_CROP_SCALE
 from promptlearn.errors import DataError
 from promptlearn.methods.base import Capabilities, Method, register_method
 from promptlearn.methods.zeroshot import text_classifier
 from promptlearn.progress import progress
 
+PROTOCOLS = ("promptlearn", "reference")
+
 
 @dataclass
 class LpPlusPlusConfig:
+    protocol: str = "promptlearn"  # promptlearn | reference (the published code's crops and ImageNet templates)
     epochs: int = 300
     alpha_every: int = 10  # epochs between updates of the blending weights
     alpha_init_scale: float = 250.0
 
     def problems(self) -> list[str]:
+        found = []
         if self.epochs < 0 or self.alpha_every < 1 or self.alpha_init_scale < 0:
-            return [f"lp_pp.epochs must be 0 or more (got {self.epochs}), lp_pp.alpha_every at least 1 "
-                    f"(got {self.alpha_every}) and lp_pp.alpha_init_scale 0 or more (got {self.alpha_init_scale})"]
-        return []
+            found.append(f"lp_pp.epochs must be 0 or more (got {self.epochs}), lp_pp.alpha_every at least 1 "
+                         f"(got {self.alpha_every}) and lp_pp.alpha_init_scale 0 or more (got {self.alpha_init_scale})")
+        if self.protocol not in PROTOCOLS:
+            found.append(f"lp_pp.protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        return found
 
 
 def class_sums(features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -68,7 +79,9 @@ class LinearProbePlusPlus(Method):
 
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
-        self.register_buffer("text", text_classifier(backbone, classnames, dataset_templates(cfg.data)))
+        self.reference = cfg.lp_pp.protocol == "reference"
+        templates = dataset_templates(cfg.data, imagenet_ensemble=self.reference)
+        self.register_buffer("text", text_classifier(backbone, classnames, templates))
         self.visual = nn.Linear(backbone.embed_dim, len(classnames)).to(self.text.device)
         self.alpha = nn.Parameter(torch.zeros(len(classnames), device=self.text.device))
 
@@ -76,8 +89,9 @@ class LinearProbePlusPlus(Method):
         return self.visual(image_features) + self.alpha * (image_features @ self.text.t())
 
     def fit(self, bank, trainer, checkpoint, resume) -> dict:
-        # one augmented pass of the training images, as the authors' loader gives (their crop scale is (0.5, 1))
-        own, train, val = self.cfg.lp_pp, bank.train_pass(0, self.cfg.train.augment), bank.val
+        # one augmented pass of the training images, as the authors' loader gives
+        crop_scale = HALF_AREA_CROP_SCALE if self.reference else self.cfg.train.crop_scale
+        own, train, val = self.cfg.lp_pp, bank.train_pass(0, self.cfg.train.augment, crop_scale=crop_scale), bank.val
         if len(val) == 0:
             raise DataError("lp_pp needs a few-shot validation set to choose its epoch, but the draw has none; "
                             "the dataset has no val split and no training images left over")

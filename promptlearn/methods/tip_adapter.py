@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from promptlearn.data import dataset_templates
+from promptlearn.data.transforms import HALF_AREA_CROP_SCALE
 from promptlearn.errors import ConfigError, DataError
 from promptlearn.features import SplitFeatures, TrainingFeatures
 from promptlearn.methods.base import Capabilities, register_method
@@ -39,9 +41,6 @@ REFERENCE_INIT_ALPHA = {
 REFERENCE_INIT_BETA = 1.0
 REFERENCE_EPOCHS, REFERENCE_DEFAULT_EPOCHS = {"eurosat": 100}, 20
 REFERENCE_SEARCH_STEPS = (200, 20)  # beta, alpha
-REFERENCE_CROP_SCALE = (0.5, 1.0)
-IMAGENET_TEMPLATES = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-                      "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
 
 
 @dataclass
@@ -126,17 +125,15 @@ class Protocol:
                                      batch_size=tip.batch_size, warmup_epochs=0)
         if self.reference:
             recipe = dataclasses.replace(recipe, lr_per_step=True, drop_last=False,
-                                         crop_scale=list(REFERENCE_CROP_SCALE))
+                                         crop_scale=list(HALF_AREA_CROP_SCALE))
         return recipe
 
     def crop_scale(self, train) -> tuple:
-        return REFERENCE_CROP_SCALE if self.reference else tuple(train.crop_scale)
+        return HALF_AREA_CROP_SCALE if self.reference else tuple(train.crop_scale)
 
-    def templates(self, own: list[str], data) -> list[str]:
+    def templates(self, data) -> list[str]:
         """ImageNet's 7-template ensemble under the reference, unless data.template(s) is set."""
-        if self.reference and self.dataset == "imagenet" and data.template is None and not data.templates:
-            return list(IMAGENET_TEMPLATES)
-        return own
+        return dataset_templates(data, imagenet_ensemble=self.reference)
 
 
 def cache_logits(affinity: torch.Tensor, values: torch.Tensor, beta: float) -> torch.Tensor:
@@ -189,7 +186,7 @@ class TipAdapter(ZeroShot):
         return TrainingFeatures(bank, train.feature_passes, train.augment, self.protocol.crop_scale(train))
 
     def templates(self) -> list[str]:
-        return self.protocol.templates(super().templates(), self.cfg.data)
+        return self.protocol.templates(self.cfg.data)
 
     def fine_tune(self, data: TrainingFeatures, trainer, checkpoint, resume) -> dict:
         """Tip-Adapter-F's recipe (see Protocol.recipe), at the initial alpha and beta."""
