@@ -68,3 +68,32 @@ def test_prompt_longer_than_context_names_the_class():
     cfg.coop.n_ctx = 80
     with pytest.raises(PromptlearnError, match="context length"):
         build_method("coop", cfg, tiny_backbone(), ["dog"])
+
+
+@pytest.mark.parametrize("model", ["tiny-clip", "tiny-rn-clip"])
+def test_ctx_init_words_learns_the_first_w_tokens_and_keeps_the_rest_as_words(model):
+    """The original code's count: M = the phrase's words. "itap of a" is 3 words and 4 tokens ("it" "ap"
+    "of" "a"): "it ap of" is learned and "a" stays a fixed word before the class; the features at the start
+    are still zero-shot CLIP's for "itap of a {}."; "_" reads as a space."""
+    b = tiny_backbone(model)
+    method = coop(b, ctx_init="itap_of_a", ctx_init_words=True)
+    ids = b.tokenizer.encode("itap of a")
+    assert len(ids) == 4 and method.prompts.n_ctx == 3 and method.prompts.fixed_ids == ids[3:]
+    torch.testing.assert_close(method.prompts.ctx, b.text.embed(torch.tensor(ids[:3])).float())
+    with torch.no_grad():
+        learned = method.text_features()
+    torch.testing.assert_close(learned, text_classifier(b, CLASSES, ["itap of a {}."]), atol=1e-6, rtol=0)
+    tokens = coop(b, ctx_init="itap of a")  # promptlearn's default learns all four tokens
+    assert tokens.prompts.n_ctx == 4 and tokens.prompts.fixed_ids == []
+    assert coop(b, ctx_init="a photo of a", ctx_init_words=True).prompts.n_ctx == 4  # one token a word: the same
+
+
+def test_ctx_init_words_refusals():
+    b = tiny_backbone()
+    with pytest.raises(ConfigError, match="coop.ctx_init_words leaves 1 of the tokens of 'itap of a' fixed before "
+                                          "the class, which needs coop.class_position=end"):
+        coop(b, ctx_init="itap of a", ctx_init_words=True, class_position="middle")
+    with pytest.raises(ConfigError, match="n_ctx=4 conflicts with coop.ctx_init 'itap of a', which is 3 words"):
+        coop(b, ctx_init="itap of a", ctx_init_words=True, n_ctx=4)
+    with pytest.raises(ConfigError, match="has more words"):
+        coop(b, ctx_init="a  photo", ctx_init_words=True)

@@ -18,7 +18,7 @@ from promptlearn.config import CLASS_POSITIONS
 from promptlearn.decoder import save_decoded_prompt
 from promptlearn.errors import ConfigError, PromptlearnError
 from promptlearn.methods.base import AfterTraining, Capabilities, Method, register_method
-from promptlearn.prompts import layout_prompt, padded_ids
+from promptlearn.prompts import layout_prompt, padded_ids, spoken_name
 from promptlearn.text_tower import Packing
 
 DEFAULT_N_CTX = 16
@@ -29,7 +29,8 @@ RANDOM_CTX_STD = 0.02
 class CoOpConfig:
     section: ClassVar[str] = "coop"  # the section's name in messages (methods built on CoOp have their own)
     n_ctx: Optional[int] = None  # context length M (16 when unset); with ctx_init, the phrase's token count
-    ctx_init: str = ""  # e.g. "a photo of a"; empty: random normal init, std 0.02
+    ctx_init: str = ""  # e.g. "a photo of a" ("_" read as a space); empty: random normal init, std 0.02
+    ctx_init_words: bool = False  # M = the phrase's words, as the original code counts: its first M tokens learned
     class_specific: bool = False  # one context per class (CSC)
     class_position: str = "end"  # end | middle | front
     truncate_prompts: bool = True  # run each prompt at its own real length (packed rows) where exact
@@ -69,18 +70,32 @@ def token_vectors(backbone: FrozenCLIP, ids: list[int]) -> torch.Tensor:
         return backbone.text.embed(torch.tensor(ids, device=backbone.device)).float()
 
 
+def word_count(phrase: str) -> int:
+    """The original code's context length for a phrase: its space-separated words, not its tokens."""
+    return len(phrase.split(" "))
+
+
 def context_from_config(backbone: FrozenCLIP, cfg: CoOpConfig) -> ContextStart:
-    """The phrase's tokens, each starting from its embedding; without a phrase, M random vectors."""
+    """The phrase's tokens, each starting from its embedding (with ctx_init_words, the first W of them, W its
+    words, the rest fixed words before the class); without a phrase, M random vectors."""
     if not cfg.ctx_init.strip():
         n_ctx = cfg.n_ctx or DEFAULT_N_CTX
         return ContextStart(n_ctx, placeholder_ids(backbone, n_ctx))
-    ids = backbone.tokenizer.encode(cfg.ctx_init)
+    phrase = spoken_name(cfg.ctx_init)
+    ids = backbone.tokenizer.encode(phrase)
     if not ids:
         raise ConfigError(f"{cfg.section}.ctx_init {cfg.ctx_init!r} has no tokens; give a phrase or leave it empty")
-    if cfg.n_ctx is not None and cfg.n_ctx != len(ids):
+    n_ctx, counted = (word_count(phrase), "words") if cfg.ctx_init_words else (len(ids), "tokens")
+    if cfg.n_ctx is not None and cfg.n_ctx != n_ctx:
         raise ConfigError(f"{cfg.section}.n_ctx={cfg.n_ctx} conflicts with {cfg.section}.ctx_init {cfg.ctx_init!r}, "
-                          f"which is {len(ids)} tokens; drop n_ctx or set it to {len(ids)}")
-    return ContextStart(len(ids), ids, token_vectors(backbone, ids))
+                          f"which is {n_ctx} {counted}; drop n_ctx or set it to {n_ctx}")
+    if n_ctx > len(ids):
+        raise ConfigError(f"{cfg.section}.ctx_init {cfg.ctx_init!r} has more words ({n_ctx}) than tokens "
+                          f"({len(ids)}); separate its words by single spaces")
+    if n_ctx < len(ids) and cfg.class_position != "end":
+        raise ConfigError(f"{cfg.section}.ctx_init_words leaves {len(ids) - n_ctx} of the tokens of "
+                          f"{cfg.ctx_init!r} fixed before the class, which needs {cfg.section}.class_position=end")
+    return ContextStart(n_ctx, ids, token_vectors(backbone, ids[:n_ctx]))
 
 
 class PromptLearner(nn.Module):

@@ -22,7 +22,15 @@ import torch.nn.functional as F
 from promptlearn.data import dataset_templates
 from promptlearn.errors import ConfigError
 from promptlearn.methods.base import register_method
-from promptlearn.methods.coop import DEFAULT_N_CTX, ContextStart, CoOp, CoOpConfig, placeholder_ids, token_vectors
+from promptlearn.methods.coop import (
+    DEFAULT_N_CTX,
+    ContextStart,
+    CoOp,
+    CoOpConfig,
+    placeholder_ids,
+    token_vectors,
+    word_count,
+)
 from promptlearn.methods.zeroshot import text_classifier
 from promptlearn.trainer import StepLosses
 
@@ -63,11 +71,6 @@ class ProGradConfig(CoOpConfig):
 def context_phrase(template: str) -> str:
     """The template's words before the class."""
     return template.replace(" {}.", "")
-
-
-def word_count(phrase: str) -> int:
-    """W: the published code counts the phrase's space-separated words, not its tokens."""
-    return len(phrase.split(" "))
 
 
 def reference_template(cfg) -> str | None:
