@@ -65,3 +65,20 @@ def test_pure_fp16_scores_are_computed_in_fp16():
     raw = torch.randn(3, backbone.embed_dim, generator=g) * 7
     unit = backbone.normalize(raw)
     assert unit.dtype == torch.float32 and torch.equal(unit, (raw.half() / raw.half().norm(dim=-1, keepdim=True)).float())
+
+
+def test_the_coop_family_trains_in_pure_fp16_with_cocoops_meta_network_in_fp16(tmp_path):
+    """The original CoCoOp, KgCoOp and ProGrad run CoOp's PREC fp16: the context (and CoCoOp's meta-network,
+    which the original halves) in fp16; under fp32 the meta-network stays fp32."""
+    keys = ["methods=[cocoop, kgcoop, prograd]", "train.epochs=1", "cocoop.epochs=1", "kgcoop.epochs=1",
+            "cocoop.batch_size=4", "backbone.precision=fp16_reference"]
+    run_experiment(quick_config(tmp_path, *keys))
+    for name in ("cocoop", "kgcoop", "prograd"):
+        state = load_checkpoint(tmp_path / "run" / name / "checkpoint.pt")["state"]
+        assert {t.dtype for t in state.values()} == {torch.float16}, name
+        assert all(bool(torch.isfinite(t).all()) for t in state.values()), name
+    cocoop = load_checkpoint(tmp_path / "run" / "cocoop" / "checkpoint.pt")["state"]
+    assert {"meta_net.linear1.weight", "meta_net.linear2.bias"} <= set(cocoop)
+    fp32 = build_method("cocoop", RunConfig(), load_backbone(BackboneConfig(model="tiny-clip", pretrained="none",
+                                                                           device="cpu")), ["dog", "cat"])
+    assert fp32.meta_net.linear1.weight.dtype == torch.float32

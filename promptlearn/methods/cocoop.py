@@ -61,12 +61,14 @@ class CoCoOp(CoOp):
 
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
-        self.meta_net = meta_network(backbone.embed_dim, backbone.text.width).to(backbone.device)
+        # in the context's dtype: fp16 under backbone.precision=fp16_reference, as the original's PREC fp16
+        self.meta_net = meta_network(backbone.embed_dim, backbone.text.width).to(backbone.device,
+                                                                                 backbone.parameter_dtype)
         self._packings: dict[tuple, Packing | None] = {}
 
     def contexts(self, image_features: torch.Tensor) -> torch.Tensor:
         """[B, M, width]: the learned context shifted by each image's meta-network bias."""
-        return self.prompts.ctx + self.meta_net(image_features).unsqueeze(1)
+        return self.prompts.ctx + self.meta_net(image_features.to(self.prompts.ctx.dtype)).unsqueeze(1)
 
     def _pass(self, image_features: torch.Tensor, ctx: torch.Tensor, classes: slice) -> torch.Tensor:
         """Logits [b, c] of b images against the c classes in `classes`, in one text-tower pass. Packed
