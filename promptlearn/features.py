@@ -327,18 +327,26 @@ class EpochFeatures:
         """Training images per epoch."""
         return len(self.epoch(0).labels)
 
+    def batch_indices(self, size: int, epoch: int, batch_size: int, seed: int,
+                      drop_last: bool = True) -> list[torch.Tensor]:
+        """Each batch of epoch `epoch` as indices into its `size` features: the order `batch_order` gives."""
+        return batch_order(size, batch_size, seed, epoch, drop_last)
+
     def batches(self, epoch: int, batch_size: int, seed: int, device: torch.device,
                 drop_last: bool = True) -> Iterator[Batch]:
-        """Batches of epoch `epoch` on `device`, in the order `batch_order` gives; under torchrun this rank's
+        """Batches of epoch `epoch` on `device`, in the order `batch_indices` gives; under torchrun this rank's
         share of each."""
         split = self.epoch(epoch)
-        # one host-to-device copy per epoch, not one per step
-        features, labels = split.features.to(device, non_blocking=True), split.labels.to(device, non_blocking=True)
-        order = batch_order(len(labels), batch_size, seed, epoch, drop_last)
+        order = self.batch_indices(len(split.labels), epoch, batch_size, seed, drop_last)
         if not order:
             return
-        # the epoch's batch indices in one copy too: a copy per step would make every step wait for the host
-        for idx in torch.cat(order).to(device, non_blocking=True).split([len(i) for i in order]):
+        used = torch.cat(order)
+        # one host-to-device copy per epoch, not one per step, of the rows the epoch uses, in batch order (a
+        # pool of passes holds many more than it uses)
+        features = split.features[used].to(device, non_blocking=True)
+        labels = split.labels[used].to(device, non_blocking=True)
+        # the batches' positions made on the device: indices copied per step would make every step wait for the host
+        for idx in torch.arange(len(used), device=device).split([len(i) for i in order]):
             own = distributed.local_share(idx)
             yield Batch(features[own], labels[own], len(idx))
 
@@ -346,6 +354,10 @@ class EpochFeatures:
 class TrainingFeatures(EpochFeatures):
     """What the trainer draws batches from: epoch e uses cached pass e mod P, or (P = 0) encodes
     the training images afresh every epoch as the reference implementation does."""
+
+    # in the recipe that resuming checks (see PooledPasses); None, not False, so that checkpoints written
+    # before the key existed agree with this default
+    pools_passes: bool | None = None
 
     def __init__(self, bank: FeatureBank, passes: int, augment: bool, crop_scale=DEFAULT_CROP_SCALE):
         self.bank, self.passes, self.augment, self.crop_scale = bank, passes, augment, tuple(crop_scale)
@@ -356,21 +368,58 @@ class TrainingFeatures(EpochFeatures):
 
     @property
     def draw(self) -> dict:
-        """Which few-shot draw these features come from (checked when training resumes)."""
-        return {"dataset": self.bank.fewshot.dataset, "shots": self.bank.fewshot.shots}
+        """Which few-shot draw these features come from, and how epochs draw from the passes (checked
+        when training resumes)."""
+        return {"dataset": self.bank.fewshot.dataset, "shots": self.bank.fewshot.shots,
+                "pools_passes": self.pools_passes}
 
     def epoch(self, epoch: int) -> SplitFeatures:
         if self.passes == 0:
             return self.bank.train_pass(epoch, self.augment, cached=False, crop_scale=self.crop_scale)
         return self.bank.train_pass(epoch % self.passes, self.augment, crop_scale=self.crop_scale)
 
+    def cached_passes(self) -> list[SplitFeatures]:
+        """The cached augmented passes (at least one; without augmentation, the plain features once)."""
+        passes = max(self.passes, 1) if self.augment else 1
+        return [self.bank.train_pass(p, self.augment, crop_scale=self.crop_scale) for p in range(passes)]
+
+    def pooled(self) -> SplitFeatures:
+        """The cached passes end to end, pass after pass (CLAP's zero-shot multipliers and reference epochs)."""
+        splits = self.cached_passes()
+        return SplitFeatures(torch.cat([s.features for s in splits]), torch.cat([s.labels for s in splits]),
+                             [path for s in splits for path in s.paths])
+
     def mean_over_passes(self, raw: bool = False) -> torch.Tensor:
         """Features averaged over the cached passes, re-normalised (Tip-Adapter's cache keys): the
         normalised features, or with raw=True the features before normalisation (as Tip-Adapter's code)."""
-        passes = max(self.passes, 1) if self.augment else 1
-        splits = [self.bank.train_pass(p, self.augment, crop_scale=self.crop_scale) for p in range(passes)]
-        stack = torch.stack([s.features * s.norms[:, None] if raw else s.features for s in splits])
+        stack = torch.stack([s.features * s.norms[:, None] if raw else s.features for s in self.cached_passes()])
         return torch.nn.functional.normalize(stack.mean(0), dim=-1)
+
+
+class PooledPasses(TrainingFeatures):
+    """Epochs drawn from one pool of all the cached passes, as CLAP's code trains: every epoch shuffles the
+    whole pool afresh and trains on as many batches as one pass of the N training images makes (with
+    train.drop_last, the default: N // B, at least 1, the length of the authors' loader over the images),
+    each the next B features of that shuffle. So no feature serves twice in an epoch, every batch is full
+    (the whole pool when it holds fewer than B), and most of the pool waits for a later shuffle (about one
+    pass's worth is used per epoch)."""
+
+    pools_passes = True
+
+    def epoch(self, epoch: int) -> SplitFeatures:
+        return self.pool
+
+    def pooled(self) -> SplitFeatures:
+        return self.pool
+
+    @cached_property
+    def pool(self) -> SplitFeatures:
+        return super().pooled()
+
+    def batch_indices(self, size: int, epoch: int, batch_size: int, seed: int,
+                      drop_last: bool = True) -> list[torch.Tensor]:
+        steps = len(batch_order(self.images, batch_size, seed, epoch, drop_last))
+        return batch_order(size, batch_size, seed, epoch, drop_last)[:steps]
 
 
 class TrainingImages:

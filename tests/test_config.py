@@ -38,6 +38,7 @@ def test_unknown_key_suggests_nearest(tmp_path):
     ("train.max_steps=0", "train.max_steps must be at least 1"),
     ("train.max_steps=1.5", "train.max_steps must be an integer"),
     ("clip_lora.protocol=original", "clip_lora.protocol must be one of promptlearn, reference, got 'original'"),
+    ("clap.protocol=original", "clap.protocol must be one of promptlearn, reference, got 'original'"),
     ("data.val_shots=0", "data.val_shots must be a whole number of at least 1, or 'shots' for K"),
     ("data.val_shots=-3", "data.val_shots must be a whole number of at least 1, or 'shots' for K"),
     ("data.val_shots=2.5", "data.val_shots must be a whole number of at least 1, or 'shots' for K"),

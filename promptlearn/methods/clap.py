@@ -5,9 +5,15 @@ Prototypes w_c start at t_c, the class's raw text features averaged over the tem
 normalised); logits = logit_scale * cos(f, w_c). The loss is cross-entropy +
 mean_c lambda_c ||w_c - t_c||^2, where lambda_c is zero-shot CLIP's mean softmax probability of the
 true class over the training features of class c (all augmented passes). Recipe: SGD lr 0.1,
-momentum 0.9, no weight decay, batch 256, 300 epochs, 20 augmented passes of cached features.
+momentum 0.9, no weight decay, batch 256, 300 epochs (the first at the trainer's warm-up lr 1e-5, then a
+cosine stepped per epoch), 20 augmented passes of cached features.
 `clap.constraint=false` is the authors' ZS-LP baseline (the same probe with no penalty). Loaded for
 other classes (base-to-novel, a checkpoint), a class it never trained on keeps its zero-shot prototype.
+
+Epochs: promptlearn trains epoch e on cached pass e mod 20. clap.protocol=reference draws every epoch from the
+pool of all 20 passes as the published code does (features.PooledPasses: N // 256 batches, at least one, of a
+fresh shuffle of the pool; the lr schedule still steps per epoch, as there), and on ImageNet starts from the
+published code's 8 templates: the 7-template ensemble and "a photo of a {}." (unless data.template(s) is set).
 """
 from __future__ import annotations
 
@@ -19,16 +25,19 @@ from torch import nn
 
 from promptlearn.checkpoint import check_meta, load_checkpoint
 from promptlearn.data import dataset_templates
+from promptlearn.data.registry import IMAGENET_ENSEMBLE
 from promptlearn.errors import CheckpointError
-from promptlearn.features import TrainingFeatures
+from promptlearn.features import PooledPasses, TrainingFeatures
 from promptlearn.methods.base import Capabilities, Method, own_recipe, register_method
 from promptlearn.trainer import StepLosses
 
 PROTOTYPE_NAMES = "prototype_classnames"  # in the trainable state: the class of each prototype row
+PROTOCOLS = ("promptlearn", "reference")
 
 
 @dataclass
 class ClapConfig:
+    protocol: str = "promptlearn"  # promptlearn | reference (the published code's epochs and ImageNet templates)
     constraint: bool = True  # the class-adaptive penalty (false: ZS-LP)
     lr: float = 0.1
     batch_size: int = 256
@@ -43,6 +52,11 @@ class ClapConfig:
                          "clap.weight_decay 0 or more")
         if self.feature_passes < 0:
             found.append(f"clap.feature_passes must be 0 or more, got {self.feature_passes}")
+        if self.protocol not in PROTOCOLS:
+            found.append(f"clap.protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        elif self.protocol == "reference" and self.feature_passes == 0:
+            found.append("clap.protocol=reference draws from a pool of cached passes: clap.feature_passes must be "
+                         "at least 1 (the published code's is 20)")
         return found
 
 
@@ -50,6 +64,15 @@ def raw_text_prototypes(backbone, classnames: list[str], templates: list[str]) -
     """[C, D] text features averaged over templates, with their norms (CLAP's initialisation)."""
     return torch.stack([backbone.encode_texts([t.format(c) for c in classnames], normalize=False)
                         for t in templates]).mean(0)
+
+
+def clap_templates(data, reference: bool) -> list[str]:
+    """The templates the prototypes average: the dataset's; under the reference on ImageNet, the published
+    code's 7-template ensemble followed by ImageNet's own "a photo of a {}." (unless data.template(s) is set)."""
+    templates = dataset_templates(data)
+    if reference and data.name == "imagenet" and data.template is None and not data.templates:
+        return [*IMAGENET_ENSEMBLE, *templates]
+    return templates
 
 
 def class_adaptive_multipliers(zero_shot_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -71,7 +94,8 @@ class Clap(Method):
 
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
-        anchors = raw_text_prototypes(backbone, classnames, dataset_templates(cfg.data))
+        anchors = raw_text_prototypes(backbone, classnames,
+                                      clap_templates(cfg.data, cfg.clap.protocol == "reference"))
         self.register_buffer("anchors", anchors, persistent=False)
         self.register_buffer("multipliers", torch.zeros(len(classnames), device=anchors.device), persistent=False)
         self.prototypes = nn.Parameter(anchors.clone())
@@ -87,14 +111,14 @@ class Clap(Method):
         return StepLosses(logits, losses)
 
     def training_features(self, bank) -> TrainingFeatures:
-        return TrainingFeatures(bank, self.cfg.clap.feature_passes, self.cfg.train.augment)
+        own = self.cfg.clap
+        features = PooledPasses if own.protocol == "reference" else TrainingFeatures
+        return features(bank, own.feature_passes, self.cfg.train.augment)
 
     def fit(self, bank, trainer, checkpoint, resume) -> dict:
         own, data = self.cfg.clap, self.training_features(bank)
-        passes = max(data.passes, 1) if data.augment else 1
-        splits = [bank.train_pass(p, data.augment) for p in range(passes)]
-        features = torch.cat([s.features for s in splits]).to(self.device)
-        labels = torch.cat([s.labels for s in splits]).to(self.device)
+        pool = data.pooled()  # every cached pass: the multipliers see all augmented views
+        features, labels = pool.features.to(self.device), pool.labels.to(self.device)
         with torch.no_grad():  # the prototypes are still the zero-shot ones here, also on --resume
             zero_shot = self.backbone.logits(features, F.normalize(self.anchors, dim=-1))
         self.multipliers = class_adaptive_multipliers(zero_shot, labels)
