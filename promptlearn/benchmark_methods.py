@@ -136,7 +136,7 @@ def measure_lp_pp(cfg: RunConfig, method, x: torch.Tensor, y: torch.Tensor, epoc
     class Bank:  # the few-shot features LP++ fits on and selects its epoch with
         train = val = SplitFeatures(x.cpu(), y.cpu(), [""] * len(y))
 
-        def train_pass(self, index: int, augment: bool) -> SplitFeatures:
+        def train_pass(self, index: int, augment: bool, crop_scale=None) -> SplitFeatures:
             return self.train
 
     cfg.lp_pp.epochs = 1

@@ -132,11 +132,13 @@ def set_aside(path: Path) -> Path:
     return aside
 
 
-def check_meta(path: str | Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Name every setting in which the checkpoint differs from the current setup."""
+def check_meta(path: str | Path, saved: dict[str, Any], current: dict[str, Any],
+               absent: dict[str, Any] | None = None) -> None:
+    """Name every setting in which the checkpoint differs from the current setup. `absent`: what a setting the
+    checkpoint lacks was when it was written (the default of a key added since)."""
     problems = []
     for key, now in current.items():
-        then = saved.get(key)
+        then = saved.get(key, (absent or {}).get(key))
         if then != now:
             if isinstance(now, list) and isinstance(then, list):
                 diff = [f"{a!r} vs {b!r}" for a, b in zip(then, now) if a != b][:3]

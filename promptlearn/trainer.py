@@ -249,6 +249,9 @@ class Trainer:
         optimizer = build_optimizer(params, cfg)
         world, sizes = distributed.world_size(), [len(b) for b in batch_order(data.images, cfg.batch_size, 0, 0,
                                                                               cfg.drop_last)]
+        if cfg.min_lr > cfg.lr:  # a method's own lr may lie below train.min_lr, which would make the cosine climb
+            raise PromptlearnError(f"train.min_lr ({cfg.min_lr}) is above {method.name}'s learning rate ({cfg.lr}); "
+                                   f"set train.min_lr to {cfg.lr} or less")
         if min(sizes, default=world) < world:  # a rank with no images would leave the others waiting
             raise PromptlearnError(
                 f"{method.name}: a global batch of {min(sizes)} images cannot be shared by {world} processes; "
@@ -266,7 +269,7 @@ class Trainer:
         start, history, seconds_before = 0, [], 0.0
         saved = restore_unless_damaged(method, checkpoint) if resume and checkpoint.is_file() else None
         if saved is not None:
-            check_meta(checkpoint, saved.get("recipe", {}), recipe)
+            check_meta(checkpoint, saved.get("recipe", {}), recipe, absent=dataclasses.asdict(TrainConfig()))
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             start, history = int(saved["epoch"]), list(saved.get("history", []))

@@ -79,3 +79,28 @@ def test_a_run_cut_by_max_steps_resumes_to_the_same_state(tmp_path, monkeypatch)
                                                    tmp_path / "two.pt", resume=True)
     assert fit["epochs"] == 3 and [h["epoch"] for h in fit["history"]] == [1, 2, 3]
     torch.testing.assert_close(method.prompts.ctx.detach(), in_one_go, rtol=0, atol=0)
+
+
+def test_a_checkpoint_written_before_the_new_keys_resumes(tmp_path):
+    """A recipe without min_lr / max_steps (written before they existed) is read as their defaults; a
+    checkpoint that did set another value is still refused."""
+    cfg, method = coop("train.checkpoint_every=1")
+    data = RandomFeatures(method.backbone.embed_dim)
+    Trainer(cfg.train, epochs=1, seed=1).fit(method, data, tmp_path / "c.pt")
+    payload = torch.load(tmp_path / "c.pt", weights_only=False)
+    for key in ("min_lr", "max_steps"):
+        del payload["recipe"][key]
+    torch.save(payload, tmp_path / "old.pt")
+    cfg, method = coop("train.checkpoint_every=1")
+    fit = Trainer(cfg.train, epochs=2, seed=1).fit(method, data, tmp_path / "old.pt", resume=True)
+    assert [h["epoch"] for h in fit["history"]] == [1, 2]
+    cfg, method = coop("train.checkpoint_every=1", "train.min_lr=1e-4")
+    with pytest.raises(Exception, match="min_lr: 0.0 in the checkpoint, 0.0001 now"):
+        Trainer(cfg.train, epochs=2, seed=1).fit(method, data, tmp_path / "c.pt", resume=True)
+
+
+def test_a_min_lr_above_a_methods_own_lr_is_refused(tmp_path):
+    cfg, method = coop("train.min_lr=1e-3")
+    recipe = cfg.train.__class__(**{**cfg.train.__dict__, "lr": 2e-4})  # a method's own lr below train.min_lr
+    with pytest.raises(Exception, match=r"train.min_lr \(0.001\) is above coop's learning rate \(0.0002\)"):
+        Trainer(recipe, epochs=1, seed=1).fit(method, RandomFeatures(method.backbone.embed_dim), tmp_path / "c.pt")

@@ -17,6 +17,7 @@ published code's 8 templates: the 7-template ensemble and "a photo of a {}." (un
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -122,7 +123,10 @@ class Clap(Method):
         with torch.no_grad():  # the prototypes are still the zero-shot ones here, also on --resume
             zero_shot = self.backbone.logits(features, F.normalize(self.anchors, dim=-1))
         self.multipliers = class_adaptive_multipliers(zero_shot, labels)
-        trainer = own_recipe(trainer, self.cfg.train, own.epochs, lr=own.lr, batch_size=own.batch_size,
+        train = self.cfg.train
+        if own.protocol == "reference":  # the published loop: a schedule to 0 over whole epochs, whatever train.*
+            train = dataclasses.replace(train, min_lr=0.0, max_steps=None)
+        trainer = own_recipe(trainer, train, own.epochs, lr=own.lr, batch_size=own.batch_size,
                              weight_decay=own.weight_decay)
         info = trainer.fit(self, data, checkpoint, resume)
         return {**info, "multipliers_mean": float(self.multipliers.mean())}

@@ -124,7 +124,7 @@ class Protocol:
         recipe = dataclasses.replace(train, optimizer="adamw", lr=tip.lr, eps=tip.eps, weight_decay=tip.weight_decay,
                                      batch_size=tip.batch_size, warmup_epochs=0)
         if self.reference:
-            recipe = dataclasses.replace(recipe, lr_per_step=True, drop_last=False,
+            recipe = dataclasses.replace(recipe, lr_per_step=True, drop_last=False, min_lr=0.0, max_steps=None,
                                          crop_scale=list(HALF_AREA_CROP_SCALE))
         return recipe
 
