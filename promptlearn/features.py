@@ -452,12 +452,15 @@ class TrainingImages:
         loader = DataLoader(items, batch_sampler=shares, num_workers=bank.num_workers,
                             pin_memory=device.type == "cuda", collate_fn=collate_images)
         for (images, labels, _, bad), idx in zip(loader, order):
-            if bad and not bank.skip_bad:
-                raise DataError(bad[0].message)
-            size = len(idx) - len(bad)
-            if distributed.world_size() > 1 and bank.skip_bad:
-                # the ranks agree on the images that loaded, and skip together a step some rank has none of
-                counts = distributed.summed(torch.tensor([len(bad), images is None], device=device)).tolist()
-                size, images = len(idx) - counts[0], None if counts[1] else images
-            if images is not None:
+            unloaded, empty = len(bad), images is None
+            if distributed.world_size() > 1:
+                # the ranks agree on the images that did not load: all stop together, or all skip a step some
+                # rank has no image of (one rank alone stopping would leave the others waiting)
+                unloaded, empty = distributed.summed(torch.tensor([len(bad), images is None], device=device)).tolist()
+            if unloaded and not bank.skip_bad:
+                raise DataError(bad[0].message if bad else f"{unloaded} training image(s) of this step could not be "
+                                "read by another process (its log names them); fix or remove them, or set "
+                                "data.skip_bad_images=true")
+            size = len(idx) - unloaded
+            if not empty:
                 yield Batch(images.to(device, non_blocking=True), labels.to(device, non_blocking=True), size)

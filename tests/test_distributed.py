@@ -15,7 +15,7 @@ from helpers import QUICKSTART, REPO, quick_config, tiny_backbone
 
 from promptlearn.data.base import Item
 from promptlearn.data.transforms import train_transform
-from promptlearn.errors import PromptlearnError
+from promptlearn.errors import DataError, PromptlearnError
 from promptlearn.features import extract_features
 from promptlearn.runner import is_complete, run_experiment
 from promptlearn.trainer import Trainer
@@ -121,7 +121,7 @@ def test_streamed_images_are_encoded_once_across_the_ranks(tmp_path, one_thread)
         torch.testing.assert_close(part["features"], alone.features, rtol=1e-5, atol=1e-6)
 
 
-def streamed_batches(rank: int, world: int, store: str, items: list, result: str) -> None:
+def streamed_batches(rank: int, world: int, store: str, items: list, result: str, skip_bad: bool = True) -> None:
     """Rank `rank`'s batches of TrainingImages for two epochs (world 1: the whole run in one process)."""
     from promptlearn.data.base import DatasetSplits
     from promptlearn.data.fewshot import FewShotSplit
@@ -131,10 +131,13 @@ def streamed_batches(rank: int, world: int, store: str, items: list, result: str
         torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     dataset = DatasetSplits("sample", [str(i) for i in range(len(items))], train=items)
     bank = FeatureBank(tiny_backbone(), dataset, FewShotSplit("sample", 1, 1, items, []), cache=FeatureCache(None),
-                       batch_size=4, num_workers=0, skip_bad=True, seed=1)
+                       batch_size=4, num_workers=0, skip_bad=skip_bad, seed=1)
     data = TrainingImages(bank, augment=True)
-    batches = [(b.inputs, b.labels, b.size) for epoch in (0, 1)
-               for b in data.batches(epoch, 5, seed=1, device=torch.device("cpu"))]
+    try:
+        batches = [(b.inputs, b.labels, b.size) for epoch in (0, 1)
+                   for b in data.batches(epoch, 5, seed=1, device=torch.device("cpu"))]
+    except DataError as error:
+        batches = str(error)
     torch.save(batches, f"{result}.{rank}")
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -164,6 +167,13 @@ def test_streamed_training_images_are_decoded_once_across_the_ranks(tmp_path, on
             torch.testing.assert_close(image, x[(y == label).nonzero()[0, 0]])
         skipped += size < 5
     assert skipped == 2  # the broken image, once per epoch
+
+    # without data.skip_bad_images both ranks stop at that step, not only the rank that read the image
+    torch.multiprocessing.spawn(streamed_batches, args=(2, str(tmp_path / "store2"), items, str(tmp_path / "stop"),
+                                                        False), nprocs=2)
+    errors = [torch.load(tmp_path / f"stop.{rank}", weights_only=True) for rank in (0, 1)]
+    assert all(isinstance(e, str) for e in errors)
+    assert sum("broken.png" in e for e in errors) == 1 and sum("another process" in e for e in errors) == 1
 
 
 def test_a_global_batch_smaller_than_the_processes_is_refused(tmp_path, monkeypatch):
