@@ -29,8 +29,9 @@ RANDOM_CTX_STD = 0.02
 class CoOpConfig:
     section: ClassVar[str] = "coop"  # the section's name in messages (methods built on CoOp have their own)
     n_ctx: Optional[int] = None  # context length M (16 when unset); with ctx_init, the phrase's token count
-    ctx_init: str = ""  # e.g. "a photo of a" ("_" read as a space); empty: random normal init, std 0.02
-    ctx_init_words: bool = False  # M = the phrase's words, as the original code counts: its first M tokens learned
+    ctx_init: str = ""  # e.g. "a photo of a"; empty: random normal init, std 0.02
+    # M = the phrase's words ("_" read as a space), as the original code counts: its first M tokens learned
+    ctx_init_words: bool = False
     class_specific: bool = False  # one context per class (CSC)
     class_position: str = "end"  # end | middle | front
     truncate_prompts: bool = True  # run each prompt at its own real length (packed rows) where exact
@@ -81,7 +82,7 @@ def context_from_config(backbone: FrozenCLIP, cfg: CoOpConfig) -> ContextStart:
     if not cfg.ctx_init.strip():
         n_ctx = cfg.n_ctx or DEFAULT_N_CTX
         return ContextStart(n_ctx, placeholder_ids(backbone, n_ctx))
-    phrase = spoken_name(cfg.ctx_init)
+    phrase = spoken_name(cfg.ctx_init) if cfg.ctx_init_words else cfg.ctx_init
     ids = backbone.tokenizer.encode(phrase)
     if not ids:
         raise ConfigError(f"{cfg.section}.ctx_init {cfg.ctx_init!r} has no tokens; give a phrase or leave it empty")
