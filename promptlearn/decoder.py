@@ -364,8 +364,8 @@ def decode_checkpoint(path: str | Path, backbone: FrozenCLIP | None = None, topk
         trained, used = (meta["model"], meta["pretrained"]), (backbone.name, backbone.pretrained)
         warnings = [] if trained == used else [f"the context was trained on {trained[0]} ({trained[1]}) and is "
                                                f"decoded with {used[0]} ({used[1]})"]
-        return decode_context(state["prompts.ctx"], backbone, meta["classnames"], meta["class_position"],
-                              topk, metric, str(path), warnings)
+        return decode_context(state["prompts.ctx"], backbone, meta.get("classnames"), meta["class_position"],
+                              topk, metric, str(path), warnings, fixed_ids=meta.get("fixed_ids", []))
     state = payload.get("state_dict", payload)
     if not isinstance(state, dict) or not isinstance(state.get("ctx"), torch.Tensor):
         raise CheckpointError(f"checkpoint {path} holds no prompt context: it is neither a promptlearn checkpoint "

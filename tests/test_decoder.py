@@ -224,3 +224,16 @@ def test_open_clip_bpe_texts_are_readable(backbones):
     assert tok.token_text(photo) == "photo "  # end-of-word marker -> a space
     assert text_of(tok, tok.encode("a photo of a")) == PHRASE
     assert isinstance(tok.tokenizer, open_clip.SimpleTokenizer)
+
+
+def test_a_unified_checkpoint_with_fixed_words_decodes_from_the_file(tmp_path):
+    """A unified context's checkpoint (no class list) decodes from the file alone, with the words that
+    ctx_init_words leaves fixed before the class ("itap of a": "a" stays a word)."""
+    run_experiment(quick_config(tmp_path, "methods=[coop]", "coop.class_specific=false", "coop.ctx_init=itap of a",
+                                "coop.ctx_init_words=true", "train.epochs=1"))
+    path = tmp_path / "run" / "coop" / "checkpoint.pt"
+    assert torch.load(path, weights_only=True)["meta"]["fixed_ids"] == tiny_backbone().tokenizer.encode("a")
+    decoded = decode_checkpoint(path, device="cpu")
+    assert len(decoded.contexts) == 1 and decoded.contexts[0].prompt.endswith(" a [CLASS].")
+    saved = json.loads((tmp_path / "run" / "coop" / JSON_FILE).read_text())
+    assert decoded.contexts[0].prompt == saved["contexts"][0]["prompt"]  # the run's own reading

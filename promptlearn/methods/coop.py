@@ -253,6 +253,8 @@ class CoOp(Method):
         meta = super().checkpoint_meta()
         if not self.prompts.class_specific:  # a unified context fits any class list (e.g. ImageNet-A's 200)
             meta.pop("classnames")
+        if self.prompts.fixed_ids:  # named only when there are any, so checkpoints from before still load
+            meta["fixed_ids"] = list(self.prompts.fixed_ids)
         return {**meta, "n_ctx": self.prompts.n_ctx,
                 "class_specific": self.prompts.class_specific, "class_position": self.prompts.position,
                 "ctx_init": self.own.ctx_init}
