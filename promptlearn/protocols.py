@@ -106,7 +106,10 @@ def scorer_for(method: Method, target: Target, cfg: "RunConfig"):
                              f"capability; {target.name} has {len(wanted)} classes, not all trained)")
     run_cfg = copy.copy(cfg)
     run_cfg.data = target.data
-    moved = build_method(method.name, run_cfg, method.backbone, wanted)
+    try:
+        moved = build_method(method.name, run_cfg, method.backbone, wanted)
+    except ConfigError as error:  # e.g. a published prompt the target has none of: n/a, not a failed run
+        return NotApplicable(f"{method.name} cannot be set up for {target.name}: {error}")
     moved.load_trainable_state(method.trainable_state(), f"{method.name} trained on {len(trained)} classes")
     return moved.predict
 

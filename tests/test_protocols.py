@@ -17,6 +17,7 @@ from promptlearn.errors import ConfigError
 from promptlearn.methods import build_method
 from promptlearn.protocols import (
     PROTOCOLS,
+    NotApplicable,
     Target,
     base_novel_labels,
     harmonic_mean,
@@ -222,3 +223,18 @@ def test_protocol_recipe_is_the_default_and_overridable(tmp_path):
     explicit.write_text("protocol: base2novel\ncoop:\n  ctx_init: ''\n")
     assert load_config([explicit], []).coop.ctx_init == ""
     assert "_given" not in dump_yaml(load_config([explicit], []))  # which keys were given is not a config key
+
+
+def test_a_method_that_cannot_be_set_up_for_a_target_is_na_not_a_failed_run():
+    """ProGrad's published prompts exist for the CoOp datasets only: moved to a custom target after training,
+    it is reported n/a with the reason, and the run's other results stand."""
+    import dataclasses
+
+    backbone = tiny_backbone()
+    cfg = load_config([], ["backbone.model=tiny-clip", "backbone.pretrained=none", "prograd.protocol=reference",
+                           "data.name=dtd"])
+    trained = build_method("prograd", cfg, backbone, ["cat", "dog"])
+    custom = dataclasses.replace(cfg.data, name="image_folder")
+    score = scorer_for(trained, Target("mine", DatasetSplits("mine", ["horse", "cat"]), custom), cfg)
+    assert isinstance(score, NotApplicable)
+    assert "prograd cannot be set up for mine" in score.reason and "data.name=image_folder" in score.reason
