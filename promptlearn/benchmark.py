@@ -38,7 +38,7 @@ from promptlearn.data.base import Item
 from promptlearn.data.loader import ImageItems, collate_images
 from promptlearn.data.transforms import eval_transform, train_transform
 from promptlearn.errors import ConfigError
-from promptlearn.features import EpochFeatures, SplitFeatures, batch_order, extract_features
+from promptlearn.features import EpochFeatures, SplitFeatures, batch_order, extract_features, steps_per_epoch
 from promptlearn.methods.coop import CoOp
 from promptlearn.trainer import Trainer, build_optimizer, grad_scaler, lr_factor, optimizer_step
 
@@ -107,7 +107,7 @@ class BenchmarkSpec:
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(batch_order(self.train_images, self.batch_size, SEED, 0))
+        return steps_per_epoch(self.train_images, self.batch_size)
 
 
 # ----------------------------------------------------------------------------- data and models

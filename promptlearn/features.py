@@ -313,7 +313,12 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int, drop_last: bool 
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=g)
     full = n - n % batch_size if n >= batch_size and drop_last else n
-    return list(order[:full].split(batch_size))
+    return list(order[:full].split(batch_size)) if full else []
+
+
+def steps_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:
+    """len(batch_order(n, batch_size, ..., drop_last)), without drawing the order."""
+    return n // batch_size if n >= batch_size and drop_last else -(-n // batch_size)
 
 
 class EpochFeatures:
@@ -418,7 +423,7 @@ class PooledPasses(TrainingFeatures):
 
     def batch_indices(self, size: int, epoch: int, batch_size: int, seed: int,
                       drop_last: bool = True) -> list[torch.Tensor]:
-        steps = len(batch_order(self.images, batch_size, seed, epoch, drop_last))
+        steps = steps_per_epoch(self.images, batch_size, drop_last)
         return batch_order(size, batch_size, seed, epoch, drop_last)[:steps]
 
 

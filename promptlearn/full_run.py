@@ -26,7 +26,7 @@ from PIL import Image
 from promptlearn.benchmark import device_name
 from promptlearn.config import load_config
 from promptlearn.errors import ConfigError
-from promptlearn.features import batch_order
+from promptlearn.features import steps_per_epoch
 
 IMAGE_SIZE = (500, 375)  # the commonest size of an ImageNet photo
 
@@ -106,7 +106,7 @@ def run_full(spec: FullRunSpec, work_dir: Path, beside: dict | None = None) -> d
     info = json.loads((work_dir / "run" / "run_info.json").read_text())
     coop = metrics["coop"]
     history = json.loads((work_dir / "run" / "coop" / "history.json").read_text())
-    steps = len(history) * len(batch_order(spec.classes * spec.shots, cfg.train.batch_size, 0, 0, cfg.train.drop_last))
+    steps = len(history) * steps_per_epoch(spec.classes * spec.shots, cfg.train.batch_size, cfg.train.drop_last)
     device = torch.device(info["environment"]["device"])
     result = {"device": device_name(device), "torch": torch.__version__, "backbone": spec.model,
               "classes": spec.classes, "class_names": "imagenet", "shots": spec.shots, "epochs": len(history),

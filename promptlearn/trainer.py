@@ -256,7 +256,8 @@ class Trainer:
             raise PromptlearnError(
                 f"{method.name}: a global batch of {min(sizes)} images cannot be shared by {world} processes; "
                 f"under torchrun use a batch size of at least {world} (train.batch_size, or the method's own, "
-                f"such as cocoop.batch_size) and keep train.drop_last=true")
+                f"such as cocoop.batch_size) and drop the last short batch (train.drop_last=true) where the "
+                f"method's recipe allows, or run on fewer processes")
         steps = len(sizes)  # per epoch: counted by the scheduler with train.lr_per_step, spent by train.max_steps
         length = self.epochs if cfg.max_steps is None else min(self.epochs, cfg.max_steps / max(steps, 1))
         epochs = math.ceil(length)  # the last one cut short where train.max_steps ends training mid-epoch

@@ -104,3 +104,13 @@ def test_a_min_lr_above_a_methods_own_lr_is_refused(tmp_path):
     recipe = cfg.train.__class__(**{**cfg.train.__dict__, "lr": 2e-4})  # a method's own lr below train.min_lr
     with pytest.raises(Exception, match=r"train.min_lr \(0.001\) is above coop's learning rate \(0.0002\)"):
         Trainer(recipe, epochs=1, seed=1).fit(method, RandomFeatures(method.backbone.embed_dim), tmp_path / "c.pt")
+
+
+def test_steps_per_epoch_counts_the_batches_batch_order_draws():
+    from promptlearn.features import batch_order, steps_per_epoch
+
+    for n in range(0, 40):
+        for batch_size in (1, 4, 8, 32):
+            for drop_last in (True, False):
+                assert steps_per_epoch(n, batch_size, drop_last) == len(batch_order(n, batch_size, 3, 1, drop_last))
+    assert batch_order(0, 4, 0, 0) == [] and steps_per_epoch(5, 4) == 1 and steps_per_epoch(5, 4, False) == 2

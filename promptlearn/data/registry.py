@@ -44,13 +44,18 @@ def build_dataset(cfg: "DataConfig") -> DatasetSplits:
     return DATASETS.get(cfg.name).reader(cfg)
 
 
-def dataset_templates(cfg: "DataConfig", imagenet_ensemble: bool = False) -> list[str]:
-    """The zero-shot template(s): data.templates, else data.template, else the dataset's own (with
-    imagenet_ensemble, ImageNet's is IMAGENET_ENSEMBLE)."""
+def chosen_templates(cfg: "DataConfig") -> list[str]:
+    """The template(s) the run sets (data.templates, else data.template), which win over any method's; [] if none."""
     if cfg.templates:
         return list(cfg.templates)
-    if cfg.template is not None:
-        return [cfg.template]
+    return [cfg.template] if cfg.template is not None else []
+
+
+def dataset_templates(cfg: "DataConfig", imagenet_ensemble: bool = False) -> list[str]:
+    """The zero-shot template(s): those the run sets, else the dataset's own (with imagenet_ensemble,
+    ImageNet's is IMAGENET_ENSEMBLE)."""
+    if chosen_templates(cfg):
+        return chosen_templates(cfg)
     if imagenet_ensemble and cfg.name == "imagenet":
         return list(IMAGENET_ENSEMBLE)
     return [DATASETS.get(cfg.name).template]

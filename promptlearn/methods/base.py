@@ -79,6 +79,15 @@ def build_method(name: str, cfg: "RunConfig", backbone: "FrozenCLIP", classnames
     return method_class(name)(cfg, backbone, classnames).to(backbone.device)
 
 
+PROTOCOLS = ("promptlearn", "reference")  # <method>.protocol: promptlearn's defaults or the published code's
+
+
+def protocol_problems(section: str, protocol: str) -> list[str]:
+    if protocol in PROTOCOLS:
+        return []
+    return [f"{section}.protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}"]
+
+
 def own_recipe(trainer: "Trainer", train: "TrainConfig", epochs: int | None = None, **fields) -> "Trainer":
     """`trainer` under a method's published recipe: each field given (not None) replaces train.<field>,
     and `epochs` (not None) the run's epochs."""

@@ -26,14 +26,13 @@ from torch import nn
 
 from promptlearn.checkpoint import check_meta, load_checkpoint
 from promptlearn.data import dataset_templates
-from promptlearn.data.registry import IMAGENET_ENSEMBLE
+from promptlearn.data.registry import IMAGENET_ENSEMBLE, chosen_templates
 from promptlearn.errors import CheckpointError
 from promptlearn.features import PooledPasses, TrainingFeatures
-from promptlearn.methods.base import Capabilities, Method, own_recipe, register_method
+from promptlearn.methods.base import Capabilities, Method, own_recipe, protocol_problems, register_method
 from promptlearn.trainer import StepLosses
 
 PROTOTYPE_NAMES = "prototype_classnames"  # in the trainable state: the class of each prototype row
-PROTOCOLS = ("promptlearn", "reference")
 
 
 @dataclass
@@ -53,9 +52,8 @@ class ClapConfig:
                          "clap.weight_decay 0 or more")
         if self.feature_passes < 0:
             found.append(f"clap.feature_passes must be 0 or more, got {self.feature_passes}")
-        if self.protocol not in PROTOCOLS:
-            found.append(f"clap.protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
-        elif self.protocol == "reference" and self.feature_passes == 0:
+        found += protocol_problems("clap", self.protocol)
+        if self.protocol == "reference" and self.feature_passes == 0:
             found.append("clap.protocol=reference draws from a pool of cached passes: clap.feature_passes must be "
                          "at least 1 (the published code's is 20)")
         return found
@@ -70,10 +68,9 @@ def raw_text_prototypes(backbone, classnames: list[str], templates: list[str]) -
 def clap_templates(data, reference: bool) -> list[str]:
     """The templates the prototypes average: the dataset's; under the reference on ImageNet, the published
     code's 7-template ensemble followed by ImageNet's own "a photo of a {}." (unless data.template(s) is set)."""
-    templates = dataset_templates(data)
-    if reference and data.name == "imagenet" and data.template is None and not data.templates:
-        return [*IMAGENET_ENSEMBLE, *templates]
-    return templates
+    if reference and data.name == "imagenet" and not chosen_templates(data):
+        return [*IMAGENET_ENSEMBLE, *dataset_templates(data)]
+    return dataset_templates(data)
 
 
 def class_adaptive_multipliers(zero_shot_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

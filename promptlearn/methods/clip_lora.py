@@ -20,16 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptlearn.data import dataset_templates
+from promptlearn.data.registry import DEFAULT_TEMPLATE, chosen_templates
 from promptlearn.deep_prompts import checkpointed
 from promptlearn.errors import ConfigError
-from promptlearn.features import batch_order
+from promptlearn.features import steps_per_epoch
 from promptlearn.lora import PROJECTIONS, LoRAAttention, adaptable_blocks, attached
-from promptlearn.methods.base import ImageMethod, register_method
+from promptlearn.methods.base import ImageMethod, protocol_problems, register_method
 
 ENCODERS = ("both", "vision", "text")
-PROTOCOLS = ("promptlearn", "reference")
 REFERENCE_MIN_LR = 1e-6  # the published code's eta_min
-REFERENCE_TEMPLATE = "a photo of a {}."  # the published code's template for every dataset
 
 
 @dataclass
@@ -54,8 +53,7 @@ class ClipLoraConfig:
             found.append(f"clip_lora.dropout must be in [0, 1), got {self.dropout}")
         if not self.projections or set(self.projections) - set(PROJECTIONS):
             found.append(f"clip_lora.projections must be letters of qkvo, got {self.projections!r}")
-        if self.protocol not in PROTOCOLS:
-            found.append(f"clip_lora.protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        found += protocol_problems("clip_lora", self.protocol)
         if self.encoder not in ENCODERS:
             found.append(f"clip_lora.encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
         if self.lr <= 0:
@@ -101,8 +99,8 @@ class ClipLora(ImageMethod):
     def template(self) -> str:
         """The dataset's first template; under the reference "a photo of a {}.", unless data.template(s) is set."""
         data = self.cfg.data
-        if self.own.protocol == "reference" and data.template is None and not data.templates:
-            return REFERENCE_TEMPLATE
+        if self.own.protocol == "reference" and not chosen_templates(data):
+            return DEFAULT_TEMPLATE  # the published code's for every dataset
         return dataset_templates(data)[0]
 
     def _adapted(self, tower: str):
@@ -135,7 +133,7 @@ class ClipLora(ImageMethod):
             recipe = dataclasses.replace(recipe, lr_per_step=True, min_lr=REFERENCE_MIN_LR, max_steps=iterations,
                                          drop_last=False)
         data = self.training_images(bank)
-        steps = len(batch_order(len(data), own.batch_size, 0, 0, recipe.drop_last))
+        steps = steps_per_epoch(len(data), own.batch_size, recipe.drop_last)
         epochs = math.ceil(iterations / max(steps, 1))
         return trainer.with_recipe(recipe, epochs).fit(self, data, checkpoint, resume)
 

@@ -26,11 +26,9 @@ from torch import nn
 from promptlearn.data import dataset_templates
 from promptlearn.data.transforms import HALF_AREA_CROP_SCALE
 from promptlearn.errors import DataError
-from promptlearn.methods.base import Capabilities, Method, register_method
+from promptlearn.methods.base import Capabilities, Method, protocol_problems, register_method
 from promptlearn.methods.zeroshot import text_classifier
 from promptlearn.progress import progress
-
-PROTOCOLS = ("promptlearn", "reference")
 
 
 @dataclass
@@ -45,8 +43,7 @@ class LpPlusPlusConfig:
         if self.epochs < 0 or self.alpha_every < 1 or self.alpha_init_scale < 0:
             found.append(f"lp_pp.epochs must be 0 or more (got {self.epochs}), lp_pp.alpha_every at least 1 "
                          f"(got {self.alpha_every}) and lp_pp.alpha_init_scale 0 or more (got {self.alpha_init_scale})")
-        if self.protocol not in PROTOCOLS:
-            found.append(f"lp_pp.protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        found += protocol_problems("lp_pp", self.protocol)
         return found
 
 

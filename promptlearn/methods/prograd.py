@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from promptlearn.data import dataset_templates
 from promptlearn.errors import ConfigError
-from promptlearn.methods.base import register_method
+from promptlearn.methods.base import protocol_problems, register_method
 from promptlearn.methods.coop import (
     DEFAULT_N_CTX,
     ContextStart,
@@ -34,7 +34,6 @@ from promptlearn.methods.coop import (
 from promptlearn.methods.zeroshot import text_classifier
 from promptlearn.trainer import StepLosses
 
-PROTOCOLS = ("promptlearn", "reference")
 # The published code's hand-crafted prompt per dataset: the zero-shot teacher's template, whose words
 # before the class also start the context under protocol=reference
 REFERENCE_TEMPLATES = {
@@ -60,9 +59,8 @@ class ProGradConfig(CoOpConfig):
             found.append(f"prograd.projection must be in [0, 1], got {self.projection}")
         if self.temperature <= 0:
             found.append(f"prograd.temperature must be positive, got {self.temperature}")
-        if self.protocol not in PROTOCOLS:
-            found.append(f"prograd.protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
-        elif self.protocol == "reference" and (self.class_specific or self.class_position != "end"):
+        found += protocol_problems("prograd", self.protocol)
+        if self.protocol == "reference" and (self.class_specific or self.class_position != "end"):
             found.append("prograd.protocol=reference lays out the published prompt, one context with the class "
                          "at the end; drop prograd.class_specific and prograd.class_position")
         return found

@@ -24,11 +24,9 @@ from promptlearn.data import dataset_templates
 from promptlearn.data.transforms import HALF_AREA_CROP_SCALE
 from promptlearn.errors import ConfigError, DataError
 from promptlearn.features import SplitFeatures, TrainingFeatures
-from promptlearn.methods.base import Capabilities, register_method
+from promptlearn.methods.base import Capabilities, protocol_problems, register_method
 from promptlearn.methods.zeroshot import ZeroShot
 from promptlearn.progress import progress
-
-PROTOCOLS = ("promptlearn", "reference")
 
 # Tip-Adapter's published protocol, per dataset: search_scale [S_beta, S_alpha] and -F's initial alpha
 REFERENCE_SEARCH_SCALE = {
@@ -60,8 +58,7 @@ class TipAdapterConfig:
 
     def problems(self) -> list[str]:
         found = []
-        if self.protocol not in PROTOCOLS:
-            found.append(f"tip_adapter.protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        found += protocol_problems("tip_adapter", self.protocol)
         for name in ("alpha", "beta"):
             lo_hi, steps = getattr(self, f"{name}_range"), getattr(self, f"{name}_steps")
             if not (len(lo_hi) == 2 and 0 <= lo_hi[0] <= lo_hi[1]):
