@@ -1,9 +1,11 @@
 """Shared test helpers: tiny random backbones and quick run configs on the embedded sample."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import open_clip
+import pytest
 import torch
 from open_clip.tokenizer import HFTokenizer
 
@@ -64,3 +66,21 @@ def quick_config(tmp_path: Path, *overrides: str) -> RunConfig:
     """The quickstart config, writing into tmp_path, with few epochs unless overridden."""
     return load_config([QUICKSTART], [f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
                                       f"data.path={SAMPLE}", "train.epochs=5", *overrides])
+
+
+@contextmanager
+def interrupted_at_epoch(epoch: int):
+    """Within it, Ctrl-C as the trainer starts epoch `epoch` (0-based): a run saves its state after `epoch`
+    epochs and stops."""
+    from promptlearn.trainer import Trainer
+
+    real = Trainer._epoch
+
+    def stop(self, method, data, optimizer, scheduler, scaler, at, *rest):
+        if at == epoch:
+            raise KeyboardInterrupt
+        return real(self, method, data, optimizer, scheduler, scaler, at, *rest)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "_epoch", stop)
+        yield

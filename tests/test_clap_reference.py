@@ -6,10 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import quick_config, tiny_backbone
+from helpers import interrupted_at_epoch, quick_config, tiny_backbone
 
 from promptlearn import distributed
-from promptlearn import trainer as trainer_module
 from promptlearn.checkpoint import load_checkpoint
 from promptlearn.errors import CheckpointError, ConfigError
 from promptlearn.features import PooledPasses, SplitFeatures, TrainingFeatures, batch_order
@@ -125,18 +124,8 @@ def test_reference_resumes_to_the_same_prototypes_and_refuses_the_other_protocol
     reference = [*common, "clap.protocol=reference"]
     run_experiment(quick_config(tmp_path, *reference, f"output_dir={tmp_path / 'full'}"))
     interrupted = quick_config(tmp_path, *reference, f"output_dir={tmp_path / 'resumed'}")
-    original, calls = trainer_module.Trainer._epoch, {"n": 0}
-
-    def stop_after_two(self, *args, **kwargs):
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return original(self, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trainer_module.Trainer, "_epoch", stop_after_two)
-        with pytest.raises(Exception, match="interrupted; saved the state after epoch 2"):
-            run_experiment(interrupted)
+    with interrupted_at_epoch(2), pytest.raises(Exception, match="interrupted; saved the state after epoch 2"):
+        run_experiment(interrupted)
     with pytest.raises(CheckpointError, match="pools_passes: True in the checkpoint, None now"):
         run_experiment(quick_config(tmp_path, *common, f"output_dir={tmp_path / 'resumed'}"), resume=True)
     run_experiment(interrupted, resume=True)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO, SAMPLE, quick_config, tiny_backbone
+from helpers import REPO, SAMPLE, interrupted_at_epoch, quick_config, tiny_backbone
 
 from promptlearn import deep_benchmark
 from promptlearn.deep_benchmark import reference_image_features, reference_text_features
@@ -314,27 +314,17 @@ class FakeQueue(list):
         self.put = into.append
 
 
-def test_promptsrc_resumes_to_the_same_prompts_and_evaluates_from_its_checkpoint(tmp_path, monkeypatch):
+def test_promptsrc_resumes_to_the_same_prompts_and_evaluates_from_its_checkpoint(tmp_path):
     """The Gaussian-weighted sums travel in the checkpoint: a run interrupted after 2 of 3 epochs and
     resumed keeps the same prompts as an uninterrupted one; --eval-only gives its accuracy again."""
-    from promptlearn import trainer as trainer_module
     from promptlearn.checkpoint import load_checkpoint
 
     def config(folder):
         return quick_config(tmp_path, *SHALLOW, "methods=[promptsrc]", "data.shots=2", "promptsrc.epochs=3",
                             "promptsrc.gpa_mean=2", f"output_dir={tmp_path / folder}")
     full = run_experiment(config("full"))
-    original, calls = trainer_module.Trainer._epoch, {"n": 0}
-
-    def stop_after_two(self, *args, **kwargs):
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return original(self, *args, **kwargs)
-    monkeypatch.setattr(trainer_module.Trainer, "_epoch", stop_after_two)
-    with pytest.raises(Exception, match="interrupted; saved the state after epoch 2"):
+    with interrupted_at_epoch(2), pytest.raises(Exception, match="interrupted; saved the state after epoch 2"):
         run_experiment(config("resumed"))
-    monkeypatch.setattr(trainer_module.Trainer, "_epoch", original)
     resumed = run_experiment(config("resumed"), resume=True)
     states = [load_checkpoint(tmp_path / f / "promptsrc" / "checkpoint.pt")["state"] for f in ("full", "resumed")]
     assert states[0].keys() == states[1].keys() and any(k.startswith("gpa.") for k in states[0])

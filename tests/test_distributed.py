@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUICKSTART, REPO, quick_config, tiny_backbone
+from helpers import QUICKSTART, REPO, interrupted_at_epoch, quick_config, tiny_backbone
 
 from promptlearn.data.base import Item
 from promptlearn.data.transforms import train_transform
@@ -67,16 +67,8 @@ def test_two_gloo_processes_learn_what_one_process_learns(one_process, tmp_path)
     assert not list((tmp_path / "run").rglob(".*.tmp"))
 
 
-def test_run_interrupted_in_one_process_resumes_on_two(one_process, tmp_path, monkeypatch, one_thread):
-    real_epoch = Trainer._epoch
-
-    def stop_at_epoch_two(self, method, data, optimizer, scheduler, scaler, epoch, *rest):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real_epoch(self, method, data, optimizer, scheduler, scaler, epoch, *rest)
-
-    monkeypatch.setattr(Trainer, "_epoch", stop_at_epoch_two)
-    with pytest.raises(PromptlearnError, match="interrupted; saved the state after epoch 2"):
+def test_run_interrupted_in_one_process_resumes_on_two(one_process, tmp_path, one_thread):
+    with interrupted_at_epoch(2), pytest.raises(PromptlearnError, match="interrupted; saved the state after epoch 2"):
         run_experiment(quick_config(tmp_path, *RUN_KEYS))
     assert learned(tmp_path / "run")["epoch"] == 2
     proc = torchrun(tmp_path / "run", tmp_path / "cache", "--resume")

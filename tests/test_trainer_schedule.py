@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import interrupted_at_epoch
 from test_gpu_step import RandomFeatures, coop
 
 from promptlearn import trainer as trainer_module
@@ -56,24 +57,15 @@ def test_max_steps_stops_mid_epoch_and_the_per_step_cosine_ends_there(tmp_path, 
     assert load_checkpoint(tmp_path / "c.pt")["epoch"] == 2
 
 
-def test_a_run_cut_by_max_steps_resumes_to_the_same_state(tmp_path, monkeypatch):
+def test_a_run_cut_by_max_steps_resumes_to_the_same_state(tmp_path):
     keys = ("train.max_steps=23", "train.lr_per_step=true", "train.checkpoint_every=1")
     cfg, method = coop(*keys)
     Trainer(cfg.train, epochs=5, seed=1).fit(method, RandomFeatures(method.backbone.embed_dim), tmp_path / "one.pt")
     in_one_go = method.prompts.ctx.detach().clone()
 
     cfg, method = coop(*keys)
-    real_epoch = Trainer._epoch
-
-    def stop_at_epoch_two(self, method, data, optimizer, scheduler, scaler, epoch, *rest):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real_epoch(self, method, data, optimizer, scheduler, scaler, epoch, *rest)
-
-    monkeypatch.setattr(Trainer, "_epoch", stop_at_epoch_two)
-    with pytest.raises(Exception, match="interrupted; saved the state after epoch 2"):
+    with interrupted_at_epoch(2), pytest.raises(Exception, match="interrupted; saved the state after epoch 2"):
         Trainer(cfg.train, epochs=5, seed=1).fit(method, RandomFeatures(method.backbone.embed_dim), tmp_path / "two.pt")
-    monkeypatch.setattr(Trainer, "_epoch", real_epoch)
     cfg, method = coop(*keys)
     fit = Trainer(cfg.train, epochs=5, seed=1).fit(method, RandomFeatures(method.backbone.embed_dim),
                                                    tmp_path / "two.pt", resume=True)
