@@ -76,6 +76,17 @@ def word_count(phrase: str) -> int:
     return len(phrase.split(" "))
 
 
+def word_context(backbone: FrozenCLIP, phrase: str, n_ctx: int) -> ContextStart:
+    """The original code's start from a phrase of W words (n_ctx >= W): n_ctx vectors, zeros then the embeddings
+    of the phrase's first W tokens; its tokens past W stay fixed words before the class name (CoOp: n_ctx = W;
+    ProGrad pads its templates' words to 16 with zeros)."""
+    words = word_count(phrase)
+    ids = placeholder_ids(backbone, n_ctx - words) + backbone.tokenizer.encode(phrase)
+    vectors = token_vectors(backbone, ids[:n_ctx])
+    vectors[:n_ctx - words] = 0
+    return ContextStart(n_ctx, ids, vectors)
+
+
 def context_from_config(backbone: FrozenCLIP, cfg: CoOpConfig) -> ContextStart:
     """The phrase's tokens, each starting from its embedding (with ctx_init_words, the first W of them, W its
     words, the rest fixed words before the class); without a phrase, M random vectors."""
@@ -96,7 +107,9 @@ def context_from_config(backbone: FrozenCLIP, cfg: CoOpConfig) -> ContextStart:
     if n_ctx < len(ids) and cfg.class_position != "end":
         raise ConfigError(f"{cfg.section}.ctx_init_words leaves {len(ids) - n_ctx} of the tokens of "
                           f"{cfg.ctx_init!r} fixed before the class, which needs {cfg.section}.class_position=end")
-    return ContextStart(n_ctx, ids, token_vectors(backbone, ids[:n_ctx]))
+    if cfg.ctx_init_words:
+        return word_context(backbone, phrase, n_ctx)
+    return ContextStart(n_ctx, ids, token_vectors(backbone, ids))
 
 
 class PromptLearner(nn.Module):

@@ -27,8 +27,7 @@ from promptlearn.methods.coop import (
     ContextStart,
     CoOp,
     CoOpConfig,
-    placeholder_ids,
-    token_vectors,
+    word_context,
     word_count,
 )
 from promptlearn.methods.zeroshot import text_classifier
@@ -92,16 +91,6 @@ def reference_template(cfg) -> str | None:
     return template
 
 
-def zero_padded_context(backbone, phrase: str, n_ctx: int) -> ContextStart:
-    """The published start: n_ctx vectors, zeros then the embeddings of the phrase's first W tokens, W its
-    number of words; the phrase's tokens past W stay fixed words before the class name."""
-    words = word_count(phrase)
-    ids = placeholder_ids(backbone, n_ctx - words) + backbone.tokenizer.encode(phrase)
-    vectors = token_vectors(backbone, ids[:n_ctx])
-    vectors[:n_ctx - words] = 0
-    return ContextStart(n_ctx, ids, vectors)
-
-
 def distillation(logits: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """T^2 * mean over images of the cross-entropy from the teacher's softened distribution."""
     target = F.softmax(teacher / temperature, dim=-1)
@@ -134,7 +123,7 @@ class ProGrad(CoOp):  # CoOp's capabilities
     def context_start(self) -> ContextStart:
         if self.template is None:
             return super().context_start()
-        return zero_padded_context(self.backbone, context_phrase(self.template), self.own.n_ctx or DEFAULT_N_CTX)
+        return word_context(self.backbone, context_phrase(self.template), self.own.n_ctx or DEFAULT_N_CTX)
 
     def training_step(self, image_features, labels) -> StepLosses:
         logits = self(image_features).float()
