@@ -2,6 +2,7 @@
 cached on disk, and shared by every method that trains or fits on top of a frozen image encoder."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -135,14 +136,18 @@ class FeatureCache:
         """Before a run loads anything: the cache folder can be written (with the way to run without it)."""
         if self.folder is None:
             return
-        created = [p for p in [self.folder, *self.folder.parents] if not p.exists()]
+        # nothing is created here (the first write makes the folder), so a run that stops before extracting
+        # leaves no empty cache folder, and processes starting together (torchrun) never remove one another's
+        existing = next(p for p in [self.folder, *self.folder.parents] if p.exists())
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            probe = self.folder / f".write-test-{os.getpid()}"
-            probe.write_text("ok")
-            probe.unlink()
-            for folder in created:  # a run that stops before extracting leaves no empty cache folders
-                folder.rmdir()
+            if existing == self.folder:
+                probe = self.folder / f".write-test-{os.getpid()}"
+                probe.write_text("ok")
+                probe.unlink()
+            elif not existing.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+            elif not os.access(existing, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
         except OSError as e:
             raise DataError(f"feature cache folder {self.folder} (cache_dir) cannot be written ({e.strerror or e}); "
                             "choose another with cache_dir=DIR, or run without a cache with cache_dir=none") from None

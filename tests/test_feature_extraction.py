@@ -94,3 +94,17 @@ def test_gpu_features_match_the_cpu_features(model):
     torch.testing.assert_close(found.features.norm(dim=-1), torch.ones(len(items)))
     assert (found.features * expected.features).sum(-1).min() > 0.99  # bf16 autocast against fp32
     torch.testing.assert_close(found.norms, expected.norms, rtol=0.05, atol=0.0)
+
+
+def test_the_cache_check_creates_nothing_so_processes_starting_together_never_collide(tmp_path):
+    """Checking a cache folder that does not exist yet creates nothing (its first write will): before, each
+    process made the folder and removed it again, and a second process starting at once (torchrun) could
+    find its probe's folder gone."""
+    from promptlearn.features import FeatureCache
+
+    cache = FeatureCache(tmp_path / "not" / "yet")
+    cache.check()
+    assert not (tmp_path / "not").exists()
+    (tmp_path / "not" / "yet").mkdir(parents=True)
+    cache.check()
+    assert list((tmp_path / "not" / "yet").iterdir()) == []  # the probe is gone again
