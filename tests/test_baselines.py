@@ -3,6 +3,7 @@ Tip-Adapter-F and the linear probe learn, choose their hyperparameters on the va
 and Tip-Adapter with alpha 0 is zero-shot CLIP exactly."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from helpers import FAMILIES, quick_config, tiny_backbone
@@ -13,7 +14,7 @@ from promptlearn.data.fewshot import load_or_draw
 from promptlearn.errors import ConfigError, DataError
 from promptlearn.features import FeatureBank, FeatureCache, SplitFeatures, TrainingFeatures
 from promptlearn.methods import build_method
-from promptlearn.methods.linear_probe import COARSE_C
+from promptlearn.methods.linear_probe import COARSE_C, fit_logistic, search_c
 from promptlearn.methods.tip_adapter import search_grid
 from promptlearn.runner import run_experiment
 from promptlearn.trainer import Trainer, build_optimizer
@@ -121,6 +122,51 @@ def test_linear_probe_chooses_a_searched_c(tmp_path, shared_cache):
     cfg, backbone, bank, trainer = setup(tmp_path, shared_cache)
     _, info = fitted("linear_probe", cfg, backbone, bank, trainer, tmp_path)
     assert info["C"] in info["searched_C"] and set(COARSE_C) <= set(info["searched_C"])
+
+
+def probe_inputs(tmp_path, shared_cache) -> tuple[np.ndarray, ...]:
+    """The quickstart's probe inputs (16 shots, no crops): train and validation features and labels."""
+    _, _, bank, _ = setup(tmp_path, shared_cache, "data.shots=16", "train.augment=false")
+    return bank.train.features.numpy(), bank.train.labels.numpy(), bank.val.features.numpy(), bank.val.labels.numpy()
+
+
+def probe_result(x, y, xv, yv) -> tuple:
+    """What the probe decides and predicts: the chosen C, the validation hits of every C tried, and the
+    predicted class of every train and validation image."""
+    best, hits = search_c(x, y, xv, yv)
+    return best, hits, fit_logistic(x, y, best).predict(np.concatenate([x, xv]).astype(np.float64)).tolist()
+
+
+def test_the_linear_probe_is_the_same_under_one_and_two_blas_threads(tmp_path, shared_cache):
+    from threadpoolctl import threadpool_limits
+
+    inputs = probe_inputs(tmp_path, shared_cache)
+    results = []
+    for threads in (1, 2):
+        with threadpool_limits(limits=threads):
+            results.append(probe_result(*inputs))
+    assert results[0] == results[1]
+
+
+def test_the_linear_probe_is_the_same_when_features_move_in_the_last_bit(tmp_path, shared_cache):
+    """Another CPU's kernels give features that differ in the last bit; the probe must not notice. (Its float32
+    L-BFGS fit did: the hits at C = 1e5 and 1e6 changed on these very features, and another BLAS kernel changed
+    the chosen C, so the README's quickstart table held on one kind of machine only.)"""
+    x, y, xv, yv = probe_inputs(tmp_path, shared_cache)
+    rng = np.random.default_rng(0)
+
+    def nudged(a: np.ndarray) -> np.ndarray:
+        return np.where(rng.random(a.shape) < 0.5, np.nextafter(a, np.float32(np.inf)), a)
+
+    assert probe_result(x, y, xv, yv) == probe_result(nudged(x), y, nudged(xv), yv)
+
+
+def test_the_linear_probe_breaks_ties_towards_stronger_regularisation():
+    """Validation hits are counts; among equal counts the smallest C wins, at both stages of the search."""
+    x = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0]])
+    y = np.array([0, 1, 0, 1])
+    best, hits = search_c(x, y, x, y)
+    assert set(hits.values()) == {4} and best == min(hits)
 
 
 def test_methods_need_a_validation_set(tmp_path, shared_cache):

@@ -1,5 +1,9 @@
-"""Linear probe (CLIP paper, CoOp's baseline): L-BFGS logistic regression on frozen features,
-with the inverse regularisation C chosen on the few-shot validation set only."""
+"""Linear probe (CLIP paper, CoOp's baseline): logistic regression on frozen features, with the inverse
+regularisation C chosen on the few-shot validation set only.
+
+The fit is the same on any CPU, BLAS build and thread count: float64 features, Newton-CG run to a gradient
+of 1e-10 (the unique optimum, not wherever L-BFGS stopped: float32 L-BFGS chose a different C under another
+BLAS kernel), validation hits compared as counts, ties to the smaller C, and a grid of decimal values."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,21 +17,47 @@ import torch
 from promptlearn.errors import DataError
 from promptlearn.methods.base import Capabilities, Method, register_method
 
-COARSE_C = [10.0 ** k for k in range(-6, 7)]  # 1e-6 .. 1e6
+COARSE_C = [float(f"1e{k}") for k in range(-6, 7)]  # 1e-6 .. 1e6, parsed: the same bits on every machine
+TOLERANCE = 1e-10  # largest gradient entry at the optimum: far below what moves a prediction
 
 
 def refine_grid(best: float, steps: int = 4) -> list[float]:
-    """Log-spaced values between the neighbours of the best coarse value (a decade each side)."""
-    return [float(c) for c in np.logspace(np.log10(best) - 1, np.log10(best) + 1, 2 * steps + 1)]
+    """Log-spaced values between the neighbours of the best coarse value (a decade each side), rounded to six
+    significant digits so that no machine's pow() changes a C by one unit in the last place."""
+    return [float(f"{c:.6g}") for c in np.logspace(np.log10(best) - 1, np.log10(best) + 1, 2 * steps + 1)]
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, c: float):
     from sklearn.exceptions import ConvergenceWarning  # scikit-learn loads only when a probe is fitted
     from sklearn.linear_model import LogisticRegression
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        return LogisticRegression(C=c, max_iter=1000, solver="lbfgs").fit(x, y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model = LogisticRegression(C=c, max_iter=1000, tol=TOLERANCE, solver="newton-cg").fit(
+            np.asarray(x, dtype=np.float64), y)
+    if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+        warnings.warn(f"the linear probe's fit at C={c:g} stopped before its optimum (1000 Newton steps); its "
+                      "result may differ in the last digits between machines", RuntimeWarning, stacklevel=2)
+    return model
+
+
+def hits(model, x: np.ndarray, y: np.ndarray) -> int:
+    """Correct predictions as a count: exact, where a mean of floats could tie differently."""
+    return int((model.predict(np.asarray(x, dtype=np.float64)) == y).sum())
+
+
+def search_c(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray) -> tuple[float, dict[float, int]]:
+    """The C with the most validation hits over the decades, then over a finer grid around the best; ties go
+    to the first in ascending C (stronger regularisation). Returns it and the hits of every C tried."""
+    scores: dict[float, int] = {}
+
+    def score(c: float) -> int:
+        if c not in scores:
+            scores[c] = hits(fit_logistic(x, y, c), xv, yv)
+        return scores[c]
+
+    best = max(refine_grid(max(COARSE_C, key=score)), key=score)
+    return best, scores
 
 
 @dataclass
@@ -62,18 +92,9 @@ class LinearProbe(Method):
             raise DataError("the linear probe needs a few-shot validation set to choose C, but the draw has "
                             "none; the dataset has no val split and no training images left over")
         x, y = train.features.numpy(), train.labels.numpy()
-        xv, yv = val.features.numpy(), val.labels.numpy()
-        scores: dict[float, float] = {}
-
-        def score(c: float) -> float:
-            if c not in scores:
-                scores[c] = float((fit_logistic(x, y, c).predict(xv) == yv).mean())
-            return scores[c]
-
-        best = max(COARSE_C, key=score)  # first of the best, so ties favour stronger regularisation
-        best = max(refine_grid(best), key=score)
+        best, scores = search_c(x, y, val.features.numpy(), val.labels.numpy())
         self.set_classifier(fit_logistic(x, y, best), x.shape[1])
-        return {"C": best, "searched_C": sorted(scores), "val_accuracy": 100.0 * scores[best]}
+        return {"C": best, "searched_C": sorted(scores), "val_accuracy": 100.0 * scores[best] / len(val)}
 
     def set_classifier(self, model, dim: int) -> None:
         """The fitted logistic regression as weight and bias rows of every class."""
