@@ -73,7 +73,11 @@ def test_lp_pp_step_sizes_and_initialisation():
     x, y, text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), torch.tensor([0, 1, 0]), torch.eye(2)
     assert visual_step_size(x) == pytest.approx(4 * 3 / 2)  # F^T F = diag(2, 1)
     assert blend_step_size(x, text) == pytest.approx(3 / (4 * 2))
-    assert initial_blend(x, y, text, 250.0) == pytest.approx(250 * 0.5)  # class means of f.t: identity
+    # the authors' calculate_init_alpha gives 250 here: each class's mean score against its own text is 1
+    assert initial_blend(x, y, text, 250.0) == pytest.approx(250.0)
+    # own-class scores only: class 0 images (f.t0 = 0.6, 0.2; f.t1 = 0.9) and class 1 (f.t1 = 0.5) -> mean(0.4, 0.5)
+    x2, y2 = torch.tensor([[0.6, 0.9], [0.2, 0.9], [0.3, 0.5]]), torch.tensor([0, 0, 1])
+    assert initial_blend(x2, y2, text, 250.0) == pytest.approx(250 * (0.4 + 0.5) / 2)
     assert torch.equal(class_sums(x, y, 2), torch.tensor([[2.0, 0.0], [0.0, 1.0]]))  # sums, not means
 
 

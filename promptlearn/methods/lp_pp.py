@@ -4,7 +4,7 @@ zero-shot text embeddings with a learned class-wise weight:
 trained full batch on one augmented pass of the few-shot features with the authors' data-driven step sizes and start:
     W starts at the per-class *sums* of the training features, b at nn.Linear's default,
     lr_W = 4 N / lambda_max(F^T F) (SGD, momentum 0.9),
-    alpha_c starts at 250 * mean over (class c, text k) of the class-c mean of f . t_k,
+    alpha_c starts at 250 * mean over classes c of the class-c mean of f . t_c (each class against its own text),
     lr_alpha = N / (4 max_k sum_i (f_i . t_k)^2), alpha updated every 10 epochs by plain gradient
     descent on its gradient accumulated since the start (the authors' code never clears it).
 The state of the last epoch with the best few-shot validation accuracy is kept (300 epochs). The authors
@@ -63,10 +63,12 @@ def blend_step_size(features: torch.Tensor, text: torch.Tensor) -> float:
 
 
 def initial_blend(features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, scale: float) -> float:
-    """scale * the mean over (class c, text k) of the class-c mean of f . t_k (classes present)."""
-    present = labels.unique()
-    one_hot = F.one_hot(labels, len(text)).to(features.dtype)[:, present]
-    means = (one_hot.t() @ (features @ text.t())) / one_hot.sum(0)[:, None]
+    """scale * the mean over classes c (those present) of the class-c mean of f . t_c: each class's images
+    against their own class's text only, as the authors' compute_centroids_alpha + calculate_init_alpha."""
+    own = (features * text[labels]).sum(-1)  # f_i . t_{y_i}
+    present, index = labels.unique(return_inverse=True)
+    sums = torch.zeros(len(present), dtype=own.dtype, device=own.device).index_add_(0, index, own)
+    means = sums / torch.bincount(index)
     return scale * float(means.mean())
 
 
