@@ -18,7 +18,7 @@ from promptlearn.errors import ConfigError
 from promptlearn.features import FeatureBank, FeatureCache
 from promptlearn.methods import build_method, method_class
 from promptlearn.methods.clap import class_adaptive_multipliers, prototype_penalty
-from promptlearn.methods.kgcoop import knowledge_guidance
+from promptlearn.methods.kgcoop import knowledge_guidance, teacher_templates
 from promptlearn.methods.lp_pp import blend_step_size, class_sums, initial_blend, visual_step_size
 from promptlearn.methods.prograd import distillation, project_conflict
 from promptlearn.methods.zeroshot import text_classifier
@@ -38,6 +38,16 @@ def test_knowledge_guidance_value_and_gradient():
     w = torch.tensor([[1.0, 0.0]], requires_grad=True)  # orthogonal to its hand-crafted feature
     knowledge_guidance(w, torch.tensor([[0.0, 1.0]])).backward()
     assert torch.allclose(w.grad, torch.tensor([[0.0, -1.0]]))  # d(1 - cos)/dw = -t for unit w, t, cos 0
+
+
+def test_kgcoop_teacher_prompts_are_the_authors(tmp_path):
+    """KgCoOp's CUSTOM_TEMPLATES: DTD's teacher is "a photo of a {}, a type of texture." (CoOp's "{} texture." is
+    the dataset's zero-shot template); other datasets keep theirs; a template the run sets wins."""
+    data = quick_config(tmp_path, "data.name=dtd", "data.template=null").data
+    assert teacher_templates(data) == ["a photo of a {}, a type of texture."]
+    assert teacher_templates(quick_config(tmp_path, "data.name=eurosat", "data.template=null").data) == [
+        "a centered satellite photo of {}."]
+    assert teacher_templates(quick_config(tmp_path, "data.name=dtd", "data.template={} cloth.").data) == ["{} cloth."]
 
 
 def test_distillation_value_and_gradient():

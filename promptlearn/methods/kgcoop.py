@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from promptlearn.data import dataset_templates
+from promptlearn.data.registry import chosen_templates
 from promptlearn.methods.base import own_recipe, register_method
 from promptlearn.methods.coop import CoOp, CoOpConfig
 from promptlearn.methods.zeroshot import text_classifier
@@ -35,6 +36,18 @@ class KgCoOpConfig(CoOpConfig):
         return found
 
 
+# The authors' teacher prompts (htyao89/KgCoOp, trainers/kgcoop.py, CUSTOM_TEMPLATES) where they differ from the
+# dataset's own template; the other 14 datasets of the protocol use the same prompt in both.
+TEACHER_TEMPLATES = {"dtd": "a photo of a {}, a type of texture."}
+
+
+def teacher_templates(data) -> list[str]:
+    """The hand-crafted prompt(s) the learned class features are kept near: those the run sets, else the authors'."""
+    if chosen_templates(data) or data.name not in TEACHER_TEMPLATES:
+        return dataset_templates(data)
+    return [TEACHER_TEMPLATES[data.name]]
+
+
 def knowledge_guidance(text_features: torch.Tensor, hand_crafted: torch.Tensor) -> torch.Tensor:
     """1 - mean over classes of the cosine between learned and hand-crafted class text features."""
     return 1.0 - F.cosine_similarity(text_features, hand_crafted, dim=-1, eps=1e-7).mean()
@@ -45,7 +58,7 @@ class KgCoOp(CoOp):  # CoOp's capabilities
 
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
-        self.register_buffer("hand_crafted", text_classifier(backbone, classnames, dataset_templates(cfg.data)),
+        self.register_buffer("hand_crafted", text_classifier(backbone, classnames, teacher_templates(cfg.data)),
                              persistent=False)
 
     def training_step(self, image_features, labels) -> StepLosses:
