@@ -158,3 +158,12 @@ def test_clap_reference_recipe_ignores_train_min_lr_and_max_steps(tmp_path, monk
                                     "clap.epochs=2", "clap.feature_passes=2", "train.min_lr=1e-4",
                                     "train.max_steps=3"))
     assert [(r.min_lr, r.max_steps) for r in recipes] == [(0.0, None), (1e-4, 3)]
+
+
+@pytest.mark.parametrize("protocol", ["promptlearn", "reference"])
+def test_clap_honours_train_crop_scale(tmp_path, protocol):
+    """train.crop_scale reaches CLAP's augmented passes (it used to build them with the default (0.08, 1))."""
+    cfg = quick_config(tmp_path, "methods=[clap]", f"clap.protocol={protocol}", "clap.feature_passes=2",
+                       "train.augment=true", "train.crop_scale=[0.3,1.0]")
+    data = build_method("clap", cfg, tiny_backbone(), ["a", "b"]).training_features(NumberedPasses(8))
+    assert data.crop_scale == (0.3, 1.0)

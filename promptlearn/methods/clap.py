@@ -111,7 +111,7 @@ class Clap(Method):
     def training_features(self, bank) -> TrainingFeatures:
         own = self.cfg.clap
         features = PooledPasses if own.protocol == "reference" else TrainingFeatures
-        return features(bank, own.feature_passes, self.cfg.train.augment)
+        return features(bank, own.feature_passes, self.cfg.train.augment, self.cfg.train.crop_scale)
 
     def fit(self, bank, trainer, checkpoint, resume) -> dict:
         own, data = self.cfg.clap, self.training_features(bank)
