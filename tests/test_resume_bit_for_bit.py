@@ -13,6 +13,7 @@ from promptlearn.checkpoint import load_checkpoint, save_checkpoint
 from promptlearn.data.loader import ImageItems, image_loader
 from promptlearn.errors import PromptlearnError
 from promptlearn.methods import METHODS
+from promptlearn.methods.clip_lora import ClipLoraConfig
 from promptlearn.runner import run_experiment
 
 TRAINING = [name for name in METHODS if METHODS.get(name).capabilities.trains]
@@ -52,9 +53,11 @@ def same(a, b, where: str = "checkpoint") -> list[str]:
     return [] if a == b else [f"{where}: {a!r} vs {b!r}"]
 
 
-def test_cheap_settings_reach_every_training_method():
-    """A method added to the registry is tested here too: it must train at least STOP_AT + 1 epochs."""
+def test_the_methods_tested_are_the_registry_s_trainers_with_clip_lora_s_dropout_on(tmp_path):
+    """The parametrisation below comes from the registry, so a method added later is tested too; CLIP-LoRA
+    keeps its default dropout, the random draw a resume used to replay."""
     assert {"clip_lora", "coop", "promptsrc"} <= set(TRAINING) and "zeroshot" not in TRAINING
+    assert quick_config(tmp_path, *CHEAP).clip_lora.dropout == ClipLoraConfig().dropout > 0
 
 
 @pytest.mark.slow
