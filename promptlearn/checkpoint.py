@@ -1,14 +1,17 @@
 """Checkpoints: written atomically with a checksum of their contents, read with `weights_only=True`
-(no pickled code ever runs), and checked against the current setup before use."""
+(no pickled code ever runs), and checked against the current setup before use. A training checkpoint
+also holds the global random-number states, so that a resumed run draws what an uninterrupted one draws."""
 from __future__ import annotations
 
 import hashlib
 import os
 import pickle
+import random
 import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from promptlearn.errors import CheckpointError
@@ -46,6 +49,35 @@ def content_digest(obj: Any) -> str:
 
     walk(obj)
     return h.hexdigest()
+
+
+def random_states() -> dict[str, Any]:
+    """Every global random-number state that training may draw from: torch's CPU generator (dropout, and
+    anything a method draws), CUDA's generators once CUDA is in use, Python's `random` and NumPy's. As
+    tensors and plain values, which a weights-only load reads back."""
+    version, words, gauss = random.getstate()
+    numpy = np.random.get_state(legacy=False)
+    states = {"torch": torch.get_rng_state(),
+              "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+              "numpy": {"key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)), "pos": numpy["state"]["pos"],
+                        "has_gauss": numpy["has_gauss"], "gauss": numpy["gauss"]}}
+    if torch.cuda.is_initialized():  # never initialise CUDA only to read its generators
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_random_states(states: dict[str, Any]) -> None:
+    """Set the global generators to what `random_states` read; CUDA's where this process has those devices
+    (a run resumed on another device cannot draw the same numbers anyway)."""
+    torch.set_rng_state(states["torch"])
+    python = states["python"]
+    random.setstate((python["version"], tuple(python["words"].tolist()), python["gauss"]))
+    numpy = states["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "has_gauss": numpy["has_gauss"], "gauss": numpy["gauss"],
+                         "state": {"key": numpy["key"].numpy().astype(np.uint32), "pos": numpy["pos"]}})
+    if torch.cuda.is_available():
+        for device, state in enumerate(states.get("cuda", [])[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, device)
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:

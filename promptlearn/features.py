@@ -23,7 +23,7 @@ from promptlearn.backbone import FrozenCLIP
 from promptlearn.checkpoint import content_digest
 from promptlearn.data.base import DatasetSplits, Item
 from promptlearn.data.fewshot import FewShotSplit
-from promptlearn.data.loader import ImageItems, collate_images, image_loader
+from promptlearn.data.loader import ImageItems, collate_images, image_loader, own_generator
 from promptlearn.data.transforms import DEFAULT_CROP_SCALE, eval_transform, train_transform
 from promptlearn.errors import DataError
 from promptlearn.io import TEMP_SUFFIX, atomic_write_bytes, file_creation_mode
@@ -460,7 +460,7 @@ class TrainingImages:
         # under torchrun each rank decodes only its share of every global batch
         shares = [distributed.local_share(idx).tolist() for idx in order]
         loader = DataLoader(items, batch_sampler=shares, num_workers=bank.num_workers,
-                            pin_memory=device.type == "cuda", collate_fn=collate_images)
+                            pin_memory=device.type == "cuda", collate_fn=collate_images, generator=own_generator())
         for (images, labels, _, bad), idx in zip(loader, order):
             unloaded, empty = len(bad), images is None
             if distributed.world_size() > 1:

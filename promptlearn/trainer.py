@@ -1,5 +1,6 @@
 """One trainer for every method that learns: SGD (or AdamW) with a constant warm-up and a cosine schedule,
-mixed precision on GPU, deterministic batches, atomic checkpoints, resume, Ctrl-C safe."""
+mixed precision on GPU, deterministic batches, atomic checkpoints, resume (bit for bit: the checkpoint keeps
+the random-number states), Ctrl-C safe."""
 from __future__ import annotations
 
 import copy
@@ -15,7 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from promptlearn import distributed
-from promptlearn.checkpoint import DamagedCheckpoint, check_meta, save_checkpoint, set_aside
+from promptlearn.checkpoint import (
+    DamagedCheckpoint,
+    check_meta,
+    random_states,
+    restore_random_states,
+    save_checkpoint,
+    set_aside,
+)
 from promptlearn.config import TrainConfig
 from promptlearn.errors import PromptlearnError
 from promptlearn.features import batch_order
@@ -229,6 +237,20 @@ def restore_unless_damaged(method: Trainable, checkpoint: Path) -> dict | None:
     return payload
 
 
+def resume_random_states(saved: dict, checkpoint: Path, name: str) -> None:
+    """This process's generators as they were after the checkpoint's epoch: each rank its own; a rank the
+    checkpoint has none for (resumed on more processes than wrote it) takes rank 0's, as every rank starts
+    from the same seed. A checkpoint written before they were saved restores none, with a warning."""
+    states = saved.get("random_states")
+    if states is None:
+        log.warning("%s: checkpoint %s holds no random-number states (an older promptlearn wrote it): training "
+                    "goes on from freshly seeded generators, so a method that draws at random while it trains "
+                    "(CLIP-LoRA's dropout) will not end bit for bit as an uninterrupted run would", name, checkpoint)
+        return
+    rank = distributed.rank()
+    restore_random_states(states[rank] if rank < len(states) else states[0])
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, epochs: int, seed: int, precision: str = "fp32"):
         self.cfg, self.epochs, self.seed, self.precision = cfg, epochs, seed, precision
@@ -275,13 +297,17 @@ class Trainer:
             scheduler.load_state_dict(saved["scheduler"])
             start, history = int(saved["epoch"]), list(saved.get("history", []))
             seconds_before = float(saved.get("train_seconds", 0.0))
+            resume_random_states(saved, checkpoint, method.name)
             log.info("%s: resumed from %s at epoch %d", method.name, checkpoint, start)
         began = time.perf_counter()
 
         def snapshot(epoch: int) -> dict:
+            """Everything the next epoch starts from; taken at the epoch's end, so that a Ctrl-C later in the
+            next epoch saves this, random-number states included (every rank's, in rank order)."""
             return {"method": method.name, "meta": meta, "recipe": recipe, "epoch": epoch, "epochs": epochs,
                     "state": method.trainable_state(), "optimizer": copy.deepcopy(optimizer.state_dict()),
                     "scheduler": scheduler.state_dict(), "history": list(history),
+                    "random_states": distributed.gathered(random_states()),
                     "train_seconds": seconds_before + time.perf_counter() - began}
 
         def save(state: dict) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers import QUICKSTART, REPO
+from helpers import HANG_GUARD_S, QUICKSTART, REPO
 
 from promptlearn.commands import entry
 
@@ -44,13 +44,23 @@ class TrainCoop:
         return proc
 
     @staticmethod
-    def finish(proc: subprocess.Popen, timeout: float = 180) -> Finished:
-        proc.wait(timeout=timeout)
+    def finish(proc: subprocess.Popen) -> Finished:
+        """Wait for the run to end, however long a busy machine makes it; only a hung one is stopped."""
+        try:
+            proc.wait(timeout=HANG_GUARD_S)
+            hung = False
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            hung = True
         out = []
         for stream in proc.output_files:
             stream.seek(0)
             out.append(stream.read().decode("utf-8", errors="replace"))
             stream.close()
+        if hung:
+            pytest.fail(f"train_coop.py {' '.join(proc.args[4:])} still ran after {HANG_GUARD_S} s: it hung\n"
+                        f"{out[1][-3000:]}")
         return Finished(proc.returncode, *out)
 
     def run(self, *args: str) -> Finished:

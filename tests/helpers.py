@@ -17,6 +17,9 @@ SAMPLE = REPO / "datasets" / "fashion_mnist_sample"
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 FAMILIES = ["tiny-clip", "tiny-custom-clip", "tiny-bidir-clip", "tiny-rn-clip"]
 SIGLIP_TOKENIZER = "timm/ViT-B-16-SigLIP"  # the tokenizer of open_clip's SigLIP (v1) models
+# how long a test waits on a subprocess (or a condition) before calling it hung: a guard against hangs only,
+# never a measure of speed, so that a busy machine makes tests slower, not failed
+HANG_GUARD_S = 1800
 
 
 def tiny_backbone(model: str = "tiny-clip") -> FrozenCLIP:

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from helpers import HANG_GUARD_S
+
 from promptlearn.benchmark import BenchmarkSpec, benchmark_class_names, class_names
 
 REPO = Path(__file__).resolve().parent.parent
@@ -14,12 +17,14 @@ PATH_FIELDS = {"precision", "prompt_length", "time_per_step_s", "measured_steps"
                "peak_memory_mb", "memory_after_load_mb", "memory_kind"}
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_quick_benchmark_writes_both_paths_and_equal_logits(tmp_path):
     out = tmp_path / "bench" / "result.json"
     run = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark.py"), "--quick", "--model", "tiny-clip",
                           "--classes", "3", "--shots", "4", "--device", "cpu", "--class-names", "imagenet", "--num-workers", "1",
                           "--output", str(out)],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                         cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["device"].startswith("CPU") and result["backbone"] == "tiny-clip" and result["quick"]

@@ -55,6 +55,7 @@ def test_unknown_command_names_the_nearest():
         main(["trian"])
 
 
+@pytest.mark.subprocess
 def test_console_entry_and_shims_give_one_error_line(tmp_path):
     for command in (["-m", "promptlearn", "train"], [str(REPO / "tools" / "train_coop.py")]):
         proc = subprocess.run([sys.executable, *command, "--config", str(QUICKSTART), "methods=[coop,foo]"],
@@ -63,6 +64,7 @@ def test_console_entry_and_shims_give_one_error_line(tmp_path):
         assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown method 'foo'")
 
 
+@pytest.mark.subprocess
 def test_a_method_from_outside_the_package_runs_without_touching_promptlearn(tmp_path):
     """The docs' example: one module, one config section; the runner, trainer and CLI are unchanged."""
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import nearest_prototype; "
@@ -79,6 +81,8 @@ def test_a_method_from_outside_the_package_runs_without_touching_promptlearn(tmp
     assert bad.returncode == 2 and "nearest_prototype.weight must be in [0, 1], got 2.0" in bad.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_the_built_wheel_runs_the_quickstart_like_the_clone(tmp_path):
     """A wheel holds everything a run needs (dataset facts, model configs, the console script): installed
     apart from the clone and run from another folder, it gives the clone's results."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUICKSTART, REPO, interrupted_at_epoch, quick_config, tiny_backbone
+from helpers import HANG_GUARD_S, QUICKSTART, REPO, interrupted_at_epoch, quick_config, tiny_backbone
 
 from promptlearn.data.base import Item
 from promptlearn.data.transforms import train_transform
@@ -30,7 +30,7 @@ def torchrun(out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess
                "-m", "promptlearn", "train", "-v", "--config", str(QUICKSTART), "--output-dir", str(out),
                f"cache_dir={cache}", f"data.path={REPO / 'datasets' / 'fashion_mnist_sample'}", *RUN_KEYS, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
 
 
 def learned(run: Path) -> dict:
@@ -57,6 +57,8 @@ def assert_same_learning(run: Path, reference: Path) -> None:
     assert (want["ctx"] - start).abs().max() > 1e-3
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_two_gloo_processes_learn_what_one_process_learns(one_process, tmp_path):
     proc = torchrun(tmp_path / "run", tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -67,6 +69,8 @@ def test_two_gloo_processes_learn_what_one_process_learns(one_process, tmp_path)
     assert not list((tmp_path / "run").rglob(".*.tmp"))
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_run_interrupted_in_one_process_resumes_on_two(one_process, tmp_path, one_thread):
     with interrupted_at_epoch(2), pytest.raises(PromptlearnError, match="interrupted; saved the state after epoch 2"):
         run_experiment(quick_config(tmp_path, *RUN_KEYS))
@@ -98,6 +102,7 @@ def encode_shared(rank: int, store: str, items: list, result: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.subprocess
 def test_streamed_images_are_encoded_once_across_the_ranks(tmp_path, one_thread):
     images = sorted((REPO / "datasets" / "fashion_mnist_sample").rglob("*.png"))[:7]  # odd: unequal shares
     items = [Item(str(path), label, path.parent.name) for label, path in enumerate(images)]
@@ -135,6 +140,7 @@ def streamed_batches(rank: int, world: int, store: str, items: list, result: str
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.subprocess
 def test_streamed_training_images_are_decoded_once_across_the_ranks(tmp_path, one_thread):
     """Methods that learn inside the image encoder stream their images: each rank loads only its share of
     every global batch (the ranks' shares together are the one-process batch), and with data.skip_bad_images the

@@ -45,6 +45,7 @@ def test_unknown_draw_is_an_error():
         draw_few_shot(sample(), 1, 1, "random")
 
 
+@pytest.mark.subprocess
 def test_draw_is_the_same_across_processes_and_hash_seeds(tmp_path):
     code = ("import json,sys; sys.path.insert(0,'tests'); from test_fewshot import sample; "
             "from promptlearn.data.fewshot import draw_few_shot; "

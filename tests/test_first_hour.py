@@ -242,6 +242,7 @@ def test_resume_refusal_says_that_a_rerun_without_resume_starts_over(tmp_path):
 
 # ----------------------------------------------------------------------------- console and docs
 
+@pytest.mark.subprocess
 def test_console_shows_warnings_and_bars_while_log_txt_keeps_everything(tmp_path):
     out = tmp_path / "run"
     proc = tool("--config", str(QUICKSTART), "--epochs", "2", "--output-dir", str(out),
@@ -294,6 +295,8 @@ def without_time(row: str) -> str:
     return row.rsplit("|", 2)[0] if row.startswith("| ") and "method" not in row else row
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_the_readme_quickstart_output_is_what_the_quickstart_prints(tmp_path):
     """The README's command, as written; train seconds vary, nothing else does."""
     command, table, decoded = readme_quickstart()

@@ -157,6 +157,7 @@ def test_seeded_split_depends_on_the_seed_not_on_listing_order(tmp_path, monkeyp
     assert read("image_folder", path=root, split_seed=1) == first
 
 
+@pytest.mark.subprocess
 def test_seeded_split_is_independent_of_pythonhashseed(tmp_path):
     root = make_image_folder(tmp_path, {"a": 7, "b": 6, "c": 5})
     script = (

@@ -25,6 +25,7 @@ def real_backbone(model: str, monkeypatch) -> FrozenCLIP:
     return load_backbone(BackboneConfig(model=model, pretrained="none", device="cpu"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ARCHITECTURES)
 def test_every_method_runs_on_the_real_architecture(tmp_path, monkeypatch, model):
     backbone = real_backbone(model, monkeypatch)

@@ -24,6 +24,8 @@ def ctx_of(run_dir, method="coop"):
     return load_checkpoint(run_dir / method / "checkpoint.pt")["state"]["prompts.ctx"]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_quickstart_tool_writes_everything(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "tools/train_coop.py", "--config", str(QUICKSTART), "--epochs", "3",

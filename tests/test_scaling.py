@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import REPO, SAMPLE
+from helpers import HANG_GUARD_S, REPO, SAMPLE
 
 from promptlearn import launch
 from promptlearn.errors import ConfigError, PromptlearnError
@@ -57,6 +57,7 @@ def extract_once(folder: str, log: str, start: float) -> list[float]:
     return FeatureCache(folder).get_or_compute("key", compute).features.flatten().tolist()
 
 
+@pytest.mark.subprocess
 def test_processes_racing_on_one_cache_key_extract_it_once(tmp_path, umask):
     umask(0o002)  # a team's shared cache
     log, start = tmp_path / "extractions.txt", time.time() + 1.0
@@ -109,6 +110,8 @@ def assert_same_sweep(out: Path, serial: Path) -> None:
         assert torch.equal(coop_context(here), coop_context(there))
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_local_workers_equal_the_serial_sweep_and_a_failed_run_is_retried_then_reported(serial_sweep, tmp_path,
                                                                                          monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread per run, as in the serial sweep: equal bit for bit
@@ -129,6 +132,8 @@ def test_local_workers_equal_the_serial_sweep_and_a_failed_run_is_retried_then_r
     assert_same_sweep(out, serial)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_submitit_array_equals_the_serial_sweep_and_resubmits_only_unfinished_runs(serial_sweep, tmp_path,
                                                                                     monkeypatch):
     pytest.importorskip("submitit")
@@ -148,7 +153,7 @@ def test_submitit_array_equals_the_serial_sweep_and_resubmits_only_unfinished_ru
                                                                 gpus_per_task=0, cpus_per_task=1))
     assert submitted is None  # submitted, not waited for: no report yet
     _, rows = sweep(out, tmp_path / "cache", report_only=True)  # rerun until the resubmitted task is done
-    deadline = time.time() + 300
+    deadline = time.time() + HANG_GUARD_S
     while len(rows) < 4 and time.time() < deadline:
         time.sleep(2)
         _, rows = sweep(out, tmp_path / "cache", report_only=True)

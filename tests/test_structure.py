@@ -5,6 +5,7 @@ import ast
 import subprocess
 import sys
 
+import pytest
 from helpers import REPO
 
 PACKAGE = REPO / "promptlearn"
@@ -76,6 +77,7 @@ def test_the_trainer_does_not_know_methods():
     assert not {m for m in import_graph()["promptlearn.trainer"] if m.startswith("promptlearn.methods")}
 
 
+@pytest.mark.subprocess
 def test_registries_are_complete_on_import():
     code = ("import promptlearn.methods as m, promptlearn.data as d, promptlearn.config as c; "
             "print(len(m.METHODS), len(d.DATASETS), sorted(c.SECTIONS))")
@@ -84,6 +86,7 @@ def test_registries_are_complete_on_import():
     assert all(name in out[2] for name in ("coop", "clip_adapter", "tip_adapter"))
 
 
+@pytest.mark.subprocess
 def test_ruff_is_clean():
     """Line length and import order (pyproject.toml's [tool.ruff]); ruff comes with the dev extra."""
     proc = subprocess.run([sys.executable, "-m", "ruff", "check", str(REPO)], capture_output=True, text=True, cwd=REPO)

@@ -45,6 +45,8 @@ class CountedRuns:
         return self.real(cfg, resume=resume)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sweep_tool_writes_csv_summary_and_plots_then_skips_and_resumes(tmp_path, monkeypatch):
     overrides = small_sweep(tmp_path)
     proc = subprocess.run([sys.executable, "tools/sweep.py", "--config", str(QUICK), *overrides], cwd=REPO,

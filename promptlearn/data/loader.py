@@ -101,10 +101,18 @@ def collate_images(batch):
     return images, labels, indices, bad
 
 
+def own_generator() -> torch.Generator:
+    """A DataLoader's generator for its workers' base seed, which it otherwise draws from torch's global
+    generator: whether features came from the cache or were computed would then change what training
+    draws next (dropout), and a resumed run would not end as an uninterrupted one. The workers' seeds
+    matter to nothing else: each image's augmentation is seeded by its own (seed, pass, index)."""
+    return torch.Generator().manual_seed(0)
+
+
 def image_loader(dataset: ImageItems, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
     """Batches in the items' order; on a GPU in pinned memory, so copies to the device run asynchronously.
     Each worker keeps torch's default two batches ready: decoding, not the queue, limits a GPU's intake,
     and a deeper queue only holds more pinned memory (a batch of 128 images at 224 px is 77 MB)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       pin_memory=device.type == "cuda", collate_fn=collate_images,
-                      persistent_workers=False)
+                      persistent_workers=False, generator=own_generator())
