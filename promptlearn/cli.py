@@ -88,13 +88,14 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def run_tool(main: Callable[[list[str] | None], int]) -> None:
-    """Run a tool's main: a PromptlearnError prints one clear line and exits 2, not a traceback."""
+    """Run a tool's main: a PromptlearnError prints one clear line and exits with its status (2; 3 for a
+    sweep that left busy runs), not a traceback."""
     setup_logging()
     try:
         code = main(None)
     except PromptlearnError as e:
         print(error_line(e), file=sys.stderr)
-        code = 2
+        code = e.exit_status
     except KeyboardInterrupt as e:
         print(error_line(e), file=sys.stderr)
         code = 130

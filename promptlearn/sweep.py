@@ -22,7 +22,7 @@ import yaml
 from promptlearn.cli import dataset_config
 from promptlearn.config import RunConfig, build_config, flatten_tree, load_config, parse_override, read_sources, to_dict
 from promptlearn.data import build_dataset
-from promptlearn.errors import ConfigError, PromptlearnError
+from promptlearn.errors import ConfigError, PromptlearnError, RunBusy, RunsLeft
 from promptlearn.io import atomic_write_text
 from promptlearn.launch import LaunchOptions, execute
 from promptlearn.progress import progress
@@ -145,7 +145,9 @@ def run_sweep(sweep: SweepConfig, runs: list[PlannedRun], report_only: bool = Fa
               launch: LaunchOptions | None = None) -> list[dict] | None:
     """Run what is not finished (resuming unfinished runs), here one after another or as `launch` says
     (local processes, a SLURM array), then write the CSV, summary and plots and return the rows; None
-    when the runs were submitted to SLURM without waiting (no report yet)."""
+    when the runs were submitted to SLURM without waiting (no report yet). Runs that another process is
+    using are left and the others done; after the report, a PromptlearnError names the runs that failed,
+    or RunsLeft (exit status 3) the runs that were left."""
     if sweep.plots:
         from promptlearn.plots import require_matplotlib
         require_matplotlib()  # before hours of runs, not after
@@ -156,37 +158,60 @@ def run_sweep(sweep: SweepConfig, runs: list[PlannedRun], report_only: bool = Fa
         raise ConfigError(f"{len(conflicts)} run folder(s) hold runs made with other settings, e.g. {run.folder} "
                           f"({'; '.join(changes[:3])}); use another sweep.output_dir, or delete those folders "
                           "to redo them")
-    failed, ended = [], True
+    failed, busy, ended = [], [], True
     if not report_only:
         todo = [run for run in runs if not is_finished(run)]
         log.info("sweep: %d runs, %d finished, %d to run", len(runs), len(runs) - len(todo), len(todo))
         if launch is not None and launch.parallel:
-            failed, ended = execute(todo, launch, Path(sweep.output_dir))
+            failed, busy, ended = execute(todo, launch, Path(sweep.output_dir))
         else:
-            run_serially(todo)
+            busy = run_serially(todo)
     if not ended:
-        log.info("sweep: the runs are submitted; when they have finished, rerun the same command with "
-                 "--report-only to build the report (or without it to resubmit what did not finish)")
         return None
     rows = collect_rows(runs)
     write_report(sweep, runs, rows)
-    if failed:
-        run, error = failed[0]
-        raise PromptlearnError(f"{len(failed)} sweep run(s) failed twice and are left out of the report, e.g. "
-                               f"{run.dataset}, {run.shots} shots, seed {run.seed}: {error.splitlines()[0]} "
-                               f"(see {Path(sweep.output_dir) / 'logs'}). Running the same sweep command again "
-                               "retries them.")
+    if failed or busy:
+        raise runs_left_error(failed, busy, len(runs), Path(sweep.output_dir))
     return rows
 
 
-def run_serially(todo: list[PlannedRun]) -> None:
+def run_label(run: PlannedRun) -> str:
+    return f"{run.dataset}, {run.shots} shots, seed {run.seed}"
+
+
+def runs_left_error(failed: list[tuple[PlannedRun, str]], busy: list[PlannedRun], total: int,
+                    output_dir: Path) -> PromptlearnError:
+    """What the sweep did not do, once the report of the rest is written: failed runs are an error (exit
+    status 2), runs that other processes were using only mean the sweep is not complete yet (3)."""
+    parts = []
+    if failed:
+        run, error = failed[0]
+        parts.append(f"{len(failed)} sweep run(s) failed twice and are left out of the report, e.g. {run_label(run)}: "
+                     f"{error.splitlines()[0]} (see {output_dir / 'logs'})")
+    if busy:
+        parts.append(f"{len(busy)} of {total} sweep run(s) were left because another promptlearn process is using "
+                     f"their folders: " + "; ".join(f"{run_label(run)} ({run.folder})" for run in busy[:5])
+                     + (f"; and {len(busy) - 5} more" if len(busy) > 5 else ""))
+    message = ". ".join(parts) + (". Running the same sweep command again retries them" if failed else
+                                  ". Run the same sweep command again once those processes have ended") + \
+        " (finished runs are skipped)."
+    return PromptlearnError(message) if failed else RunsLeft(message)
+
+
+def run_serially(todo: list[PlannedRun]) -> list[PlannedRun]:
+    """Run `todo` one after another; returns the runs left because another process holds their folder."""
+    busy = []
     for run in progress(todo, desc="sweep"):
-        log.info("sweep: %s, %d shots, seed %d -> %s", run.dataset, run.shots, run.seed, run.folder)
+        log.info("sweep: %s -> %s", run_label(run), run.folder)
         try:
             run_experiment(run.cfg, resume=True)
+        except RunBusy as e:
+            log.warning("sweep: skipping %s: %s", run_label(run), e)
+            busy.append(run)
         except PromptlearnError as e:
-            raise PromptlearnError(f"sweep run {run.dataset}, {run.shots} shots, seed {run.seed}: {e} Running the "
-                                   "same sweep command again skips finished runs and resumes this one.") from None
+            raise PromptlearnError(f"sweep run {run_label(run)}: {e} Running the same sweep command again skips "
+                                   "finished runs and resumes this one.") from None
+    return busy
 
 
 # ----------------------------------------------------------------------------- results
