@@ -36,7 +36,7 @@ CSV_COLUMNS = ["method", "dataset", "backbone", "pretrained", "protocol", "selec
                "macro_f1", "ece", "base_accuracy", "novel_accuracy", "hm", "targets_average", "train_seconds", "na",
                "run_dir"]
 # settings that do not change a run's results: a finished run made under other values is still reused
-NEUTRAL_KEYS = {"methods", "output_dir", "cache_dir", "data.num_workers", "data.eval_batch_size",
+NEUTRAL_KEYS = {"methods", "output_dir", "cache_dir", "log_to", "data.num_workers", "data.eval_batch_size",
                 "data.fewshot_dir", "backbone.device", "backbone.cache_dir", "train.checkpoint_every",
                 *(f"{m}.{k}" for m in ("coop", "cocoop", "kgcoop", "prograd")
                   for k in ("class_chunk", "truncate_prompts", "share_prefix")),
