@@ -26,8 +26,8 @@ from promptlearn.errors import ConfigError, PromptlearnError, RunBusy, RunsLeft
 from promptlearn.io import atomic_write_text
 from promptlearn.launch import LaunchOptions, execute
 from promptlearn.progress import progress
-from promptlearn.protocols import PROTOCOLS, SELECTION_TEXT, protocol_for
-from promptlearn.report import mean_std, protocol_points, protocol_summary
+from promptlearn.protocols import PROTOCOLS, SELECTION_TEXT, Protocol, protocol_for
+from promptlearn.report import cell_text, mean_std, method_values, protocol_summary, seeds_text
 from promptlearn.runner import is_complete, run_experiment
 
 log = logging.getLogger("promptlearn")
@@ -283,8 +283,7 @@ def curve_table(curve: Curve, methods: list[str], shots: list[int]) -> str:
     lines = ["| method | " + " | ".join(f"{k} shot{'s' * (k > 1)}" for k in shots) + " |",
              "|---|" + "---:|" * len(shots)]
     for method in methods:
-        cells = [f"{curve[(method, k)][0]:.2f} ± {curve[(method, k)][1]:.2f}" if (method, k) in curve else "–"
-                 for k in shots]
+        cells = [cell_text(curve[(method, k)]) if (method, k) in curve else "–" for k in shots]
         if any(c != "–" for c in cells):
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -302,8 +301,8 @@ def summary_markdown(sweep: SweepConfig, runs: list[PlannedRun], rows: list[dict
     backbones = sorted({f"{r['backbone']} ({r['pretrained']})" for r in rows}) or ["-"]
     finished = len({r["run_dir"] for r in rows})
     lines = ["# Few-shot sweep: test accuracy (%)", "",
-             f"Backbone {', '.join(backbones)}; mean ± sample standard deviation over seeds "
-             f"{', '.join(map(str, sweep.seeds))}; {finished} of {len(runs)} runs finished. "
+             f"Backbone {', '.join(backbones)}; {seeds_text(sweep.seeds)}; {finished} of {len(runs)} runs "
+             "finished. "
              f"Model selection: {SELECTION_TEXT[runs[0].cfg.selection if runs else 'validation']} (linear-probe C, "
              "Tip-Adapter alpha and beta); the test split is used only for these numbers.", ""]
     lines += [f"## Average over {len(datasets)} dataset{'s' * (len(datasets) > 1)}", "",
@@ -326,21 +325,44 @@ def write_report(sweep: SweepConfig, runs: list[PlannedRun], rows: list[dict]) -
         summary = summary_markdown(sweep, runs, rows)
     atomic_write_text(out / "summary.md", summary)
     written = [out / "results.csv", out / "summary.md"]
-    if sweep.plots and rows and protocol.name == "base2novel":
-        from promptlearn.plots import base_novel_plot
-        path = out / "plots" / "base_novel.png"
-        base_novel_plot(path, protocol_points(protocol, rows, methods, datasets), runs[0].cfg.backbone.model)
-        written.append(path)
-    elif sweep.plots and rows and protocol.name == "fewshot":
-        from promptlearn.plots import accuracy_plot
-        methods, datasets = methods_and_datasets(runs)
-        backbone = f"{runs[0].cfg.backbone.model} ({runs[0].cfg.backbone.pretrained})"
+    if sweep.plots and rows:
+        written += write_plots(sweep, runs, rows, protocol)
+    log.info("sweep report: %s", ", ".join(map(str, written)))
+
+
+def write_plots(sweep: SweepConfig, runs: list[PlannedRun], rows: list[dict], protocol: Protocol) -> list[Path]:
+    """The protocol's figures in the papers' layout: accuracy against shots (few-shot); base against novel
+    and base / novel / HM bars (base-to-novel); accuracy per test set (cross-dataset, domain generalisation)."""
+    from promptlearn import plots
+
+    out, cfg = Path(sweep.output_dir) / "plots", runs[0].cfg
+    methods, datasets = methods_and_datasets(runs)
+    backbone = f"{cfg.backbone.model} ({cfg.backbone.pretrained})"
+    over = f"average over {len(datasets)} datasets" if len(datasets) > 1 else datasets[0]
+    written = []
+    if protocol.name == "fewshot":
         panels = {"average": (f"average over {len(datasets)} dataset{'s' * (len(datasets) > 1)}",
                               average_curve(rows, datasets))}
         panels.update({d: (d, c) for d, c in dataset_curves(rows).items()})
         for slug, (title, curve) in panels.items():
-            path = out / "plots" / f"accuracy_{slug}.png"
-            accuracy_plot(path, f"{title}, {backbone}", curve, methods)
-            written.append(path)
-    log.info("sweep report: %s", ", ".join(map(str, written)))
-
+            written.append(out / f"accuracy_{slug}.png")
+            plots.accuracy_plot(written[-1], f"{title}, {backbone}", curve, methods)
+        return written
+    columns, values = method_values(protocol, rows, methods, datasets)
+    title = f"{protocol.name}, {over}, {backbone}, {cfg.data.shots} shots"
+    if protocol.name == "base2novel":
+        written.append(out / "base_novel.png")
+        plots.base_novel_plot(written[-1], values, title)
+        written.append(out / "base_novel_bars.png")
+        parts = ["base", "novel", "HM"]
+        plots.grouped_bars(written[-1], title, list(values), parts,
+                           {(m, c): v[c] for m, v in values.items() for c in parts if c in v},
+                           {c: {"color": colour, "hatch": hatch} for c, colour, hatch
+                            in zip(parts, ("#1f77b4", "#ff7f0e", "#555555"), ("", "//", ".."))})
+    elif protocol.default_targets:  # cross-dataset, domain generalisation: each test set, one bar per method
+        written.append(out / "targets.png")
+        names = {"source": f"source ({over})", "average": "targets average"}
+        plots.grouped_bars(written[-1], title, [names.get(c, c) for c in columns], list(values),
+                           {(names.get(c, c), m): v[c] for m, v in values.items() for c in columns if c in v},
+                           plots.method_styles(methods))
+    return written
