@@ -97,6 +97,11 @@ def base_novel_plot(path: str | Path, values: dict[str, dict[str, Value]], title
         style = styles[method]
         ax.scatter(base, novel, s=46, color=style["color"], marker=style["marker"], label=method, zorder=3,
                    edgecolors="black", linewidths=0.4)
+        spread = [v[1] if isinstance(v, tuple) and v[2] > 1 else 0.0 for v in (values[method]["base"],
+                                                                              values[method]["novel"])]
+        if any(spread):
+            ax.errorbar(base, novel, xerr=spread[0], yerr=spread[1], fmt="none", ecolor=style["color"],
+                        elinewidth=0.8, capsize=2, alpha=0.8, zorder=2)
     every = [x for p in points.values() for x in p]
     low, high = max(0.0, min(every, default=0.0) - 10), min(100.0, max(every, default=100.0) + 10)
     grid = [low + (high - low) * i / 400 for i in range(1, 401)]
@@ -104,14 +109,15 @@ def base_novel_plot(path: str | Path, values: dict[str, dict[str, Value]], title
         curve = [(b, hm * b / (2 * b - hm)) for b in grid if 2 * b > hm and low <= hm * b / (2 * b - hm) <= high]
         if len(curve) > 1:
             ax.plot(*zip(*curve), color="grey", linewidth=0.6, alpha=0.5, zorder=1)
-        if low < hm < high:  # named where it crosses the diagonal (base = novel = HM): inside, apart from the others
-            ax.annotate(f"HM {hm}", (hm, hm), fontsize=6, color="grey", xytext=(2, 2), textcoords="offset points")
+            # named at the right edge, inside the axes: apart from each other and from the legend
+            ax.annotate(f"HM {hm}", curve[-1], fontsize=6, color="grey", ha="right", va="bottom", xytext=(-2, 2),
+                        textcoords="offset points")
     ax.set_xlim(low, high)
     ax.set_ylim(low, high)
     ax.set_aspect("equal")
     ax.set_xlabel("base accuracy (%)")
     ax.set_ylabel("novel accuracy (%)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(f"{title}\n{spread_note([v for m in points for v in values[m].values()])}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return save(fig, path)
