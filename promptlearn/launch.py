@@ -332,8 +332,9 @@ def submit_array(todo: list[SweepRun], options: LaunchOptions, output_dir: Path)
         record.update({str(run.folder): job.job_id for run, job in zip(todo, jobs)})
         atomic_write_json(record_path, record)
         array = jobs[0].job_id.split("_")[0]
-        print(f"submitted {len(jobs)} run(s) as SLURM job array {array} ({gpus} GPU(s), {options.cpus_per_task} "
-              f"CPU(s), {options.time_min} min per run); logs in {folder}/")
+        tasks = jobs[0].job_id if len(jobs) == 1 else f"{jobs[0].job_id} to {jobs[-1].job_id}"
+        print(f"submitted {len(jobs)} run(s) as SLURM job array {array} (tasks {tasks}; {gpus} GPU(s), "
+              f"{options.cpus_per_task} CPU(s), {options.time_min} min per run); logs in {folder}/")
         if not options.wait:
             print(f"follow them with: squeue -j {array}. When they have finished, run the same command with "
                   "--report-only to build the report (or without it to resubmit the runs that did not finish).")

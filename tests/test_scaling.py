@@ -227,7 +227,8 @@ def test_slurm_submission_of_a_cpu_sweep_asks_for_no_gpu_and_says_what_it_submit
     assert code == 0, err
     batch = fake_sbatch.read_text()
     assert "--gpus" not in batch and "#SBATCH --array=0-1" in batch  # backbone.device=cpu: no GPU asked for
-    assert "submitted 2 run(s) as SLURM job array 4242" in out and f"logs in {tmp_path / 'sweep' / 'slurm'}/" in out
+    assert "submitted 2 run(s) as SLURM job array 4242 (tasks 4242_0 to 4242_1;" in out
+    assert f"logs in {tmp_path / 'sweep' / 'slurm'}/" in out
     assert "squeue -j 4242" in out and "--report-only" in out  # printed without -v: what to do next
     record = json.loads((tmp_path / "sweep" / "slurm" / "submitted.json").read_text())
     assert sorted(record.values()) == ["4242_0", "4242_1"]
