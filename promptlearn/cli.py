@@ -13,7 +13,7 @@ from promptlearn.errors import PromptlearnError, error_line
 # flag -> config key
 FLAG_KEYS = {"data_root": "data.root", "shots": "data.shots", "seed": "data.seed", "epochs": "train.epochs",
              "model": "backbone.model", "pretrained": "backbone.pretrained", "device": "backbone.device",
-             "output_dir": "output_dir"}
+             "output_dir": "output_dir", "log_to": "log_to"}
 
 
 def dataset_config(name: str) -> tuple[list[str], list[str]]:
@@ -35,6 +35,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", metavar="TAG|PATH|none")
     parser.add_argument("--device", metavar="D", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--output-dir", metavar="DIR")
+    parser.add_argument("--log-to", metavar="tensorboard|wandb",
+                        help="also log to TensorBoard and/or Weights & Biases (comma-separated; key log_to; "
+                             "pip install 'promptlearn[tensorboard]' or '[wandb]')")
     parser.add_argument("--print-config", action="store_true", help="print the merged config as YAML and exit")
     add_console_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=0.01")
@@ -88,13 +91,14 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def run_tool(main: Callable[[list[str] | None], int]) -> None:
-    """Run a tool's main: a PromptlearnError prints one clear line and exits 2, not a traceback."""
+    """Run a tool's main: a PromptlearnError prints one clear line and exits with its status (2; 3 for a
+    sweep that left busy runs), not a traceback."""
     setup_logging()
     try:
         code = main(None)
     except PromptlearnError as e:
         print(error_line(e), file=sys.stderr)
-        code = 2
+        code = e.exit_status
     except KeyboardInterrupt as e:
         print(error_line(e), file=sys.stderr)
         code = 130

@@ -110,6 +110,7 @@ class RunConfig:
     protocol: str = "fewshot"  # fewshot | base2novel | cross_dataset | domain_generalization (promptlearn.protocols)
     targets: list[str] = field(default_factory=list)  # test-only datasets (names or YAML); empty: the protocol's own
     selection: str = "validation"  # model selection: validation (few-shot val split) | none (fixed hyper-parameters)
+    log_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, wandb (promptlearn.tracking)
     # the methods' own sections, read as attributes: cfg.coop, cfg.tip_adapter, ...
     sections: dict[str, Any] = field(default_factory=default_sections, repr=False)
 

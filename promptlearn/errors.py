@@ -6,7 +6,9 @@ from typing import Iterable
 
 
 class PromptlearnError(Exception):
-    """An error the user can fix. Command-line tools print it alone and exit with status 2."""
+    """An error the user can fix. Command-line tools print it alone and exit with `exit_status`."""
+
+    exit_status = 2
 
 
 class ConfigError(PromptlearnError):
@@ -15,6 +17,17 @@ class ConfigError(PromptlearnError):
 
 class DataError(PromptlearnError):
     """A dataset, split file or image that cannot be used."""
+
+
+class RunBusy(PromptlearnError):
+    """A run folder that another promptlearn process is using (it holds the folder's lock)."""
+
+
+class RunsLeft(PromptlearnError):
+    """A sweep did every run it could and built its report, but left runs that other processes were
+    using: not an error in what was asked, so a distinct exit status (3) that scripts can tell apart."""
+
+    exit_status = 3
 
 
 class CheckpointError(PromptlearnError):

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from promptlearn.errors import PromptlearnError
+from promptlearn.errors import PromptlearnError, RunBusy
 
 TEMP_SUFFIX = ".tmp"  # `.<name>.<random>.tmp`: a write in progress, or one a killed process left behind
 MIN_FREE_BYTES = 64 * 2**20  # refuse to start a run on a disk with less room than this
@@ -107,7 +107,7 @@ class RunLock:
             except BlockingIOError:
                 holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise PromptlearnError(
+                raise RunBusy(
                     f"another promptlearn process (pid {holder}) is using {self.path.parent}; wait for it "
                     "or choose another --output-dir") from None
             try:  # the previous holder may have removed the file between our open and flock

@@ -6,6 +6,8 @@ retried once when it fails, and resumed when it was interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import multiprocessing
@@ -22,7 +24,7 @@ from typing import Protocol
 import torch
 
 from promptlearn.config import RunConfig
-from promptlearn.errors import ConfigError, PromptlearnError
+from promptlearn.errors import ConfigError, PromptlearnError, RunBusy
 from promptlearn.io import atomic_write_json
 from promptlearn.progress import progress
 from promptlearn.runner import run_experiment
@@ -49,6 +51,10 @@ class SweepRun(Protocol):
     def folder(self) -> Path: ...
 
 
+@dataclass
+class Busy:
+    """A worker's answer for a run folder that another process holds: left for a later sweep, not retried."""
+    message: str
 
 
 @dataclass
@@ -58,7 +64,7 @@ class LaunchOptions:
     launcher: str = "local"  # local | slurm
     partition: str | None = None  # SLURM: partition
     time_min: int = 240  # SLURM: time limit of one task, minutes
-    gpus_per_task: int = 1  # SLURM
+    gpus_per_task: int | None = None  # SLURM; None: 1 if the runs' backbone.device may use a GPU, else 0
     cpus_per_task: int = 8  # SLURM
     array_parallelism: int = 64  # SLURM: tasks of the array running at once
     wait: bool = False  # SLURM: wait for the array, then build the report
@@ -80,7 +86,8 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
                        help="slurm: submit the unfinished runs as a SLURM job array (pip install 'promptlearn[slurm]')")
     group.add_argument("--partition", metavar="NAME", help="SLURM partition")
     group.add_argument("--time", type=int, default=240, metavar="MINUTES", help="SLURM time limit per run")
-    group.add_argument("--gpus-per-task", type=int, default=1, metavar="N", help="SLURM GPUs per run")
+    group.add_argument("--gpus-per-task", type=int, metavar="N",
+                       help="SLURM GPUs per run (default: 0 when the sweep's backbone.device is cpu, else 1)")
     group.add_argument("--cpus-per-task", type=int, default=8, metavar="N", help="SLURM CPU cores per run")
     group.add_argument("--array-parallelism", type=int, default=64, metavar="N",
                        help="SLURM: array tasks running at once")
@@ -112,7 +119,7 @@ def check_options(options: LaunchOptions) -> None:
              "--array-parallelism")
         for name in ("time_min", "gpus_per_task", "cpus_per_task", "array_parallelism"):
             flag = "--" + name.removesuffix("_min").replace("_", "-")
-            need(getattr(options, name) >= (0 if name == "gpus_per_task" else 1),
+            need(getattr(options, name) is None or getattr(options, name) >= (0 if name == "gpus_per_task" else 1),
                  f"{flag} must be {'0 or more' if name == 'gpus_per_task' else 'positive'}, "
                  f"got {getattr(options, name)}")
 
@@ -138,9 +145,10 @@ def local_devices(setting: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- local processes
 
-def run_pinned(cfg: RunConfig, device: str | None, threads: int, console: str) -> str | None:
+def run_pinned(cfg: RunConfig, device: str | None, threads: int, console: str) -> str | Busy | None:
     """One run in a fresh worker process: pinned to its GPU, its console output in a file. Returns
-    None when it finished, else the error (a line, or the traceback of an unexpected exception)."""
+    None when it finished, Busy when another process holds its folder, else the error (a line, or the
+    traceback of an unexpected exception)."""
     fd = os.open(console, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
     os.dup2(fd, 1)  # progress bars of runs side by side would garble the terminal
     os.dup2(fd, 2)
@@ -152,6 +160,9 @@ def run_pinned(cfg: RunConfig, device: str | None, threads: int, console: str) -
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         run_experiment(cfg, resume=True)
+    except RunBusy as e:
+        print(f"left: {e}", flush=True)
+        return Busy(str(e))
     except PromptlearnError as e:
         print(f"error: {e}", flush=True)
         return str(e)
@@ -166,16 +177,18 @@ def console_file(run: SweepRun, output_dir: Path) -> Path:
     return output_dir / "logs" / f"{run.dataset}_{run.shots}-shot_seed-{run.seed}.txt"
 
 
-def run_local(todo: list[SweepRun], options: LaunchOptions, output_dir: Path) -> list[tuple[SweepRun, str]]:
+def run_local(todo: list[SweepRun], options: LaunchOptions,
+              output_dir: Path) -> tuple[list[tuple[SweepRun, str]], list[SweepRun]]:
     """Run `todo` in worker processes, one run per free slot (a GPU, or a CPU worker); each run in a
-    fresh process. A failed run is retried once; returns the runs that failed twice, with the error."""
+    fresh process. A failed run is retried once; returns the runs that failed twice, with the error,
+    and the runs left because another process holds their folder."""
     slots: list[str | None] = [None] * options.workers  # None: a CPU worker
     if options.devices is not None:
         slots = list(local_devices(options.devices))
     threads = torch.get_num_threads()
     if options.devices is None and "OMP_NUM_THREADS" not in os.environ:  # share the cores between the workers
         threads = max(1, (os.cpu_count() or 1) // options.workers)
-    queue, attempts, failed = list(todo), {id(run): 0 for run in todo}, []
+    queue, attempts, failed, busy = list(todo), {id(run): 0 for run in todo}, [], []
     free = list(range(len(slots)))
     running: dict = {}  # future -> (run, slot, its executor, start time)
     # each run gets a fresh one-process executor: no CUDA or thread state inherited (spawn), pinned
@@ -206,6 +219,10 @@ def run_local(todo: list[SweepRun], options: LaunchOptions, output_dir: Path) ->
                     if error is None:
                         bar.write(f"finished {label}{where} in {time.perf_counter() - began:.0f} s -> {run.folder}")
                         bar.update(1)
+                    elif isinstance(error, Busy):
+                        bar.write(f"left {label}: another process is using {run.folder}")
+                        busy.append(run)
+                        bar.update(1)
                     elif attempts[id(run)] < ATTEMPTS:
                         bar.write(f"failed {label}{where}: {error.splitlines()[0]}; retrying once")
                         queue.append(run)
@@ -217,7 +234,7 @@ def run_local(todo: list[SweepRun], options: LaunchOptions, output_dir: Path) ->
         finally:  # Ctrl-C: stop the runs under way (each saves its checkpoint) before returning
             for _, _, executor, _ in running.values():
                 executor.shutdown(wait=True, cancel_futures=True)
-    return failed
+    return failed, busy
 
 
 # ----------------------------------------------------------------------------- SLURM (submitit)
@@ -229,7 +246,18 @@ def run_task(cfg: RunConfig) -> str:
     return cfg.output_dir
 
 
-def slurm_executor(folder: Path, options: LaunchOptions):
+def task_gpus(todo: list[SweepRun], options: LaunchOptions) -> int:
+    """GPUs per array task: as asked, else what the runs' backbone.device uses (a run uses one device)."""
+    on_cpu = all(run.cfg.backbone.device == "cpu" for run in todo)
+    if options.gpus_per_task is None:
+        return 0 if on_cpu else 1
+    if options.gpus_per_task and on_cpu:
+        log.warning("--gpus-per-task %d, but the sweep's backbone.device is cpu: the runs will not use the GPUs",
+                    options.gpus_per_task)
+    return options.gpus_per_task
+
+
+def slurm_executor(folder: Path, options: LaunchOptions, gpus: int):
     try:
         import submitit
     except ImportError:
@@ -239,11 +267,25 @@ def slurm_executor(folder: Path, options: LaunchOptions):
                           "(a login node), or use --devices / --workers on this machine")
     executor = submitit.AutoExecutor(folder=folder, cluster=options.cluster)
     executor.update_parameters(name="promptlearn-sweep", timeout_min=options.time_min, nodes=1, tasks_per_node=1,
-                               gpus_per_node=options.gpus_per_task, cpus_per_task=options.cpus_per_task,
-                               slurm_array_parallelism=options.array_parallelism)
+                               cpus_per_task=options.cpus_per_task, slurm_array_parallelism=options.array_parallelism)
+    if gpus:  # no GPU option at all without GPUs: a cluster without GPU resources refuses even a count of 0
+        executor.update_parameters(gpus_per_node=gpus)
     if options.partition:
         executor.update_parameters(slurm_partition=options.partition)
     return executor
+
+
+def submission_error(error: Exception, gpus: int) -> ConfigError:
+    """One line for a failed submission: sbatch's own error line (submitit passes on its whole stderr)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    said = next((line for line in reversed(lines) if "error" in line.lower()), lines[-1] if lines else "")
+    said = said or type(error).__name__
+    advice = ("check --partition, --time, --gpus-per-task and --cpus-per-task against the cluster (sinfo shows "
+              "its partitions and resources)")
+    if "gres" in said.lower() or "gpu" in said.lower():
+        advice = (f"the job asked for {gpus} GPU(s) per run; on a cluster (or partition) without GPUs use "
+                  "--gpus-per-task 0 with backbone.device=cpu, else choose a --partition that has GPUs")
+    return ConfigError(f"--launcher slurm: the job array was not submitted: {said}; {advice}")
 
 
 def slurm_job_state(folder: Path, job_id: str) -> str:
@@ -259,26 +301,57 @@ def not_queued(todo: list[SweepRun], folder: Path, record: dict[str, str]) -> li
     queued = [run for run in todo if str(run.folder) in record
               and slurm_job_state(folder, record[str(run.folder)]) in QUEUED_STATES]
     if queued:
-        log.info("sweep: %d unfinished runs are still queued or running (e.g. %s as job %s); not submitted again",
-                 len(queued), queued[0].folder, record[str(queued[0].folder)])
+        print(f"{len(queued)} unfinished run(s) are still queued or running (e.g. {queued[0].folder} as job "
+              f"{record[str(queued[0].folder)]}); not submitted again. When they have finished, run the same "
+              "command with --report-only to build the report.")
     return [run for run in todo if run not in queued]
 
 
 def submit_array(todo: list[SweepRun], options: LaunchOptions, output_dir: Path) -> tuple[list[SweepRun], list]:
     """Submit one array task per unfinished run that is not already queued or running; returns those
-    runs and their jobs. The jobs' logs go to `<output_dir>/slurm/`, which also records which task
-    each run folder was last submitted as."""
+    runs and their jobs, and says on the console what was submitted and what to do next. The jobs'
+    logs go to `<output_dir>/slurm/`, which also records which task each run folder was last submitted
+    as. A failed submission is one ConfigError and leaves no files behind."""
     folder, record_path = output_dir / "slurm", output_dir / "slurm" / SUBMITTED_RECORD
     record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
-    executor = slurm_executor(folder / "%j", options)
-    if options.cluster == "slurm":  # submitit's local executor cannot look up jobs of an earlier process
-        todo = not_queued(todo, folder, record)
-    jobs = executor.map_array(run_task, [run.cfg for run in todo])
+    gpus = task_gpus(todo, options)
+    before = set(folder.rglob("*")) if folder.exists() else None
+    try:
+        executor = slurm_executor(folder / "%j", options, gpus)
+        if options.cluster == "slurm":  # submitit's local executor cannot look up jobs of an earlier process
+            todo = not_queued(todo, folder, record)
+        with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's stderr, then raises it
+            jobs = executor.map_array(run_task, [run.cfg for run in todo]) if todo else []
+    except PromptlearnError:
+        remove_new_files(folder, before)
+        raise
+    except Exception as e:  # submitit and sbatch failures: their message, not their traceback
+        remove_new_files(folder, before)
+        raise submission_error(e, gpus) from None
     if jobs:
         record.update({str(run.folder): job.job_id for run, job in zip(todo, jobs)})
         atomic_write_json(record_path, record)
-        log.info("submitted %d runs as job array %s; logs in %s", len(jobs), jobs[0].job_id.split("_")[0], folder)
+        array = jobs[0].job_id.split("_")[0]
+        tasks = jobs[0].job_id if len(jobs) == 1 else f"{jobs[0].job_id} to {jobs[-1].job_id}"
+        print(f"submitted {len(jobs)} run(s) as SLURM job array {array} (tasks {tasks}; {gpus} GPU(s), "
+              f"{options.cpus_per_task} CPU(s), {options.time_min} min per run); logs in {folder}/")
+        if not options.wait:
+            print(f"follow them with: squeue -j {array}. When they have finished, run the same command with "
+                  "--report-only to build the report (or without it to resubmit the runs that did not finish).")
     return todo, jobs
+
+
+def remove_new_files(folder: Path, before: set[Path] | None) -> None:
+    """Undo a failed submission: what it created under `folder` (pickles, the sbatch file), deepest first."""
+    if not folder.exists():
+        return
+    for path in sorted(set(folder.rglob("*")) - (before or set()), key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not path.is_symlink():
+            path.rmdir()
+        else:
+            path.unlink()
+    if before is None:
+        folder.rmdir()
 
 
 def wait_for_array(todo: list[SweepRun], jobs: list) -> list[tuple[SweepRun, str]]:
@@ -293,15 +366,16 @@ def wait_for_array(todo: list[SweepRun], jobs: list) -> list[tuple[SweepRun, str
     return failed
 
 
-def execute(todo: list[SweepRun], options: LaunchOptions, output_dir: Path) -> tuple[list, bool]:
-    """Run or submit `todo`. Returns the runs that failed (with errors) and whether they have all
-    ended (False: submitted to SLURM and not waited for)."""
+def execute(todo: list[SweepRun], options: LaunchOptions, output_dir: Path) -> tuple[list, list, bool]:
+    """Run or submit `todo`. Returns the runs that failed (with errors), the runs left because another
+    process holds their folder, and whether they have all ended (False: submitted to SLURM and not
+    waited for)."""
     check_options(options)
     if not todo:
-        return [], True
+        return [], [], True
     if options.launcher == "slurm":
         todo, jobs = submit_array(todo, options, output_dir)
         if not options.wait:
-            return [], False
-        return wait_for_array(todo, jobs), True
-    return run_local(todo, options, output_dir), True
+            return [], [], False
+        return wait_for_array(todo, jobs), [], True
+    return *run_local(todo, options, output_dir), True

@@ -284,8 +284,8 @@ class BaseToNovel(Protocol):
 @register_protocol
 class CrossDataset(Protocol):
     name = "cross_dataset"
-    summary = ("cross-dataset transfer: train on the source (16-shot ImageNet, all classes), "
-               "test on the source and on each target dataset")
+    summary = ("cross-dataset transfer: train on the source dataset (all classes), test on the source and on "
+               "each target dataset")
     default_targets = CROSS_DATASET_TARGETS
     columns = (("source_accuracy", "source (%)"), ("targets_average", "targets average (%)"))
     recipe = COCOOP_PAPER_COOP
@@ -301,10 +301,13 @@ class CrossDataset(Protocol):
         for entry in cfg.targets or self.default_targets:
             data = target_data(cfg, entry)
             target = build_dataset(data)
-            if any(t.name == target.name for t in found):
-                raise ConfigError(f"targets: {entry!r} is the dataset {target.name!r}, already a test set of "
+            # a target YAML names the target: a generic reader names a dataset by its folder, which may say
+            # only "test"
+            name = Path(entry).stem if entry.endswith((".yaml", ".yml")) else target.name
+            if target.name == dataset.name or any(t.name == name for t in found):
+                raise ConfigError(f"targets: {entry!r} is the dataset {name!r}, already a test set of "
                                   "this run; list each target once and not the source")
-            found.append(Target(target.name, target, data, target.name))
+            found.append(Target(name, target, data, name))
         return found
 
     def table_columns(self, metrics):
@@ -325,8 +328,9 @@ class CrossDataset(Protocol):
 @register_protocol
 class DomainGeneralization(CrossDataset):
     name = "domain_generalization"
-    summary = ("domain generalisation: the source model (16-shot ImageNet) tested on ImageNet-V2, -Sketch, -A "
-               "and -R; -A and -R hold 200 classes, scored with those classes' rows")
+    summary = ("domain generalisation: the source model tested on shifted versions of its dataset (by default "
+               "ImageNet-V2, -Sketch, -A and -R); a target holding a subset of the trained classes (ImageNet-A "
+               "and -R: 200) is scored with those classes' rows")
     default_targets = IMAGENET_VARIANTS
     published = {}  # the issue quotes no domain-generalisation averages
 

@@ -64,24 +64,39 @@ def columns_of(protocol: Protocol, rows: list[dict]) -> list[str]:
 
 
 def cell_text(value: tuple[float, float, int] | float | None) -> str:
+    """mean ± std over seeds; the mean alone from one seed (it has no spread) or for a derived value."""
     if value is None:
         return "n/a"
     if isinstance(value, tuple):
-        return f"{value[0]:.2f} ± {value[1]:.2f}"
+        return f"{value[0]:.2f} ± {value[1]:.2f}" if value[2] > 1 else f"{value[0]:.2f}"
     return f"{value:.2f}"
+
+
+# a report column -> its header where the column's own name does not say what it is
+COLUMN_HEADERS = {"average": "targets average"}
+
+
+def method_values(protocol: Protocol, rows: list[dict], methods: list[str],
+                  datasets: list[str]) -> tuple[list[str], dict[str, dict]]:
+    """The report's columns, and per method (those with results) each column's (mean, std, seeds) over
+    `datasets`, None for n/a, with the protocol's derived columns (HM) from the means."""
+    cells = aggregate(protocol, rows, datasets)
+    columns = columns_of(protocol, rows)
+    out = {}
+    for method in methods:
+        values = {c: cells[(method, c)] for c in columns if (method, c) in cells}
+        if values:
+            values.update(protocol.derived({c: v[0] if v else None for c, v in values.items()}))
+            out[method] = values
+    return columns, out
 
 
 def protocol_table(protocol: Protocol, rows: list[dict], methods: list[str], datasets: list[str],
                    published: bool) -> str:
-    cells = aggregate(protocol, rows, datasets)
-    columns = columns_of(protocol, rows)
-    lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for method in methods:
-        values = {c: cells[(method, c)] for c in columns if (method, c) in cells}
-        if not values:
-            continue
-        means = {c: v[0] if v else None for c, v in values.items()}
-        values.update(protocol.derived(means))
+    columns, by_method = method_values(protocol, rows, methods, datasets)
+    lines = ["| method | " + " | ".join(COLUMN_HEADERS.get(c, c) for c in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for method, values in by_method.items():
         lines.append(f"| {method} | " + " | ".join(cell_text(values[c]) if c in values else "–" for c in columns)
                      + " |")
     if published:
@@ -97,9 +112,12 @@ def protocol_summary(protocol: Protocol, rows: list[dict], methods: list[str], d
     mean ± sample std over seeds; published figures beside ours only for the papers' own setting."""
     published = protocol.published_applies(cfg, datasets)
     derived = ", ".join(protocol.derived({})) or "none"
+    targets = list(dict.fromkeys(t for r in rows for t in r.get("target_accuracy") or {}))
+    tested = (f"Source {', '.join(datasets)} ({cfg.data.shots} shots); targets {', '.join(targets) or '-'}. "
+              if protocol.default_targets else "")
     lines = [f"# Protocol {protocol.name}: accuracy (%)", "", f"{protocol.summary}.", "",
-             f"Backbone {cfg.backbone.model} ({cfg.backbone.pretrained}); {cfg.data.shots} shots; mean ± sample "
-             f"standard deviation over seeds {', '.join(map(str, seeds))}; model selection: "
+             f"{tested}Backbone {cfg.backbone.model} ({cfg.backbone.pretrained}); {cfg.data.shots} shots; "
+             f"{seeds_text(seeds)}; model selection: "
              f"{SELECTION_TEXT[cfg.selection]}. Derived columns ({derived}) are computed from the mean columns, "
              "as the papers do. " + ("Rows marked (published) are the papers' figures, for comparison."
                                      if published else "No published figures are shown: they exist only for "
@@ -116,7 +134,7 @@ def protocol_summary(protocol: Protocol, rows: list[dict], methods: list[str], d
     return "\n".join(lines)
 
 
-def protocol_points(protocol: Protocol, rows: list[dict], methods: list[str], datasets: list[str]) -> dict:
-    """method -> {column: mean} over all datasets, for the plot."""
-    cells = aggregate(protocol, rows, datasets)
-    return {m: {c: v[0] for (mm, c), v in cells.items() if mm == m and v} for m in methods}
+def seeds_text(seeds: list[int]) -> str:
+    if len(seeds) == 1:
+        return f"one seed ({seeds[0]}), so no spread is shown"
+    return f"mean ± sample standard deviation over seeds {', '.join(map(str, seeds))}"

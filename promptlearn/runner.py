@@ -10,7 +10,7 @@ import torch
 
 from promptlearn import distributed
 from promptlearn.backbone import backbone_problems, load_backbone
-from promptlearn.config import RunConfig, dump_yaml, protocol_epochs
+from promptlearn.config import RunConfig, dump_yaml, protocol_epochs, to_dict
 from promptlearn.data import DATASETS, build_dataset
 from promptlearn.data.fewshot import FewShotSplit, load_or_draw
 from promptlearn.errors import ConfigError, PromptlearnError, error_line
@@ -20,6 +20,7 @@ from promptlearn.methods import METHODS, build_method, method_class
 from promptlearn.protocols import evaluate_on, protocol_for
 from promptlearn.report import run_table
 from promptlearn.runinfo import PhaseClock, environment, peak_memory
+from promptlearn.tracking import check_trackers, open_tracking
 from promptlearn.trainer import Trainer
 
 log = logging.getLogger("promptlearn")
@@ -35,7 +36,8 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
     writer = distributed.is_writer()
     out = Path(cfg.output_dir)
     with RunLock(out) if writer else contextlib.nullcontext(), \
-            log_to_file(out / "log.txt") if writer else contextlib.nullcontext():
+            log_to_file(out / "log.txt") if writer else contextlib.nullcontext(), \
+            open_tracking(cfg.log_to if writer else [], out, str(out), to_dict(cfg)) as tracking:
         if writer:
             (out / COMPLETE_MARKER).unlink(missing_ok=True)
             atomic_write_text(out / "config.yaml", dump_yaml(cfg))
@@ -55,7 +57,7 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
         clock, info_file = PhaseClock(bank), out / "run_info.json"
         fixed = DATASETS[cfg.data.name].epochs
         epochs = protocol_epochs(cfg.data.shots, fixed) if cfg.train.epochs is None else cfg.train.epochs
-        trainer = Trainer(cfg.train, epochs, cfg.data.seed, backbone.precision)         # trainer
+        trainer = Trainer(cfg.train, epochs, cfg.data.seed, backbone.precision, tracking.epoch)  # trainer
         log.info("%s (protocol %s): %d classes, %d-shot draw (seed %d): %d train, %d val images; test sets %s; "
                  "%d epochs", dataset.name, protocol.name, dataset.num_classes, cfg.data.shots, cfg.data.seed,
                  len(fewshot.train), len(fewshot.val), ", ".join(t.name for t in targets), epochs)
@@ -81,6 +83,7 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
             history = info.pop("history", None)
             if history is not None:
                 atomic_write_json(folder / "history.json", history)
+                tracking.history(name, history)
             with clock.phase("evaluation", phases):                                     # evaluation
                 result = protocol.combine({t.name: evaluate_on(method, t, bank, folder / t.folder, cfg)
                                            for t in targets})
@@ -91,6 +94,7 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
                 result.update(extra.metrics)
                 reports.append(extra.report)
             metrics[name] = result
+            tracking.result(name, result)
             atomic_write_json(out / "metrics.json", metrics)
             atomic_write_json(info_file, run_info(cfg, backbone, clock, bank))
         if not writer:
@@ -100,6 +104,7 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
         atomic_write_json(out / "metrics.json", metrics)
         atomic_write_json(info_file, run_info(cfg, backbone, clock, bank))
         atomic_write_text(out / "summary.md", table + "\n")                             # report
+        tracking.text("results", table)
         atomic_write_json(out / COMPLETE_MARKER, {"methods": list(metrics)})
         print("\n\n".join([table, *filter(None, reports)]))
         return metrics
@@ -123,7 +128,8 @@ def check_run(cfg: RunConfig, eval_only: str | None = None, resume: bool = False
     problems = backbone_problems(cfg.backbone)
     checks = (lambda: check_methods(cfg, eval_only), lambda: check_writable(cfg.output_dir),
               lambda: FeatureCache.from_setting(cfg.cache_dir).check(),
-              lambda: check_not_finished(cfg.output_dir, eval_only, resume, overwrite))
+              lambda: check_not_finished(cfg.output_dir, eval_only, resume, overwrite),
+              lambda: check_trackers(cfg.log_to))
     for check in checks:  # each raises its own message; all of them are reported together
         try:
             check()

@@ -22,12 +22,12 @@ import yaml
 from promptlearn.cli import dataset_config
 from promptlearn.config import RunConfig, build_config, flatten_tree, load_config, parse_override, read_sources, to_dict
 from promptlearn.data import build_dataset
-from promptlearn.errors import ConfigError, PromptlearnError
+from promptlearn.errors import ConfigError, PromptlearnError, RunBusy, RunsLeft
 from promptlearn.io import atomic_write_text
 from promptlearn.launch import LaunchOptions, execute
 from promptlearn.progress import progress
-from promptlearn.protocols import PROTOCOLS, SELECTION_TEXT, protocol_for
-from promptlearn.report import mean_std, protocol_points, protocol_summary
+from promptlearn.protocols import PROTOCOLS, SELECTION_TEXT, Protocol, protocol_for
+from promptlearn.report import cell_text, mean_std, method_values, protocol_summary, seeds_text
 from promptlearn.runner import is_complete, run_experiment
 
 log = logging.getLogger("promptlearn")
@@ -36,7 +36,7 @@ CSV_COLUMNS = ["method", "dataset", "backbone", "pretrained", "protocol", "selec
                "macro_f1", "ece", "base_accuracy", "novel_accuracy", "hm", "targets_average", "train_seconds", "na",
                "run_dir"]
 # settings that do not change a run's results: a finished run made under other values is still reused
-NEUTRAL_KEYS = {"methods", "output_dir", "cache_dir", "data.num_workers", "data.eval_batch_size",
+NEUTRAL_KEYS = {"methods", "output_dir", "cache_dir", "log_to", "data.num_workers", "data.eval_batch_size",
                 "data.fewshot_dir", "backbone.device", "backbone.cache_dir", "train.checkpoint_every",
                 *(f"{m}.{k}" for m in ("coop", "cocoop", "kgcoop", "prograd")
                   for k in ("class_chunk", "truncate_prompts", "share_prefix")),
@@ -145,7 +145,9 @@ def run_sweep(sweep: SweepConfig, runs: list[PlannedRun], report_only: bool = Fa
               launch: LaunchOptions | None = None) -> list[dict] | None:
     """Run what is not finished (resuming unfinished runs), here one after another or as `launch` says
     (local processes, a SLURM array), then write the CSV, summary and plots and return the rows; None
-    when the runs were submitted to SLURM without waiting (no report yet)."""
+    when the runs were submitted to SLURM without waiting (no report yet). Runs that another process is
+    using are left and the others done; after the report, a PromptlearnError names the runs that failed,
+    or RunsLeft (exit status 3) the runs that were left."""
     if sweep.plots:
         from promptlearn.plots import require_matplotlib
         require_matplotlib()  # before hours of runs, not after
@@ -156,37 +158,60 @@ def run_sweep(sweep: SweepConfig, runs: list[PlannedRun], report_only: bool = Fa
         raise ConfigError(f"{len(conflicts)} run folder(s) hold runs made with other settings, e.g. {run.folder} "
                           f"({'; '.join(changes[:3])}); use another sweep.output_dir, or delete those folders "
                           "to redo them")
-    failed, ended = [], True
+    failed, busy, ended = [], [], True
     if not report_only:
         todo = [run for run in runs if not is_finished(run)]
         log.info("sweep: %d runs, %d finished, %d to run", len(runs), len(runs) - len(todo), len(todo))
         if launch is not None and launch.parallel:
-            failed, ended = execute(todo, launch, Path(sweep.output_dir))
+            failed, busy, ended = execute(todo, launch, Path(sweep.output_dir))
         else:
-            run_serially(todo)
+            busy = run_serially(todo)
     if not ended:
-        log.info("sweep: the runs are submitted; when they have finished, rerun the same command with "
-                 "--report-only to build the report (or without it to resubmit what did not finish)")
         return None
     rows = collect_rows(runs)
     write_report(sweep, runs, rows)
-    if failed:
-        run, error = failed[0]
-        raise PromptlearnError(f"{len(failed)} sweep run(s) failed twice and are left out of the report, e.g. "
-                               f"{run.dataset}, {run.shots} shots, seed {run.seed}: {error.splitlines()[0]} "
-                               f"(see {Path(sweep.output_dir) / 'logs'}). Running the same sweep command again "
-                               "retries them.")
+    if failed or busy:
+        raise runs_left_error(failed, busy, len(runs), Path(sweep.output_dir))
     return rows
 
 
-def run_serially(todo: list[PlannedRun]) -> None:
+def run_label(run: PlannedRun) -> str:
+    return f"{run.dataset}, {run.shots} shots, seed {run.seed}"
+
+
+def runs_left_error(failed: list[tuple[PlannedRun, str]], busy: list[PlannedRun], total: int,
+                    output_dir: Path) -> PromptlearnError:
+    """What the sweep did not do, once the report of the rest is written: failed runs are an error (exit
+    status 2), runs that other processes were using only mean the sweep is not complete yet (3)."""
+    parts = []
+    if failed:
+        run, error = failed[0]
+        parts.append(f"{len(failed)} sweep run(s) failed twice and are left out of the report, e.g. {run_label(run)}: "
+                     f"{error.splitlines()[0]} (see {output_dir / 'logs'})")
+    if busy:
+        parts.append(f"{len(busy)} of {total} sweep run(s) were left because another promptlearn process is using "
+                     f"their folders: " + "; ".join(f"{run_label(run)} ({run.folder})" for run in busy[:5])
+                     + (f"; and {len(busy) - 5} more" if len(busy) > 5 else ""))
+    message = ". ".join(parts) + (". Running the same sweep command again retries them" if failed else
+                                  ". Run the same sweep command again once those processes have ended") + \
+        " (finished runs are skipped)."
+    return PromptlearnError(message) if failed else RunsLeft(message)
+
+
+def run_serially(todo: list[PlannedRun]) -> list[PlannedRun]:
+    """Run `todo` one after another; returns the runs left because another process holds their folder."""
+    busy = []
     for run in progress(todo, desc="sweep"):
-        log.info("sweep: %s, %d shots, seed %d -> %s", run.dataset, run.shots, run.seed, run.folder)
+        log.info("sweep: %s -> %s", run_label(run), run.folder)
         try:
             run_experiment(run.cfg, resume=True)
+        except RunBusy as e:
+            log.warning("sweep: skipping %s: %s", run_label(run), e)
+            busy.append(run)
         except PromptlearnError as e:
-            raise PromptlearnError(f"sweep run {run.dataset}, {run.shots} shots, seed {run.seed}: {e} Running the "
-                                   "same sweep command again skips finished runs and resumes this one.") from None
+            raise PromptlearnError(f"sweep run {run_label(run)}: {e} Running the same sweep command again skips "
+                                   "finished runs and resumes this one.") from None
+    return busy
 
 
 # ----------------------------------------------------------------------------- results
@@ -258,8 +283,7 @@ def curve_table(curve: Curve, methods: list[str], shots: list[int]) -> str:
     lines = ["| method | " + " | ".join(f"{k} shot{'s' * (k > 1)}" for k in shots) + " |",
              "|---|" + "---:|" * len(shots)]
     for method in methods:
-        cells = [f"{curve[(method, k)][0]:.2f} ± {curve[(method, k)][1]:.2f}" if (method, k) in curve else "–"
-                 for k in shots]
+        cells = [cell_text(curve[(method, k)]) if (method, k) in curve else "–" for k in shots]
         if any(c != "–" for c in cells):
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -277,8 +301,8 @@ def summary_markdown(sweep: SweepConfig, runs: list[PlannedRun], rows: list[dict
     backbones = sorted({f"{r['backbone']} ({r['pretrained']})" for r in rows}) or ["-"]
     finished = len({r["run_dir"] for r in rows})
     lines = ["# Few-shot sweep: test accuracy (%)", "",
-             f"Backbone {', '.join(backbones)}; mean ± sample standard deviation over seeds "
-             f"{', '.join(map(str, sweep.seeds))}; {finished} of {len(runs)} runs finished. "
+             f"Backbone {', '.join(backbones)}; {seeds_text(sweep.seeds)}; {finished} of {len(runs)} runs "
+             "finished. "
              f"Model selection: {SELECTION_TEXT[runs[0].cfg.selection if runs else 'validation']} (linear-probe C, "
              "Tip-Adapter alpha and beta); the test split is used only for these numbers.", ""]
     lines += [f"## Average over {len(datasets)} dataset{'s' * (len(datasets) > 1)}", "",
@@ -301,21 +325,44 @@ def write_report(sweep: SweepConfig, runs: list[PlannedRun], rows: list[dict]) -
         summary = summary_markdown(sweep, runs, rows)
     atomic_write_text(out / "summary.md", summary)
     written = [out / "results.csv", out / "summary.md"]
-    if sweep.plots and rows and protocol.name == "base2novel":
-        from promptlearn.plots import base_novel_plot
-        path = out / "plots" / "base_novel.png"
-        base_novel_plot(path, protocol_points(protocol, rows, methods, datasets), runs[0].cfg.backbone.model)
-        written.append(path)
-    elif sweep.plots and rows and protocol.name == "fewshot":
-        from promptlearn.plots import accuracy_plot
-        methods, datasets = methods_and_datasets(runs)
-        backbone = f"{runs[0].cfg.backbone.model} ({runs[0].cfg.backbone.pretrained})"
+    if sweep.plots and rows:
+        written += write_plots(sweep, runs, rows, protocol)
+    log.info("sweep report: %s", ", ".join(map(str, written)))
+
+
+def write_plots(sweep: SweepConfig, runs: list[PlannedRun], rows: list[dict], protocol: Protocol) -> list[Path]:
+    """The protocol's figures in the papers' layout: accuracy against shots (few-shot); base against novel
+    and base / novel / HM bars (base-to-novel); accuracy per test set (cross-dataset, domain generalisation)."""
+    from promptlearn import plots
+
+    out, cfg = Path(sweep.output_dir) / "plots", runs[0].cfg
+    methods, datasets = methods_and_datasets(runs)
+    backbone = f"{cfg.backbone.model} ({cfg.backbone.pretrained})"
+    over = f"average over {len(datasets)} datasets" if len(datasets) > 1 else datasets[0]
+    written = []
+    if protocol.name == "fewshot":
         panels = {"average": (f"average over {len(datasets)} dataset{'s' * (len(datasets) > 1)}",
                               average_curve(rows, datasets))}
         panels.update({d: (d, c) for d, c in dataset_curves(rows).items()})
         for slug, (title, curve) in panels.items():
-            path = out / "plots" / f"accuracy_{slug}.png"
-            accuracy_plot(path, f"{title}, {backbone}", curve, methods)
-            written.append(path)
-    log.info("sweep report: %s", ", ".join(map(str, written)))
-
+            written.append(out / f"accuracy_{slug}.png")
+            plots.accuracy_plot(written[-1], f"{title}, {backbone}", curve, methods)
+        return written
+    columns, values = method_values(protocol, rows, methods, datasets)
+    title = f"{protocol.name}, {over}, {backbone}, {cfg.data.shots} shots"
+    if protocol.name == "base2novel":
+        written.append(out / "base_novel.png")
+        plots.base_novel_plot(written[-1], values, title)
+        written.append(out / "base_novel_bars.png")
+        parts = ["base", "novel", "HM"]
+        plots.grouped_bars(written[-1], title, list(values), parts,
+                           {(m, c): v[c] for m, v in values.items() for c in parts if c in v},
+                           {c: {"color": colour, "hatch": hatch} for c, colour, hatch
+                            in zip(parts, ("#1f77b4", "#ff7f0e", "#555555"), ("", "//", ".."))})
+    elif protocol.default_targets:  # cross-dataset, domain generalisation: each test set, one bar per method
+        written.append(out / "targets.png")
+        names = {"source": f"source ({over})", "average": "targets average"}
+        plots.grouped_bars(written[-1], title, [names.get(c, c) for c in columns], list(values),
+                           {(names.get(c, c), m): v[c] for m, v in values.items() for c in columns if c in v},
+                           plots.method_styles(methods))
+    return written

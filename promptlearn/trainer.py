@@ -252,12 +252,14 @@ def resume_random_states(saved: dict, checkpoint: Path, name: str) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, epochs: int, seed: int, precision: str = "fp32"):
+    def __init__(self, cfg: TrainConfig, epochs: int, seed: int, precision: str = "fp32",
+                 on_epoch: Callable[[str, dict], None] | None = None):
         self.cfg, self.epochs, self.seed, self.precision = cfg, epochs, seed, precision
+        self.on_epoch = on_epoch  # told each epoch's record as it ends (method name, record): experiment tracking
 
     def with_recipe(self, cfg: TrainConfig, epochs: int) -> "Trainer":
-        """This trainer (seed, precision) under a method's own recipe: optimiser, lr, batch size, epochs."""
-        return Trainer(cfg, epochs, self.seed, self.precision)
+        """This trainer (seed, precision, listener) under a method's own recipe: optimiser, lr, batch size, epochs."""
+        return Trainer(cfg, epochs, self.seed, self.precision, self.on_epoch)
 
     def recipe(self, data: "TrainingFeatures | TrainingImages") -> dict:
         """Everything that changes the result of training: resuming under another recipe is refused."""
@@ -321,6 +323,8 @@ class Trainer:
                 history.append(self._epoch(method, data, optimizer, scheduler, scaler, epoch, epochs, steps_left,
                                            last_done["epoch"], graph))
                 method.end_of_epoch(epoch + 1, epochs)
+                if self.on_epoch is not None:
+                    self.on_epoch(method.name, history[-1])
                 if not cfg.lr_per_step:
                     scheduler.step()
                 last_done = snapshot(epoch + 1)

@@ -16,6 +16,7 @@ import torch
 from helpers import HANG_GUARD_S, REPO, SAMPLE
 
 from promptlearn import launch
+from promptlearn.commands import entry
 from promptlearn.errors import ConfigError, PromptlearnError
 from promptlearn.features import FeatureCache, SplitFeatures
 from promptlearn.io import atomic_write_text
@@ -194,3 +195,63 @@ def test_local_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with pytest.raises(ConfigError, match="no CUDA GPU is visible; on a CPU-only machine use --workers"):
         launch.local_devices("all")
+
+
+@pytest.fixture
+def fake_sbatch(tmp_path, monkeypatch):
+    """An `sbatch` on the PATH for a cluster without GPUs: a job that asks for GPUs is refused as SLURM
+    refuses it; any other is accepted as job 4242 and its batch file kept for the test to read."""
+    pytest.importorskip("submitit")
+    bin_dir, kept = tmp_path / "bin", tmp_path / "accepted.sh"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text("#!/bin/sh\n"
+                      'if grep -q -- "--gpus" "$1"; then\n'
+                      '  echo "sbatch: error: Batch job submission failed: Invalid generic resource (gres) '
+                      'specification" >&2; exit 1\n'
+                      "fi\n"
+                      f'cp "$1" "{kept}"; echo "Submitted batch job 4242"\n')
+    sbatch.chmod(0o755)
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit looks for it; the batch file would call it
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return kept
+
+
+def submit_sweep(tmp_path, capsys, *flags: str) -> tuple[int, str, str]:
+    """`promptlearn sweep --launcher slurm` on the CPU sample sweep, in this process: exit status, stdout, stderr."""
+    with pytest.raises(SystemExit) as stop:
+        entry(["sweep", "--config", str(QUICK), "--launcher", "slurm", *flags,
+               *sweep_overrides(tmp_path / "sweep", tmp_path / "cache")])
+    captured = capsys.readouterr()
+    return stop.value.code, captured.out, captured.err
+
+
+def test_slurm_submission_of_a_cpu_sweep_asks_for_no_gpu_and_says_what_it_submitted(tmp_path, capsys, fake_sbatch):
+    code, out, err = submit_sweep(tmp_path, capsys)
+    assert code == 0, err
+    batch = fake_sbatch.read_text()
+    assert "--gpus" not in batch and "#SBATCH --array=0-1" in batch  # backbone.device=cpu: no GPU asked for
+    assert "submitted 2 run(s) as SLURM job array 4242 (tasks 4242_0 to 4242_1;" in out
+    assert f"logs in {tmp_path / 'sweep' / 'slurm'}/" in out
+    assert "squeue -j 4242" in out and "--report-only" in out  # printed without -v: what to do next
+    record = json.loads((tmp_path / "sweep" / "slurm" / "submitted.json").read_text())
+    assert sorted(record.values()) == ["4242_0", "4242_1"]
+
+
+def test_a_refused_slurm_submission_is_one_line_and_leaves_no_files(tmp_path, capsys, fake_sbatch):
+    code, out, err = submit_sweep(tmp_path, capsys, "--gpus-per-task", "1")
+    assert code == 2 and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: --launcher slurm: the job array was not submitted: "
+                                                     "sbatch: error: Batch job submission failed: Invalid generic "
+                                                     "resource (gres) specification; the job asked for 1 GPU(s)")
+    assert "--gpus-per-task 0" in errors[0] and "submitted" not in out
+    assert not (tmp_path / "sweep" / "slurm").exists()  # no pickles or batch files left behind
+
+
+@pytest.mark.parametrize("devices, asked, gpus", [(["cpu", "cpu"], None, 0), (["auto", "cpu"], None, 1),
+                                                  (["cuda:1"], None, 1), (["cpu"], 2, 2), (["cuda"], 0, 0)])
+def test_slurm_gpus_per_task_follow_the_sweeps_device_unless_given(devices, asked, gpus):
+    runs = [SimpleNamespace(cfg=SimpleNamespace(backbone=SimpleNamespace(device=d))) for d in devices]
+    assert launch.task_gpus(runs, LaunchOptions(launcher="slurm", gpus_per_task=asked)) == gpus

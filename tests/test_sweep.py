@@ -9,8 +9,10 @@ import pytest
 from helpers import REPO, SAMPLE
 
 from promptlearn import sweep as sweep_module
+from promptlearn.commands import entry
 from promptlearn.data import DATASETS
 from promptlearn.errors import ConfigError, DataError
+from promptlearn.io import RunLock
 from promptlearn.runner import COMPLETE_MARKER
 from promptlearn.sweep import CSV_COLUMNS, average_curve, curve_table, dataset_curves, load_sweep, plan_runs, run_sweep
 
@@ -128,3 +130,28 @@ def test_shipped_sweep_configs():
     quick, quick_base, _ = load_sweep(QUICK)
     assert quick.shots == [1, 2, 4, 8, 16] and quick.seeds == [1, 2, 3] and quick_base.methods == ALL_METHODS
     assert (quick_base.backbone.model, quick_base.backbone.pretrained) == ("tiny-clip", "none")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_sweep_leaves_runs_another_process_is_using_and_does_the_free_ones(tmp_path, capsys, monkeypatch,
+                                                                             workers):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    overrides = small_sweep(tmp_path, "sweep.shots=[1]", "methods=[zeroshot]", "sweep.plots=false")
+    out = tmp_path / "sweep" / "fashion_mnist_sample" / "1-shot"
+    (out / "seed-1").mkdir(parents=True)
+    command = ["sweep", "--config", str(QUICK), "--workers", str(workers), *overrides]
+    with RunLock(out / "seed-1"):  # another sweep is running seed 1 (flock: a second open of .lock is refused)
+        with pytest.raises(SystemExit) as stop:
+            entry(command)
+    err = capsys.readouterr().err
+    assert stop.value.code == 3, err  # the report is built, but not everything was done
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert "1 of 2 sweep run(s) were left because another promptlearn process is using" in errors[0]
+    assert f"seed 1 ({out / 'seed-1'})" in errors[0] and "again once those processes have ended" in errors[0]
+    assert (out / "seed-2" / COMPLETE_MARKER).is_file() and not (out / "seed-1" / COMPLETE_MARKER).exists()
+    assert [r["seed"] for r in read_csv(tmp_path / "sweep" / "results.csv")] == ["2"]
+
+    with pytest.raises(SystemExit) as stop:  # the other process has ended: the left run is done now
+        entry(command)
+    assert stop.value.code == 0 and (out / "seed-1" / COMPLETE_MARKER).is_file()
