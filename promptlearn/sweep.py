@@ -23,7 +23,7 @@ from promptlearn.cli import dataset_config
 from promptlearn.config import RunConfig, build_config, flatten_tree, load_config, parse_override, read_sources, to_dict
 from promptlearn.data import build_dataset
 from promptlearn.errors import ConfigError, PromptlearnError
-from promptlearn.io import atomic_write_text
+from promptlearn.io import atomic_write_text, spreadsheet_safe
 from promptlearn.launch import LaunchOptions, execute
 from promptlearn.progress import progress
 from promptlearn.protocols import PROTOCOLS, SELECTION_TEXT, protocol_for
@@ -250,7 +250,7 @@ def results_csv(rows: list[dict]) -> str:
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items()})
+        writer.writerow({k: f"{v:.4f}" if isinstance(v, float) else spreadsheet_safe(v) for k, v in r.items()})
     return buf.getvalue()
 
 
