@@ -59,7 +59,8 @@ def relabel(items: list[Item], labels: list[int]) -> list[Item]:
 def keep_classes(dataset: DatasetSplits, labels: list[int], name: str) -> DatasetSplits:
     """The dataset restricted to `labels` in every split (other classes' images are gone), relabelled 0.."""
     return DatasetSplits(name, [dataset.classnames[c] for c in labels], relabel(dataset.train, labels),
-                         relabel(dataset.val, labels), relabel(dataset.test, labels))
+                         relabel(dataset.val, labels), relabel(dataset.test, labels),
+                         [dataset.class_ids[c] for c in labels] if dataset.class_ids else [])
 
 
 def keep_draw_classes(draw: FewShotSplit, labels: list[int], name: str) -> FewShotSplit:
@@ -92,14 +93,19 @@ class NotApplicable:
     reason: str
 
 
-def scorer_for(method: Method, target: Target, cfg: "RunConfig"):
-    """Logits over the target's classes from the trained method, or NotApplicable with the reason."""
+def scorer_for(method: Method, target: Target, cfg: "RunConfig", trained_ids: list[str] = ()):
+    """Logits over the target's classes from the trained method, or NotApplicable with the reason.
+    `trained_ids`: the class ids of the training set (DatasetSplits.class_ids). Where both sides have ids
+    (ImageNet's wnids, class folders), a subset target's rows are found by id, never by display name, which
+    two classes may share; a name two trained classes share never selects a row."""
     trained, wanted = method.classnames, target.dataset.classnames
+    if trained_ids and target.dataset.class_ids:
+        trained, wanted = list(trained_ids), target.dataset.class_ids
     if wanted == trained:
         return method.predict
-    rows = {name: i for i, name in enumerate(trained)}
-    if all(name in rows for name in wanted):  # a subset of the trained classes: their rows, in target order
-        index = [rows[name] for name in wanted]
+    rows = {key: i for i, key in enumerate(trained)}
+    if len(rows) == len(trained) and all(key in rows for key in wanted):  # a subset: its rows, in target order
+        index = [rows[key] for key in wanted]
         return lambda features: method.predict(features)[:, index]
     if not method.caps.unseen_classes:
         return NotApplicable(f"{method.name} cannot score classes it did not train on (no unseen_classes "
@@ -115,7 +121,7 @@ def scorer_for(method: Method, target: Target, cfg: "RunConfig"):
 
 
 def evaluate_on(method: Method, target: Target, bank: "FeatureBank", folder: Path, cfg: "RunConfig") -> dict:
-    score = scorer_for(method, target, cfg)
+    score = scorer_for(method, target, cfg, bank.dataset.class_ids)
     if isinstance(score, NotApplicable):
         return {"na": score.reason}
     test = method.test_features(bank, target.dataset)  # a method that learns inside the image encoder: its own

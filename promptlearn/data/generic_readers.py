@@ -211,13 +211,13 @@ def read_image_folder(cfg: "DataConfig") -> DatasetSplits:
     name = os.path.basename(root)
     if not split_dirs:
         train, val, test = seeded_split(read_class_folders(root, classes, root), cfg.split_seed)
-        return DatasetSplits(name, classnames, train, val, test)
+        return DatasetSplits(name, classnames, train, val, test, class_ids=list(folders))
     # val/ and test/ may lack a class; a folder there that train/ lacks is an error
     splits = {
         split: read_class_folders(folder, present_classes(folder, classes), class_root)
         for split, folder in split_dirs.items()
     }
-    return DatasetSplits(name, classnames, **splits)
+    return DatasetSplits(name, classnames, **splits, class_ids=list(folders))
 
 
 def present_classes(parent: str, classes: Sequence[ClassFolder]) -> list[ClassFolder]:
