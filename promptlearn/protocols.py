@@ -26,8 +26,9 @@ from promptlearn.config import PROTOCOL_RECIPES, RunConfig, apply, read_yaml
 from promptlearn.data import build_dataset
 from promptlearn.data.base import DatasetSplits, Item
 from promptlearn.data.fewshot import FewShotSplit
-from promptlearn.errors import ConfigError
+from promptlearn.errors import ConfigError, NonFinite
 from promptlearn.evaluation import evaluate
+from promptlearn.features import non_finite_rows
 from promptlearn.methods import Capabilities, Method, build_method
 from promptlearn.registry import Registry
 
@@ -125,8 +126,15 @@ def evaluate_on(method: Method, target: Target, bank: "FeatureBank", folder: Pat
     if isinstance(score, NotApplicable):
         return {"na": score.reason}
     test = method.test_features(bank, target.dataset)  # a method that learns inside the image encoder: its own
-    return evaluate(score(test.features), test.labels, test.paths, target.dataset.classnames, folder,
-                    cfg.eval.ece_bins)
+    logits = score(test.features)
+    bad, first = non_finite_rows(logits)
+    if bad:  # the features are finite (extraction checks them): the method made these
+        advice = (f"its training diverged: try a lower {method.lr_key} or backbone.precision=fp32" if method.caps.trains
+                  else "check the backbone's text tower weights and the method's settings")
+        raise NonFinite(f"{method.name}: its logits on the {target.name} test images are not finite (NaN or inf) for "
+                        f"{bad} of {len(logits)} images, e.g. {test.paths[first]}, though the image features are; "
+                        f"{advice}. No result was written for it")
+    return evaluate(logits, test.labels, test.paths, target.dataset.classnames, folder, cfg.eval.ece_bins)
 
 
 def target_data(cfg: "RunConfig", entry: str) -> "DataConfig":
