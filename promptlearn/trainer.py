@@ -334,7 +334,7 @@ class Trainer:
             if bad_step:  # the same on every rank (the values are summed over the ranks): all stop together
                 advice = (f"Try a lower {method.lr_key} or backbone.precision=fp32." if epoch or bad_step > 1 else
                           "It was so before any update, so not the learning rate: the training inputs (features "
-                          "or images) or the method's initial parameters are not finite.")
+                          "or images), the backbone's weights or the method's initial parameters are not finite.")
                 raise NonFiniteLoss(
                     f"{method.name}: the loss became {bad_loss} at epoch {epoch + 1}, step {bad_step}; training "
                     f"stopped and the parameters went back to the state after epoch {checkpoint_epoch}, which the "
