@@ -17,10 +17,17 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from promptlearn.cli import dataset_config
-from promptlearn.config import RunConfig, build_config, flatten_tree, load_config, parse_override, read_sources, to_dict
+from promptlearn.config import (
+    RunConfig,
+    build_config,
+    flatten_tree,
+    load_config,
+    parse_override,
+    read_sources,
+    read_yaml,
+    to_dict,
+)
 from promptlearn.data import build_dataset
 from promptlearn.errors import ConfigError, PromptlearnError
 from promptlearn.io import atomic_write_text, spreadsheet_safe
@@ -125,7 +132,7 @@ def setup_changes(run: PlannedRun) -> list[str]:
     saved_file = run.folder / "config.yaml"
     if not saved_file.is_file():
         return []
-    saved = flatten_tree(yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}, str(saved_file))
+    saved = read_yaml(saved_file)  # as a config file is read: no aliases of mappings to expand
     now = flatten_tree(to_dict(run.cfg), "sweep")
     return [f"{key}: {saved[key]!r} there, {value!r} now" for key, value in now.items()
             if key in saved and key not in NEUTRAL_KEYS and saved[key] != value]
