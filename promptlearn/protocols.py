@@ -94,14 +94,14 @@ class NotApplicable:
     reason: str
 
 
-def scorer_for(method: Method, target: Target, cfg: "RunConfig", trained_ids: list[str] = ()):
+def scorer_for(method: Method, target: Target, cfg: "RunConfig", trained_ids: list[str] | None = None):
     """Logits over the target's classes from the trained method, or NotApplicable with the reason.
     `trained_ids`: the class ids of the training set (DatasetSplits.class_ids). Where both sides have ids
     (ImageNet's wnids, class folders), a subset target's rows are found by id, never by display name, which
     two classes may share; a name two trained classes share never selects a row."""
     trained, wanted = method.classnames, target.dataset.classnames
     if trained_ids and target.dataset.class_ids:
-        trained, wanted = list(trained_ids), target.dataset.class_ids
+        trained, wanted = trained_ids, target.dataset.class_ids
     if wanted == trained:
         return method.predict
     rows = {key: i for i, key in enumerate(trained)}
