@@ -450,6 +450,20 @@ def test_a_backbone_with_a_nan_weight_stops_before_any_result(tmp_path, tool_err
     assert not list((tmp_path / "cache").glob("*.pt"))  # nothing cached either
 
 
+def test_a_nan_text_tower_is_named_at_the_method_whose_logits_it_spoils(tmp_path, tool_error):
+    state = tiny_backbone().model.state_dict()
+    state["text_projection"][0, 0] = float("nan")  # every class's text feature: NaN; image features stay finite
+    torch.save(state, tmp_path / "nan-text.pt")
+    out = tmp_path / "run"
+    line = tool_error(f"backbone.pretrained={tmp_path / 'nan-text.pt'}", "methods=[zeroshot]", f"output_dir={out}",
+                      f"cache_dir={tmp_path / 'cache'}")
+    assert re.fullmatch(r"error: zeroshot: its logits on the fashion_mnist_sample test images are not finite \(NaN or "
+                        r"inf\) for (\d+) of \1 images, e\.g\. \S+\.png, though the image features are; check the "
+                        r"backbone's text tower weights and the method's settings\. No result was written for it",
+                        line), line
+    assert not (out / "metrics.json").exists() and not list(out.rglob("*.csv"))
+
+
 def test_a_cache_file_holding_nan_features_is_named(tmp_path, train_coop, capsys):
     args = [f"cache_dir={tmp_path / 'cache'}", "methods=[zeroshot]"]
     assert train_coop.call(capsys, f"output_dir={tmp_path / 'run'}", *args).returncode == 0
