@@ -426,13 +426,17 @@ def test_a_diverging_method_with_its_own_lr_is_told_to_lower_that_key(tmp_path):
 # ----------------------------------------------------------------------------- features and logits not finite
 
 @pytest.fixture(scope="module")
-def nan_weights(tmp_path_factory) -> Path:
-    """A tiny-clip weights file with one NaN in the image projection: every image feature is NaN."""
-    state = tiny_backbone().model.state_dict()
-    state["visual.proj"][0, 0] = float("nan")
-    path = tmp_path_factory.mktemp("nan") / "tiny-nan.pt"
-    torch.save(state, path)
-    return path
+def nan_weights(tmp_path_factory) -> dict[str, Path]:
+    """tiny-clip weights files with one NaN: in the image projection ("image": every image feature is NaN), or
+    in the text projection ("text": every class's text feature is NaN, the image features stay finite). Made
+    here, not in a test: a backbone built in a test logs to the command line's earlier, closed stream."""
+    folder, paths = tmp_path_factory.mktemp("nan"), {}
+    for tower, key in (("image", "visual.proj"), ("text", "text_projection")):
+        state = tiny_backbone().model.state_dict()
+        state[key][0, 0] = float("nan")
+        paths[tower] = folder / f"tiny-nan-{tower}.pt"
+        torch.save(state, paths[tower])
+    return paths
 
 
 @pytest.mark.parametrize("methods, features", [("[zeroshot]", "fashion_mnist_sample test"),
@@ -440,22 +444,19 @@ def nan_weights(tmp_path_factory) -> Path:
 def test_a_backbone_with_a_nan_weight_stops_before_any_result(tmp_path, tool_error, nan_weights, methods, features):
     """Was: accuracy 10.00 and ECE 0.00 (zeroshot), a scikit-learn traceback, advice to lower train.lr (coop)."""
     out = tmp_path / "run"
-    line = tool_error(f"backbone.pretrained={nan_weights}", f"methods={methods}", f"output_dir={out}",
+    line = tool_error(f"backbone.pretrained={nan_weights['image']}", f"methods={methods}", f"output_dir={out}",
                       f"cache_dir={tmp_path / 'cache'}", "train.epochs=1")
     assert re.fullmatch(rf"error: {features} features: the backbone tiny-clip \(weights "
-                        rf"{re.escape(str(nan_weights))}\) gave image features that are not finite \(NaN or inf\) "
+                        rf"{re.escape(str(nan_weights['image']))}\) gave image features that are not finite \(NaN or inf\) "
                         r"for (\d+) of \1 images, e\.g\. \S+\.png; check the weights \(a damaged or diverged "
                         r"checkpoint holds NaN\) or try backbone\.precision=fp32 \(fp16 overflows\)", line), line
     assert not (out / "metrics.json").exists() and not list(out.rglob("*.csv"))
     assert not list((tmp_path / "cache").glob("*.pt"))  # nothing cached either
 
 
-def test_a_nan_text_tower_is_named_at_the_method_whose_logits_it_spoils(tmp_path, tool_error):
-    state = tiny_backbone().model.state_dict()
-    state["text_projection"][0, 0] = float("nan")  # every class's text feature: NaN; image features stay finite
-    torch.save(state, tmp_path / "nan-text.pt")
+def test_a_nan_text_tower_is_named_at_the_method_whose_logits_it_spoils(tmp_path, tool_error, nan_weights):
     out = tmp_path / "run"
-    line = tool_error(f"backbone.pretrained={tmp_path / 'nan-text.pt'}", "methods=[zeroshot]", f"output_dir={out}",
+    line = tool_error(f"backbone.pretrained={nan_weights['text']}", "methods=[zeroshot]", f"output_dir={out}",
                       f"cache_dir={tmp_path / 'cache'}")
     assert re.fullmatch(r"error: zeroshot: its logits on the fashion_mnist_sample test images are not finite \(NaN or "
                         r"inf\) for (\d+) of \1 images, e\.g\. \S+\.png, though the image features are; check the "
