@@ -216,7 +216,18 @@ def flatten_tree(tree: Any, source: str, prefix: str = "") -> dict[str, Any]:
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently) and
+    any alias of a mapping: nested mapping aliases double the dotted keys at every level (a few hundred bytes
+    would flatten to billions of keys), so they are refused while the file is composed, before any expansion."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            if isinstance(self.anchors.get(event.anchor), yaml.MappingNode):
+                raise ConfigError(f"{event.start_mark.name}, line {event.start_mark.line + 1}: *{event.anchor} "
+                                  f"repeats a mapping; config files take no aliases of mappings (nor `<<` merges "
+                                  f"of them): write the keys out")
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[Any, int] = {}
@@ -324,32 +335,20 @@ def config_problems(cfg: RunConfig) -> list[str]:
     for key, value in flat_values(cfg).items():  # inf and nan pass every range check below: refuse them first
         if isinstance(value, float) and not math.isfinite(value):
             problems.append(f"{key} must be a finite number, got {value}")
+    problems += integer_problems(flat_values(cfg))
     if problems:
         return problems
-    need(cfg.data.shots >= 1, f"data.shots must be at least 1, got {cfg.data.shots}")
     need(cfg.backbone.precision in PRECISIONS,
          f"backbone.precision must be one of {', '.join(PRECISIONS)}, got {cfg.backbone.precision!r}")
-    need(cfg.train.epochs is None or cfg.train.epochs >= 0,
-         f"train.epochs must be 0 or more, got {cfg.train.epochs}")
-    need(cfg.train.batch_size >= 1, f"train.batch_size must be at least 1, got {cfg.train.batch_size}")
     need(cfg.train.lr > 0, f"train.lr must be positive, got {cfg.train.lr}")
-    need(cfg.train.feature_passes >= 0, f"train.feature_passes must be 0 or more, got {cfg.train.feature_passes}")
-    need(cfg.train.warmup_epochs >= 0, f"train.warmup_epochs must be 0 or more, got {cfg.train.warmup_epochs}")
-    need(cfg.train.checkpoint_every >= 1,
-         f"train.checkpoint_every must be at least 1, got {cfg.train.checkpoint_every}")
-    need(cfg.train.sync_every >= 1, f"train.sync_every must be at least 1, got {cfg.train.sync_every}")
     need(cfg.data.draw in DRAWS, f"data.draw must be one of {', '.join(DRAWS)}, got {cfg.data.draw!r}")
     val_shots = cfg.data.val_shots
     need(val_shots in (None, "shots") or (val_shots.isdecimal() and int(val_shots) >= 1),
          f"data.val_shots must be a whole number of at least 1, or 'shots' for K (unset: min(K, 4)), got {val_shots!r}")
-    need(cfg.data.num_workers >= 0, f"data.num_workers must be 0 or more, got {cfg.data.num_workers}")
-    need(cfg.data.eval_batch_size >= 1, f"data.eval_batch_size must be at least 1, got {cfg.data.eval_batch_size}")
     for key in ("momentum", "weight_decay", "warmup_lr"):
         need(getattr(cfg.train, key) >= 0, f"train.{key} must be 0 or more, got {getattr(cfg.train, key)}")
     need(cfg.backbone.logit_scale is None or cfg.backbone.logit_scale > 0,
          f"backbone.logit_scale must be a positive number (or unset), got {cfg.backbone.logit_scale}")
-    need(cfg.eval.ece_bins >= 1, f"eval.ece_bins must be at least 1, got {cfg.eval.ece_bins}")
-    need(cfg.eval.decode_topk >= 1, f"eval.decode_topk must be at least 1, got {cfg.eval.decode_topk}")
     need(bool(cfg.methods), "methods must name at least one method")
     need(len(set(cfg.methods)) == len(cfg.methods), f"methods lists a method twice: {cfg.methods}")
     need(cfg.train.optimizer in OPTIMIZERS,
@@ -359,8 +358,6 @@ def config_problems(cfg: RunConfig) -> list[str]:
     need(cfg.train.eps > 0, f"train.eps must be positive, got {cfg.train.eps}")
     need(0 <= cfg.train.min_lr <= cfg.train.lr,
          f"train.min_lr must be 0 or more and at most train.lr ({cfg.train.lr}), got {cfg.train.min_lr}")
-    need(cfg.train.max_steps is None or cfg.train.max_steps >= 1,
-         f"train.max_steps must be at least 1 (or unset), got {cfg.train.max_steps}")
     scale = cfg.train.crop_scale
     need(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
          f"train.crop_scale must be [low, high] with 0 < low <= high <= 1, got {scale}")
@@ -372,6 +369,30 @@ def config_problems(cfg: RunConfig) -> list[str]:
             need(False, f"data.template {t!r} must hold exactly one {{}} and no other braces")
     for section in cfg.sections.values():  # each method section checks its own values
         problems.extend(getattr(section, "problems", lambda: [])())
+    return problems
+
+
+# the smallest value of each count, size and step setting, by the key's last part, in every section (core and
+# methods'); a key not here (coop.n_ctx, ivlp.depth_text, ...) has its lower bound checked by its section
+LEAST = {"shots": 1, "batch_size": 1, "eval_batch_size": 1, "epochs": 0, "max_steps": 1, "warmup_epochs": 0,
+         "feature_passes": 0, "checkpoint_every": 1, "sync_every": 1, "num_workers": 0, "ece_bins": 1,
+         "decode_topk": 1, "class_chunk": 0, "prompts_per_pass": 1, "iterations_per_shot": 1, "rank": 1,
+         "reduction": 1, "alpha_every": 1, "alpha_steps": 1, "beta_steps": 1}
+# every whole-number setting (seeds included) stays within what indexing, ranges and generators accept
+MAX_COUNT = 2**31 - 1
+
+
+def integer_problems(values: dict[str, Any]) -> list[str]:
+    """Every whole-number setting at most MAX_COUNT, and each count, size or step at least its LEAST."""
+    problems = []
+    for key, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue
+        least = LEAST.get(key.rpartition(".")[2])
+        if least is not None and value < least:
+            problems.append(f"{key} must be {'at least 1' if least else '0 or more'}, got {value}")
+        elif value > MAX_COUNT:
+            problems.append(f"{key} must be at most {MAX_COUNT}, got {value}")
     return problems
 
 

@@ -34,6 +34,11 @@ class CheckpointError(PromptlearnError):
     """A checkpoint that cannot be loaded into the current setup."""
 
 
+class NonFinite(PromptlearnError):
+    """Features, logits or a loss that are NaN or infinite, stopped where they first appear (a backbone's
+    output, a cache file, a method's logits, a training step) before any result is made of them."""
+
+
 def nearest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
     """The closest valid names to `name`, best first (case-insensitive)."""
     choices = list(choices)

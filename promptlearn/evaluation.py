@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, f1_score
 
-from promptlearn.io import atomic_write_text
+from promptlearn.io import atomic_write_text, safe_row
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
@@ -54,15 +54,15 @@ def evaluate(logits: torch.Tensor, labels: torch.Tensor, paths: list[str], class
     writer = csv.writer(buf)
     writer.writerow(["image_path", "true_label", "true_class", "predicted_label", "predicted_class", "probability"])
     for path, t, p, conf in zip(paths, y_true, y_pred, confidence.numpy()):
-        writer.writerow([path, int(t), classnames[t], int(p), classnames[p], f"{conf:.6f}"])
+        writer.writerow(safe_row([path, int(t), classnames[t], int(p), classnames[p], f"{conf:.6f}"]))
     atomic_write_text(predictions_csv, buf.getvalue())
 
     confusion_csv = out_dir / "confusion_matrix.csv"
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["true \\ predicted", *classnames])
+    writer.writerow(safe_row(["true \\ predicted", *classnames]))
     for name, row in zip(classnames, confusion):
-        writer.writerow([name, *row.tolist()])
+        writer.writerow(safe_row([name, *row.tolist()]))
     atomic_write_text(confusion_csv, buf.getvalue())
 
     return {

@@ -25,7 +25,7 @@ from promptlearn.data.base import DatasetSplits, Item
 from promptlearn.data.fewshot import FewShotSplit
 from promptlearn.data.loader import ImageItems, collate_images, image_loader, own_generator
 from promptlearn.data.transforms import DEFAULT_CROP_SCALE, eval_transform, train_transform
-from promptlearn.errors import DataError
+from promptlearn.errors import DataError, NonFinite
 from promptlearn.io import TEMP_SUFFIX, atomic_write_bytes, file_creation_mode
 from promptlearn.progress import progress
 
@@ -49,6 +49,13 @@ class SplitFeatures:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+
+def non_finite_rows(values: torch.Tensor) -> tuple[int, int | None]:
+    """(how many rows of `values` hold a NaN or an infinity, the first such row or None)."""
+    bad = ~torch.isfinite(values.reshape(len(values), -1)).all(dim=1)
+    count = int(bad.sum())
+    return count, int(bad.nonzero()[0]) if count else None
 
 
 def extract_features(backbone: FrozenCLIP, items: list[Item], transform, *, batch_size: int,
@@ -85,8 +92,16 @@ def extract_features(backbone: FrozenCLIP, items: list[Item], transform, *, batc
         raise DataError(f"{desc}: none of the {len(items)} images could be read")
     features, norms, indices = (torch.cat([p[j] for p in parts]) for j in range(3))  # every rank's part
     kept, order = indices.sort()  # in the items' order
-    return SplitFeatures(features[order], torch.tensor([items[i].label for i in kept.tolist()]),
-                         [items[i].path for i in kept.tolist()], norms[order])
+    result = SplitFeatures(features[order], torch.tensor([items[i].label for i in kept.tolist()]),
+                           [items[i].path for i in kept.tolist()], norms[order])
+    bad, first = non_finite_rows(result.features)
+    if bad:  # before any method, cache file or result is made of them
+        encoder = (f"the backbone {backbone.name} (weights {backbone.pretrained})" if encode is None
+                   else "the method's own image encoder")
+        raise NonFinite(f"{desc}: {encoder} gave image features that are not finite (NaN or inf) for {bad} of "
+                        f"{len(result)} images, e.g. {result.paths[first]}; check the weights (a damaged or "
+                        "diverged checkpoint holds NaN) or try backbone.precision=fp32 (fp16 overflows)")
+    return result
 
 
 STALE_TEMP_SECONDS = 24 * 3600  # a cache temp file untouched this long belongs to a killed extraction
@@ -211,13 +226,19 @@ class FeatureCache:
     def _read(path: Path) -> SplitFeatures | None:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
-            if payload.pop("checksum") == content_digest(payload):
-                return SplitFeatures(payload["features"], payload["labels"], list(payload["paths"]),
-                                     payload["norms"])
+            intact = payload.pop("checksum") == content_digest(payload)
+            cached = SplitFeatures(payload["features"], payload["labels"], list(payload["paths"]), payload["norms"])
         except Exception:  # any unreadable cache file is recomputed, never trusted
-            pass
-        log.warning("feature cache %s is damaged; extracting again", path)
-        return None
+            intact = False
+        if not intact:
+            log.warning("feature cache %s is damaged; extracting again", path)
+            return None
+        bad, _ = non_finite_rows(cached.features)
+        if bad:  # intact, so written so: by a version that did not check its backbone's output
+            raise NonFinite(f"feature cache file {path} holds features that are not finite (NaN or inf) for {bad} "
+                            f"of {len(cached)} images; delete it (the features are extracted again), or run "
+                            "with cache_dir=none")
+        return cached
 
 
 class FeatureBank:

@@ -14,6 +14,18 @@ from promptlearn.errors import PromptlearnError, RunBusy
 
 TEMP_SUFFIX = ".tmp"  # `.<name>.<random>.tmp`: a write in progress, or one a killed process left behind
 MIN_FREE_BYTES = 64 * 2**20  # refuse to start a run on a disk with less room than this
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a CSV cell starting so is a formula to a spreadsheet (OWASP)
+
+
+def spreadsheet_safe(cell: Any) -> Any:
+    """A text cell that a spreadsheet would evaluate (a class named `=cmd|...`) with a leading single quote, as
+    OWASP's CSV-injection advice has it; every other cell as it is."""
+    return f"'{cell}" if isinstance(cell, str) and cell.startswith(FORMULA_STARTS) else cell
+
+
+def safe_row(cells: Any) -> list:
+    """A CSV row with every cell `spreadsheet_safe`."""
+    return [spreadsheet_safe(cell) for cell in cells]
 
 
 def file_creation_mode() -> int:

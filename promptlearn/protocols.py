@@ -26,8 +26,9 @@ from promptlearn.config import PROTOCOL_RECIPES, RunConfig, apply, read_yaml
 from promptlearn.data import build_dataset
 from promptlearn.data.base import DatasetSplits, Item
 from promptlearn.data.fewshot import FewShotSplit
-from promptlearn.errors import ConfigError
+from promptlearn.errors import ConfigError, NonFinite
 from promptlearn.evaluation import evaluate
+from promptlearn.features import non_finite_rows
 from promptlearn.methods import Capabilities, Method, build_method
 from promptlearn.registry import Registry
 
@@ -59,7 +60,8 @@ def relabel(items: list[Item], labels: list[int]) -> list[Item]:
 def keep_classes(dataset: DatasetSplits, labels: list[int], name: str) -> DatasetSplits:
     """The dataset restricted to `labels` in every split (other classes' images are gone), relabelled 0.."""
     return DatasetSplits(name, [dataset.classnames[c] for c in labels], relabel(dataset.train, labels),
-                         relabel(dataset.val, labels), relabel(dataset.test, labels))
+                         relabel(dataset.val, labels), relabel(dataset.test, labels),
+                         [dataset.class_ids[c] for c in labels] if dataset.class_ids else [])
 
 
 def keep_draw_classes(draw: FewShotSplit, labels: list[int], name: str) -> FewShotSplit:
@@ -92,14 +94,19 @@ class NotApplicable:
     reason: str
 
 
-def scorer_for(method: Method, target: Target, cfg: "RunConfig"):
-    """Logits over the target's classes from the trained method, or NotApplicable with the reason."""
+def scorer_for(method: Method, target: Target, cfg: "RunConfig", trained_ids: list[str] | None = None):
+    """Logits over the target's classes from the trained method, or NotApplicable with the reason.
+    `trained_ids`: the class ids of the training set (DatasetSplits.class_ids). Where both sides have ids
+    (ImageNet's wnids, class folders), a subset target's rows are found by id, never by display name, which
+    two classes may share; a name two trained classes share never selects a row."""
     trained, wanted = method.classnames, target.dataset.classnames
+    if trained_ids and target.dataset.class_ids:
+        trained, wanted = trained_ids, target.dataset.class_ids
     if wanted == trained:
         return method.predict
-    rows = {name: i for i, name in enumerate(trained)}
-    if all(name in rows for name in wanted):  # a subset of the trained classes: their rows, in target order
-        index = [rows[name] for name in wanted]
+    rows = {key: i for i, key in enumerate(trained)}
+    if len(rows) == len(trained) and all(key in rows for key in wanted):  # a subset: its rows, in target order
+        index = [rows[key] for key in wanted]
         return lambda features: method.predict(features)[:, index]
     if not method.caps.unseen_classes:
         return NotApplicable(f"{method.name} cannot score classes it did not train on (no unseen_classes "
@@ -115,12 +122,19 @@ def scorer_for(method: Method, target: Target, cfg: "RunConfig"):
 
 
 def evaluate_on(method: Method, target: Target, bank: "FeatureBank", folder: Path, cfg: "RunConfig") -> dict:
-    score = scorer_for(method, target, cfg)
+    score = scorer_for(method, target, cfg, bank.dataset.class_ids)
     if isinstance(score, NotApplicable):
         return {"na": score.reason}
     test = method.test_features(bank, target.dataset)  # a method that learns inside the image encoder: its own
-    return evaluate(score(test.features), test.labels, test.paths, target.dataset.classnames, folder,
-                    cfg.eval.ece_bins)
+    logits = score(test.features)
+    bad, first = non_finite_rows(logits)
+    if bad:  # the features are finite (extraction checks them): the method made these
+        advice = (f"its training diverged: try a lower {method.lr_key} or backbone.precision=fp32" if method.caps.trains
+                  else "check the backbone's text tower weights and the method's settings")
+        raise NonFinite(f"{method.name}: its logits on the {target.name} test images are not finite (NaN or inf) for "
+                        f"{bad} of {len(logits)} images, e.g. {test.paths[first]}, though the image features are; "
+                        f"{advice}. No result was written for it")
+    return evaluate(logits, test.labels, test.paths, target.dataset.classnames, folder, cfg.eval.ece_bins)
 
 
 def target_data(cfg: "RunConfig", entry: str) -> "DataConfig":

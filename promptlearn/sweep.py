@@ -17,13 +17,20 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from promptlearn.cli import dataset_config
-from promptlearn.config import RunConfig, build_config, flatten_tree, load_config, parse_override, read_sources, to_dict
+from promptlearn.config import (
+    RunConfig,
+    build_config,
+    flatten_tree,
+    load_config,
+    parse_override,
+    read_sources,
+    read_yaml,
+    to_dict,
+)
 from promptlearn.data import build_dataset
 from promptlearn.errors import ConfigError, PromptlearnError, RunBusy, RunsLeft
-from promptlearn.io import atomic_write_text
+from promptlearn.io import atomic_write_text, spreadsheet_safe
 from promptlearn.launch import LaunchOptions, execute
 from promptlearn.progress import progress
 from promptlearn.protocols import PROTOCOLS, SELECTION_TEXT, Protocol, protocol_for
@@ -125,7 +132,7 @@ def setup_changes(run: PlannedRun) -> list[str]:
     saved_file = run.folder / "config.yaml"
     if not saved_file.is_file():
         return []
-    saved = flatten_tree(yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}, str(saved_file))
+    saved = read_yaml(saved_file)  # as a config file is read: no aliases of mappings to expand
     now = flatten_tree(to_dict(run.cfg), "sweep")
     return [f"{key}: {saved[key]!r} there, {value!r} now" for key, value in now.items()
             if key in saved and key not in NEUTRAL_KEYS and saved[key] != value]
@@ -275,7 +282,7 @@ def results_csv(rows: list[dict]) -> str:
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items()})
+        writer.writerow({k: f"{v:.4f}" if isinstance(v, float) else spreadsheet_safe(v) for k, v in r.items()})
     return buf.getvalue()
 
 

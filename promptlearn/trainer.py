@@ -25,7 +25,7 @@ from promptlearn.checkpoint import (
     set_aside,
 )
 from promptlearn.config import TrainConfig
-from promptlearn.errors import PromptlearnError
+from promptlearn.errors import NonFinite, PromptlearnError
 from promptlearn.features import batch_order
 from promptlearn.progress import progress
 
@@ -57,6 +57,7 @@ class Trainable(Protocol):
 
     name: str
     device: torch.device
+    lr_key: str  # the config key that set its learning rate, for the advice when training diverges
     backbone: object  # for autocast()
     capabilities: object  # its static_step: the trainer may capture the step as a CUDA graph
 
@@ -78,7 +79,7 @@ log = logging.getLogger("promptlearn")
 NOT_IN_RECIPE = ("checkpoint_every", "sync_every", "cuda_graphs")  # how a run goes, not what it computes
 
 
-class NonFiniteLoss(PromptlearnError):
+class NonFiniteLoss(NonFinite):
     pass
 
 
@@ -361,10 +362,13 @@ class Trainer:
         def read() -> tuple[list[float], float]:
             losses, accuracy, bad_step, bad_loss = totals.read()
             if bad_step:  # the same on every rank (the values are summed over the ranks): all stop together
+                advice = (f"Try a lower {method.lr_key} or backbone.precision=fp32." if epoch or bad_step > 1 else
+                          "It was so before any update, so not the learning rate: the training inputs (features "
+                          "or images), the backbone's weights or the method's initial parameters are not finite.")
                 raise NonFiniteLoss(
                     f"{method.name}: the loss became {bad_loss} at epoch {epoch + 1}, step {bad_step}; training "
                     f"stopped and the parameters went back to the state after epoch {checkpoint_epoch}, which the "
-                    f"checkpoint keeps. Try a lower train.lr or backbone.precision=fp32.")
+                    f"checkpoint keeps. {advice}")
             bar.set_postfix(loss=f"{sum(losses):.3f}", acc=f"{accuracy:.1f}",
                             lr=f"{optimizer.param_groups[0]['lr']:.1e}")
             return losses, accuracy

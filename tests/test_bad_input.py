@@ -19,14 +19,15 @@ from fixtures_data import make_oxford_pets, write_class_folders, write_lines
 from helpers import QUICKSTART, SAMPLE, quick_config, tiny_backbone
 from PIL import Image
 
-from promptlearn.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from promptlearn.checkpoint import FORMAT, content_digest, load_checkpoint, save_checkpoint
 from promptlearn.config import load_config
-from promptlearn.data.base import Item
+from promptlearn.data.base import DatasetSplits, Item
 from promptlearn.data.loader import BadImage, ImageItems, load_image
 from promptlearn.data.transforms import eval_transform
-from promptlearn.errors import CheckpointError, DataError, PromptlearnError
+from promptlearn.errors import CheckpointError, DataError, NonFinite, PromptlearnError
 from promptlearn.features import EpochFeatures, SplitFeatures
 from promptlearn.methods import build_method
+from promptlearn.protocols import Target, evaluate_on
 from promptlearn.runner import run_experiment
 from promptlearn.trainer import NonFiniteLoss, Trainer
 
@@ -168,6 +169,9 @@ def tool_error(train_coop, capsys):
     (["coop.n_ctx=0", "coop.ctx_init="],
      r"coop\.n_ctx must be at least 1, got 0 \(or set coop\.ctx_init to a phrase\)"),
     (["--epochs", "-1"], r"train\.epochs must be 0 or more, got -1"),
+    (["train.max_steps=1000000000000000000000000000000"],  # an islice traceback after the first method trained
+     r"train\.max_steps must be at most 2147483647, got 10{30}"),
+    (["methods=[cocoop]", "cocoop.batch_size=0"], r"cocoop\.batch_size must be at least 1, got 0"),  # was 1/0
 ])
 def test_bad_config_values(tool_error, args, message):
     assert re.fullmatch(f"error: {message}", tool_error(*args))
@@ -177,6 +181,8 @@ def test_bad_config_values(tool_error, args, message):
     ("trian:\n  lr: 0.1\n", r"\S+/bad\.yaml: unknown config key 'trian\.lr'; did you mean 'train\.lr'\?"),
     ("coop:\n  n_ctx: four\n", r"\S+/bad\.yaml: coop\.n_ctx must be an integer, got 'four'"),
     ("train: [1, 2\n", r"config file \S+/bad\.yaml is not valid YAML: .*"),  # a multi-line message, on one line
+    ("".join(f"l{i}: &l{i} {{a: *l{i - 1}, b: *l{i - 1}}}\n" if i else "l0: &l0 {x: 1}\n" for i in range(16)),
+     r"\S+/bad\.yaml, line 2: \*l0 repeats a mapping; config files take no aliases of mappings .*"),  # 2**16 keys flattened
 ])
 def test_bad_config_files(tmp_path, tool_error, yaml_text, message):
     (tmp_path / "bad.yaml").write_text(yaml_text)
@@ -392,3 +398,114 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_state(tmp_
     assert saved["epoch"] == 2 and len(saved["history"]) == 2
     assert torch.isfinite(saved["state"]["prompts.ctx"]).all() and torch.isfinite(method.prompts.ctx).all()
     assert isinstance(NonFiniteLoss("x"), PromptlearnError)  # the tools print it alone and exit with status 2
+
+
+def test_a_loss_not_finite_before_any_update_blames_the_inputs_not_the_learning_rate(tmp_path):
+    method = _coop()
+    cfg = load_config([QUICKSTART], ["train.batch_size=4"])
+    with pytest.raises(NonFiniteLoss, match=r"the loss became nan at epoch 1, step 1; .* It was so before any update, "
+                                            r"so not the learning rate: the training inputs"):
+        Trainer(cfg.train, epochs=2, seed=1).fit(method, BlowsUpAtEpoch(method.backbone.embed_dim, 0),
+                                                 tmp_path / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("name, overrides, key", [
+    ("kgcoop", [], "kgcoop.lr"), ("cocoop", ["cocoop.lr=null"], "train.lr"), ("coop", [], "train.lr"),
+    ("tip_adapter_f", [], "tip_adapter.lr"), ("clip_adapter", [], "train.lr"),
+    ("clip_adapter", ["clip_adapter.lr=0.01"], "clip_adapter.lr"), ("clip_lora", [], "clip_lora.lr"),
+])
+def test_divergence_advice_names_the_key_that_set_the_learning_rate(name, overrides, key):
+    cfg = load_config([QUICKSTART], overrides)
+    assert build_method(name, cfg, tiny_backbone(), ["cat", "dog"]).lr_key == key
+
+
+def test_a_diverging_method_with_its_own_lr_is_told_to_lower_that_key(tmp_path):
+    cfg = load_config([QUICKSTART], ["train.batch_size=4", "coop.class_specific=false"])
+    method = build_method("kgcoop", cfg, tiny_backbone(), ["cat", "dog"])
+    with pytest.raises(NonFiniteLoss, match=r"kgcoop: the loss became nan at epoch 2, step 1; .* Try a lower "
+                                            r"kgcoop\.lr or backbone\.precision=fp32"):
+        Trainer(cfg.train, epochs=3, seed=1).fit(method, BlowsUpAtEpoch(method.backbone.embed_dim, 1),
+                                                 tmp_path / "checkpoint.pt")
+
+
+# ----------------------------------------------------------------------------- features and logits not finite
+
+@pytest.fixture(scope="module")
+def nan_weights(tmp_path_factory) -> dict[str, Path]:
+    """tiny-clip weights files with one NaN: in the image projection ("image": every image feature is NaN), or
+    in the text projection ("text": every class's text feature is NaN, the image features stay finite). Made
+    here, not in a test: a backbone built in a test logs to the command line's earlier, closed stream."""
+    folder, paths = tmp_path_factory.mktemp("nan"), {}
+    for tower, key in (("image", "visual.proj"), ("text", "text_projection")):
+        state = tiny_backbone().model.state_dict()
+        state[key][0, 0] = float("nan")
+        paths[tower] = folder / f"tiny-nan-{tower}.pt"
+        torch.save(state, paths[tower])
+    return paths
+
+
+@pytest.mark.parametrize("methods, features", [("[zeroshot]", "fashion_mnist_sample test"),
+                                               ("[linear_probe]", "train"), ("[coop]", "train")])
+def test_a_backbone_with_a_nan_weight_stops_before_any_result(tmp_path, tool_error, nan_weights, methods, features):
+    """Was: accuracy 10.00 and ECE 0.00 (zeroshot), a scikit-learn traceback, advice to lower train.lr (coop)."""
+    out = tmp_path / "run"
+    line = tool_error(f"backbone.pretrained={nan_weights['image']}", f"methods={methods}", f"output_dir={out}",
+                      f"cache_dir={tmp_path / 'cache'}", "train.epochs=1")
+    assert re.fullmatch(rf"error: {features} features: the backbone tiny-clip \(weights "
+                        rf"{re.escape(str(nan_weights['image']))}\) gave image features that are not finite \(NaN or inf\) "
+                        r"for (\d+) of \1 images, e\.g\. \S+\.png; check the weights \(a damaged or diverged "
+                        r"checkpoint holds NaN\) or try backbone\.precision=fp32 \(fp16 overflows\)", line), line
+    assert not (out / "metrics.json").exists() and not list(out.rglob("*.csv"))
+    assert not list((tmp_path / "cache").glob("*.pt"))  # nothing cached either
+
+
+def test_a_nan_text_tower_is_named_at_the_method_whose_logits_it_spoils(tmp_path, tool_error, nan_weights):
+    out = tmp_path / "run"
+    line = tool_error(f"backbone.pretrained={nan_weights['text']}", "methods=[zeroshot]", f"output_dir={out}",
+                      f"cache_dir={tmp_path / 'cache'}")
+    assert re.fullmatch(r"error: zeroshot: its logits on the fashion_mnist_sample test images are not finite \(NaN or "
+                        r"inf\) for (\d+) of \1 images, e\.g\. \S+\.png, though the image features are; check the "
+                        r"backbone's text tower weights and the method's settings\. No result was written for it",
+                        line), line
+    assert not (out / "metrics.json").exists() and not list(out.rglob("*.csv"))
+
+
+def test_a_cache_file_holding_nan_features_is_named(tmp_path, train_coop, capsys):
+    args = [f"cache_dir={tmp_path / 'cache'}", "methods=[zeroshot]"]
+    assert train_coop.call(capsys, f"output_dir={tmp_path / 'run'}", *args).returncode == 0
+    cached = list((tmp_path / "cache").glob("*.pt"))
+    assert len(cached) == 1  # the test features
+    payload = torch.load(cached[0], weights_only=True)
+    del payload["checksum"]
+    payload["features"][3, 0] = float("nan")
+    payload["checksum"] = content_digest(payload)  # intact, as a version that did not check its features wrote it
+    torch.save(payload, cached[0])
+    out = tmp_path / "again"
+    line = train_coop.call(capsys, f"output_dir={out}", *args).error()
+    assert re.fullmatch(rf"error: feature cache file {re.escape(str(cached[0]))} holds features that are not finite "
+                        r"\(NaN or inf\) for 1 of \d+ images; delete it \(the features are extracted again\), or "
+                        r"run with cache_dir=none", line), line
+    assert not (out / "metrics.json").exists()
+
+
+class FiniteFeatures:
+    """A stand-in feature bank: four finite test features."""
+
+    dataset = DatasetSplits("pets", ["cat", "dog"])
+
+    def test_of(self, dataset=None):
+        x = F.normalize(torch.randn(4, 32, generator=torch.Generator().manual_seed(0)), dim=-1)  # tiny-clip's
+        return SplitFeatures(x, torch.tensor([0, 1, 0, 1]), [f"/img/{i}.png" for i in range(4)])
+
+
+def test_a_method_whose_logits_are_not_finite_is_named_and_writes_nothing(tmp_path):
+    cfg = load_config([QUICKSTART])
+    method = build_method("linear_probe", cfg, tiny_backbone(), ["cat", "dog"])
+    method.weight.data[1, 5] = float("nan")
+    target = Target("pets", DatasetSplits("pets", ["cat", "dog"]), cfg.data)
+    with pytest.raises(NonFinite, match=r"linear_probe: its logits on the pets test images are not finite \(NaN or "
+                                        r"inf\) for 4 of 4 images, e\.g\. /img/0\.png, though the image features "
+                                        r"are; check the backbone's text tower weights and the method's settings\. "
+                                        r"No result was written for it"):
+        evaluate_on(method, target, FiniteFeatures(), tmp_path / "linear_probe", cfg)
+    assert not (tmp_path / "linear_probe").exists()

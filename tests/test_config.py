@@ -43,6 +43,12 @@ def test_unknown_key_suggests_nearest(tmp_path):
     ("data.val_shots=-3", "data.val_shots must be a whole number of at least 1, or 'shots' for K"),
     ("data.val_shots=2.5", "data.val_shots must be a whole number of at least 1, or 'shots' for K"),
     ("data.val_shots=all", "data.val_shots must be a whole number of at least 1, or 'shots' for K"),
+    # method sections' sizes are range-checked like train.batch_size (cocoop's divided by zero in features.py)
+    ("cocoop.batch_size=0", "cocoop.batch_size must be at least 1, got 0"),
+    ("kgcoop.epochs=-1", "kgcoop.epochs must be 0 or more, got -1"),
+    # past sys.maxsize: islice refused it after the first method had trained
+    ("train.max_steps=1000000000000000000000000000000",
+     "train.max_steps must be at most 2147483647, got 1000000000000000000000000000000"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -62,6 +68,38 @@ def test_invalid_yaml_names_the_file(tmp_path):
         load_config([f])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config([tmp_path / "missing.yaml"])
+
+
+def test_every_whole_number_key_is_bounded_up_front():
+    """Every integer key of every section (core and methods') is refused past MAX_COUNT at config time."""
+    import typing
+
+    from promptlearn.config import all_keys
+
+    integer_keys = [key for key, hint in all_keys().items() if int in (hint, *typing.get_args(hint))]
+    assert "cocoop.batch_size" in integer_keys and "train.max_steps" in integer_keys
+    for key in integer_keys:
+        with pytest.raises(ConfigError, match=rf"{key} must be at most 2147483647, got {2**63}"):
+            load_config([], [f"{key}={2**63}"])
+
+
+def test_yaml_aliases_of_mappings_are_refused_before_expansion(tmp_path):
+    """Nested mapping aliases (billion laughs) flatten to 2**17 dotted keys here, each level doubling them:
+    refused as the file is composed, before any expansion."""
+    levels = ["a0: &a0 {x: 1, y: 2}"]
+    levels += [f"a{i}: &a{i} {{p: *a{i - 1}, q: *a{i - 1}}}" for i in range(1, 17)]
+    bomb = tmp_path / "laughs.yaml"
+    bomb.write_text("\n".join(levels) + "\n")
+    with pytest.raises(ConfigError, match=r"laughs.yaml, line 2: \*a0 repeats a mapping; config files take no "
+                                          r"aliases of mappings"):
+        load_config([bomb])
+    merged = tmp_path / "merge.yaml"
+    merged.write_text("base: &base {lr: 0.1}\ntrain:\n  <<: *base\n")
+    with pytest.raises(ConfigError, match=r"merge.yaml, line 3: \*base repeats a mapping"):
+        load_config([merged])
+    scalar = tmp_path / "scalar.yaml"  # an alias of a single value expands nothing: still accepted
+    scalar.write_text("train:\n  lr: &lr 0.01\n  warmup_lr: *lr\n")
+    assert load_config([scalar]).train.warmup_lr == 0.01
 
 
 def test_protocol_epochs():

@@ -53,3 +53,21 @@ def test_unwritable_target_is_a_clear_error():
 
     with pytest.raises(PromptlearnError, match="could not write /proc/nope/x.json"):
         atomic_write_text("/proc/nope/x.json", "{}")
+
+
+def test_csv_cells_a_spreadsheet_would_evaluate_are_escaped(tmp_path):
+    """Class names beginning with =, +, - or @ get a leading single quote (OWASP) in every CSV written."""
+    from promptlearn.sweep import results_csv
+
+    names = ["=HYPERLINK(\"http://x\")", "+1", "-2", "@SUM(A1)", "plain"]
+    quoted = ["'=HYPERLINK(\"http://x\")", "'+1", "'-2", "'@SUM(A1)", "plain"]
+    m = evaluate(torch.eye(5), torch.arange(5), [f"/img/{i}.png" for i in range(5)], names, tmp_path)
+    with open(m["predictions"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["true_class"] for r in rows] == quoted and [r["predicted_class"] for r in rows] == quoted
+    with open(m["confusion_matrix"], newline="") as f:
+        confusion = list(csv.reader(f))
+    assert confusion[0][1:] == quoted and [row[0] for row in confusion[1:]] == quoted
+    assert list(m["per_class_accuracy"]) == names  # only the CSV cells are escaped, not the metrics' keys
+    sweep = list(csv.DictReader(results_csv([{"method": "coop", "dataset": "-dataset", "accuracy": -0.5}]).splitlines()))
+    assert sweep[0]["dataset"] == "'-dataset" and sweep[0]["accuracy"] == "-0.5000"  # numbers stay numbers

@@ -114,10 +114,18 @@ def test_val_shots_sets_the_validation_size_per_class(val_shots, per_class):
     assert Counter(it.label for it in split.train) == dict.fromkeys(range(10), 6)
 
 
-def test_val_shots_larger_than_the_val_split_keeps_all_with_warning(caplog):
+def test_val_shots_larger_than_every_class_is_refused_and_a_few_short_classes_warned(caplog):
+    """As data.shots: a validation size no class has is one line; classes below it keep all with a warning."""
+    ds = sample()  # 8 val images per class
+    for val_shots in ("shots", "9"):
+        with pytest.raises(DataError, match=rf"data.val_shots={val_shots} asks for (16|9) validation images per class, "
+                                            r"but no class of dataset 'fashion_mnist_sample' has that many in its val "
+                                            r"split \(the largest has 8\); set data.val_shots=8 or fewer"):
+            draw_few_shot(ds, 16, 1, val_shots=val_shots)
+    ds.val = [it for it in ds.val if it.label != 3] + [it for it in ds.val if it.label == 3][:3]
     with caplog.at_level(logging.WARNING, logger="promptlearn"):
-        split = draw_few_shot(sample(), 16, 1, val_shots="shots")
-    assert len(split.val) == 80 and "10 classes have fewer than 16 validation images" in caplog.text
+        split = draw_few_shot(ds, 16, 1, val_shots="8")
+    assert len(split.val) == 9 * 8 + 3 and "1 classes have fewer than 8 validation images" in caplog.text
 
 
 @pytest.mark.parametrize("draw", DRAWS)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import REPO, SAMPLE, quick_config, tiny_backbone
 
-from promptlearn.config import dump_yaml, load_config
+from promptlearn.config import DataConfig, dump_yaml, load_config
 from promptlearn.data import build_dataset
 from promptlearn.data.base import DatasetSplits, Item
 from promptlearn.data.fewshot import FewShotSplit
@@ -64,6 +64,30 @@ def test_subset_target_is_scored_on_its_class_rows():
     assert torch.equal(scorer_for(method, target, cfg)(x), method.predict(x)[:, [2, 0]])
     unseen = Target("other", DatasetSplits("other", ["cat", "horse"]), cfg.data)
     assert "unseen_classes" in scorer_for(method, unseen, cfg).reason
+
+
+def test_subset_rows_are_found_by_wnid_where_a_display_name_repeats(tmp_path):
+    """open_clip's ImageNet names hold "missile" twice: ImageNet-R's first missile is scored on that row."""
+    from fixtures_data import make_imagenet, make_imagenet_r, write_wnid_classnames
+
+    classes = {"n01440764": "missile", "n01443537": "goldfish", "n01484850": "missile"}
+    write_wnid_classnames(make_imagenet(tmp_path) / "classnames.txt", classes)
+    write_wnid_classnames(make_imagenet_r(tmp_path, present=["n01440764", "n01443537"]) / "classnames.txt", classes)
+    cfg = load_config([], ["backbone.model=tiny-clip", "backbone.pretrained=none"])
+    source = build_dataset(DataConfig(name="imagenet", root=str(tmp_path)))
+    subset = build_dataset(DataConfig(name="imagenet_r", root=str(tmp_path)))
+    assert source.class_ids == list(classes) and subset.class_ids == ["n01440764", "n01443537"]
+    assert subset.classnames == ["missile", "goldfish"]
+    backbone = tiny_backbone()
+    method = build_method("linear_probe", cfg, backbone, source.classnames)
+    torch.manual_seed(0)
+    method.weight.copy_(torch.randn_like(method.weight))
+    x = torch.nn.functional.normalize(torch.randn(6, backbone.embed_dim), dim=-1)
+    target = Target("imagenet_r", subset, cfg.data)
+    assert torch.equal(scorer_for(method, target, cfg, source.class_ids)(x), method.predict(x)[:, [0, 1]])
+    # without ids, a name two trained classes share selects no row: a class-specific method is n/a, never wrong
+    nameless = Target("r", DatasetSplits("r", subset.classnames), cfg.data)
+    assert isinstance(scorer_for(method, nameless, cfg), NotApplicable)
 
 
 def test_base2novel_run_reports_base_novel_hm_and_never_leaks_novel(tmp_path):

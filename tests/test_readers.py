@@ -23,6 +23,7 @@ from fixtures_data import (
     make_oxford_pets,
     make_split_dataset,
     make_split_image_folder,
+    png_bytes,
     split_entries,
     write_lines,
 )
@@ -322,6 +323,21 @@ def test_image_folder_bad_inputs(tmp_path):
     write_lines(root / "classnames.txt", ["crow Crow"])
     with pytest.raises(DataError, match=r"classnames.txt, line 1: expected '<folder><TAB><class name>'"):
         read("image_folder", path=root)
+
+
+def test_class_folder_names_without_a_usable_class_name_are_refused(tmp_path):
+    """A folder of spaces alone was class ''; a non-UTF-8 byte stopped the run in a UnicodeEncodeError later."""
+    root = make_image_folder(tmp_path, {"crow": 3, "   ": 3})
+    with pytest.raises(DataError, match=r"class folder '   ' of .*flowers gives no class name \(its name holds "
+                                        r"only spaces or underscores\); rename it"):
+        read("image_folder", path=root)
+    other = make_image_folder(tmp_path, {"crow": 3}, name="birds")
+    os.mkdir(os.fsencode(other) + b"/caf\xe9")
+    with open(os.fsencode(other) + b"/caf\xe9/img0.png", "wb") as f:
+        f.write(png_bytes())
+    with pytest.raises(DataError, match=r"folder .*birds/caf\\xe9 has a name that is not UTF-8 \(the \\x.. bytes\); "
+                                        r"rename it in UTF-8 characters"):
+        read("image_folder", path=other)
 
 
 @pytest.mark.parametrize("header, rows, message", [

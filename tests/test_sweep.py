@@ -155,3 +155,14 @@ def test_a_sweep_leaves_runs_another_process_is_using_and_does_the_free_ones(tmp
     with pytest.raises(SystemExit) as stop:  # the other process has ended: the left run is done now
         entry(command)
     assert stop.value.code == 0 and (out / "seed-1" / COMPLETE_MARKER).is_file()
+
+
+def test_a_run_folder_config_with_mapping_aliases_is_refused_unexpanded(tmp_path):
+    """A run folder's saved config.yaml is read as a config file is: a mapping alias is one line, not billions of keys."""
+    sweep, base, run_overrides = load_sweep(QUICK, small_sweep(tmp_path))
+    run = plan_runs(sweep, base, run_overrides)[0]
+    run.folder.mkdir(parents=True)
+    levels = ["l0: &l0 {x: 1}", *(f"l{i}: &l{i} {{a: *l{i - 1}, b: *l{i - 1}}}" for i in range(1, 16))]
+    (run.folder / "config.yaml").write_text("\n".join(levels) + "\n")
+    with pytest.raises(ConfigError, match=r"config.yaml, line 2: \*l0 repeats a mapping"):
+        sweep_module.setup_changes(run)

@@ -201,6 +201,7 @@ def read_imagenet(cfg: "DataConfig") -> DatasetSplits:
         [name for _, _, name in classes],
         train=read_class_folders(os.path.join(base, "images", "train"), classes, listing),
         test=read_class_folders(os.path.join(base, "images", "val"), classes, listing),
+        class_ids=[wnid for wnid, _, _ in classes],
     )
 
 
@@ -227,9 +228,12 @@ def read_imagenet_variant(spec: ImageNetVariant, cfg: "DataConfig") -> DatasetSp
     base = require_layout(cfg.root, spec.folder, [spec.image_dir, CLASSNAMES_FILE], spec.name)
     listing = os.path.join(base, CLASSNAMES_FILE)
     image_dir = os.path.join(base, spec.image_dir)
-    classes = variant_classes(spec, read_wnid_classnames(listing), image_dir)
+    wnid_names = read_wnid_classnames(listing)
+    classes = variant_classes(spec, wnid_names, image_dir)
     test = read_class_folders(image_dir, classes, listing)
-    return DatasetSplits(spec.name, [name for _, _, name in classes], test=test)
+    wnids = sorted(wnid_names)  # ImageNet-V2's folder i holds the i-th sorted wnid; the others are named by wnid
+    ids = [wnids[int(folder)] if spec.folders_by_label else folder for folder, _, _ in classes]
+    return DatasetSplits(spec.name, [name for _, _, name in classes], test=test, class_ids=ids)
 
 
 def variant_classes(spec: ImageNetVariant, wnid_names: dict[str, str], image_dir: str) -> list[ClassFolder]:

@@ -104,10 +104,23 @@ def draw_few_shot(ds: DatasetSplits, shots: int, seed: int, draw: str = "referen
     train_pool = group(ds.train)
     check_classes(ds, train_pool, shots)
     train = sample_per_class(train_pool, shots, rng)
-    val_pool, per_class = group(ds.val or not_drawn(ds.train, train)), val_per_class(shots, val_shots)
-    warn_short(ds, val_pool, per_class, "validation")
-    val = sample_per_class(val_pool, per_class, rng)
+    val = draw_validation(ds, group(ds.val or not_drawn(ds.train, train)), shots, val_shots, rng)
     return FewShotSplit(ds.name, shots, seed, train, val, draw)
+
+
+def draw_validation(ds: DatasetSplits, pool: dict[int, list[Item]], shots: int, val_shots: str | None,
+                    rng: random.Random) -> list[Item]:
+    """The validation images per class that data.val_shots asks for, from `pool` (the val split, or the
+    training images the K-shot draw left). As with data.shots, a size that no class has is refused; a class
+    with fewer keeps all it has, with a warning."""
+    per_class, largest = val_per_class(shots, val_shots), max(map(len, pool.values()), default=0)
+    if val_shots is not None and 0 < largest < per_class:
+        source = "its val split" if ds.val else "the training images the K-shot draw leaves"
+        raise DataError(f"data.val_shots={val_shots} asks for {per_class} validation images per class, but no class "
+                        f"of dataset {ds.name!r} has that many in {source} (the largest has {largest}); set "
+                        f"data.val_shots={largest} or fewer")
+    warn_short(ds, pool, per_class, "validation")
+    return sample_per_class(pool, per_class, rng)
 
 
 def not_drawn(items: list[Item], drawn: list[Item]) -> list[Item]:
@@ -170,8 +183,8 @@ def load_or_draw(ds: DatasetSplits, data: DataConfig, folder: str | Path) -> Few
     if data.fewshot_import:
         train, val = import_original_draw(data, ds)
         if val is None:  # ImageNet's file has no val (its original val is the test set): from undrawn train images
-            val = sample_per_class(by_class_in_listing_order(not_drawn(ds.train, train)), per_class,
-                                   random.Random(data.seed))
+            val = draw_validation(ds, by_class_in_listing_order(not_drawn(ds.train, train)), data.shots,
+                                  data.val_shots, random.Random(data.seed))
         elif per_class != val_per_class(data.shots):
             raise DataError(f"data.val_shots={data.val_shots} asks for {per_class} validation images per class, "
                             f"but the original's draw {data.fewshot_import} holds min(K, 4); unset data.val_shots, "

@@ -61,14 +61,29 @@ def _scan(folder: str) -> list[os.DirEntry]:
         raise DataError(f"cannot list folder {folder}: {e.strerror}; check that it exists and is readable") from None
 
 
+def utf8_named(entries: Iterable[os.DirEntry], kind: str) -> list[os.DirEntry]:
+    """The entries, each name checked to be UTF-8: few-shot files, results and reports hold the names as
+    UTF-8 text, which a name with another encoding's bytes (read as surrogate escapes) cannot be written in."""
+    entries = list(entries)
+    for e in entries:
+        try:
+            e.name.encode("utf-8")
+        except UnicodeEncodeError:
+            shown_path = os.fsencode(e.path).decode("utf-8", "backslashreplace")
+            raise DataError(f"{kind} {shown_path} has a name that is not UTF-8 (the \\x.. bytes); rename it in "
+                            "UTF-8 characters") from None
+    return entries
+
+
 def subfolders(folder: str) -> list[str]:
     """Names of the visible subfolders of `folder`, sorted."""
-    return sorted(e.name for e in _scan(folder) if e.is_dir())
+    return sorted(e.name for e in utf8_named((e for e in _scan(folder) if e.is_dir()), "folder"))
 
 
 def list_images(folder: str) -> list[str]:
     """Paths of the image files directly in `folder`, sorted; other files are ignored."""
-    return sorted(e.path for e in _scan(folder) if e.is_file() and is_image_file(e.name))
+    return sorted(e.path for e in utf8_named((e for e in _scan(folder) if e.is_file() and is_image_file(e.name)),
+                                             "image file"))
 
 
 def read_text_lines(path: str) -> list[tuple[int, str]]:
@@ -211,13 +226,13 @@ def read_image_folder(cfg: "DataConfig") -> DatasetSplits:
     name = os.path.basename(root)
     if not split_dirs:
         train, val, test = seeded_split(read_class_folders(root, classes, root), cfg.split_seed)
-        return DatasetSplits(name, classnames, train, val, test)
+        return DatasetSplits(name, classnames, train, val, test, class_ids=list(folders))
     # val/ and test/ may lack a class; a folder there that train/ lacks is an error
     splits = {
         split: read_class_folders(folder, present_classes(folder, classes), class_root)
         for split, folder in split_dirs.items()
     }
-    return DatasetSplits(name, classnames, **splits)
+    return DatasetSplits(name, classnames, **splits, class_ids=list(folders))
 
 
 def present_classes(parent: str, classes: Sequence[ClassFolder]) -> list[ClassFolder]:
@@ -235,11 +250,20 @@ def split_folders(root: str) -> dict[str, str]:
     return present
 
 
+def refuse_unnamed(names: dict[str, str], root: str) -> None:
+    """A class folder named by spaces or underscores alone would silently become the class ''."""
+    for folder, name in names.items():
+        if not name:
+            raise DataError(f"class folder {folder!r} of {root} gives no class name (its name holds only spaces or "
+                            "underscores); rename it: a class folder's name is its class name")
+
+
 def folder_classnames(root: str, folders: Sequence[str]) -> dict[str, str]:
     """{folder: class name}: underscores become spaces, unless root/classnames.txt names the folder."""
     names = {folder: readable_classname(folder) for folder in folders}
     path = os.path.join(root, CLASSNAMES_FILE)
     if not os.path.isfile(path):
+        refuse_unnamed(names, root)
         return names
     for number, line in read_text_lines(path):
         folder, tab, name = line.partition("\t")
@@ -250,6 +274,7 @@ def folder_classnames(root: str, folders: Sequence[str]) -> dict[str, str]:
                 f"{path}, line {number}: there is no class folder {folder!r}; valid folders: {shown(list(names))}"
             )
         names[folder] = name.strip()
+    refuse_unnamed(names, root)
     folder_of: dict[str, str] = {}
     for folder, name in names.items():  # two folders, one name: per-class results would merge two classes
         if folder_of.setdefault(name, folder) != folder:

@@ -114,6 +114,13 @@ class Method(nn.Module):
     def device(self) -> torch.device:
         return self.backbone.device
 
+    @property
+    def lr_key(self) -> str:
+        """The config key that sets the learning rate this method trains with: its section's `lr` where it
+        has one that is set (tip_adapter.lr for Tip-Adapter-F), else train.lr."""
+        own = self.cfg.sections.get(self.section) if self.section else None
+        return f"{self.section}.lr" if getattr(own, "lr", None) is not None else "train.lr"
+
     def fit(self, bank: "FeatureBank", trainer: "Trainer", checkpoint: Path, resume: bool) -> dict:
         """Learn from the few-shot features; returns facts worth reporting (chosen C, history...)."""
         return {}

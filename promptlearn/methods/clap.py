@@ -47,11 +47,8 @@ class ClapConfig:
 
     def problems(self) -> list[str]:
         found = []
-        if not (self.lr > 0 and self.batch_size >= 1 and self.epochs >= 0 and self.weight_decay >= 0):
-            found.append("clap.lr must be positive, clap.batch_size at least 1, clap.epochs and "
-                         "clap.weight_decay 0 or more")
-        if self.feature_passes < 0:
-            found.append(f"clap.feature_passes must be 0 or more, got {self.feature_passes}")
+        if not (self.lr > 0 and self.weight_decay >= 0):  # counts and sizes: config.integer_problems
+            found.append("clap.lr must be positive and clap.weight_decay 0 or more")
         found += protocol_problems("clap", self.protocol)
         if self.protocol == "reference" and self.feature_passes == 0:
             found.append("clap.protocol=reference draws from a pool of cached passes: clap.feature_passes must be "

@@ -34,10 +34,6 @@ class ClipAdapterConfig:
             found.append(f"clip_adapter.alpha must be in [0, 1], got {self.alpha}")
         if self.lr is not None and self.lr <= 0:
             found.append(f"clip_adapter.lr must be positive (or unset for train.lr), got {self.lr}")
-        if self.reduction < 1:
-            found.append(f"clip_adapter.reduction must be at least 1, got {self.reduction}")
-        if self.epochs is not None and self.epochs < 0:
-            found.append(f"clip_adapter.epochs must be 0 or more (or unset), got {self.epochs}")
         return found
 
 

@@ -47,8 +47,7 @@ class ClipLoraConfig:
     grad_checkpointing: bool = False
 
     def problems(self) -> list[str]:
-        found = [f"clip_lora.{key} must be at least 1, got {getattr(self, key)}"
-                 for key in ("rank", "batch_size", "iterations_per_shot") if getattr(self, key) < 1]
+        found = []
         if not 0 <= self.dropout < 1:
             found.append(f"clip_lora.dropout must be in [0, 1), got {self.dropout}")
         if not self.projections or set(self.projections) - set(PROJECTIONS):

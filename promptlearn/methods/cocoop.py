@@ -39,8 +39,6 @@ class CoCoOpConfig(CoOpConfig):
         found = super().problems()
         if self.class_specific:
             found.append("cocoop.class_specific must be false: CoCoOp's context is shared by all classes")
-        if self.prompts_per_pass < 1:
-            found.append(f"cocoop.prompts_per_pass must be at least 1, got {self.prompts_per_pass}")
         return found
 
 

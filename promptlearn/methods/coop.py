@@ -46,8 +46,6 @@ class CoOpConfig:
         if self.class_position not in CLASS_POSITIONS:
             found.append(f"{self.section}.class_position must be one of {', '.join(CLASS_POSITIONS)}, "
                          f"got {self.class_position!r}")
-        if self.class_chunk < 0:
-            found.append(f"{self.section}.class_chunk must be 0 or more, got {self.class_chunk}")
         return found
 
 

@@ -41,8 +41,8 @@ class DeepPromptConfig:
     def problems(self) -> list[str]:
         name = type(self).section
         found = [f"{name}.{key} must be at least {low}, got {getattr(self, key)}"
-                 for key, low in (("n_ctx_text", 0), ("n_ctx_vision", 0), ("depth_text", 1), ("depth_vision", 1),
-                                  ("batch_size", 1), ("epochs", 0)) if getattr(self, key) < low]
+                 for key, low in (("n_ctx_text", 0), ("n_ctx_vision", 0), ("depth_text", 1), ("depth_vision", 1))
+                 if getattr(self, key) < low]
         if self.lr <= 0:
             found.append(f"{name}.lr must be positive, got {self.lr}")
         return found

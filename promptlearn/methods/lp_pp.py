@@ -40,9 +40,8 @@ class LpPlusPlusConfig:
 
     def problems(self) -> list[str]:
         found = []
-        if self.epochs < 0 or self.alpha_every < 1 or self.alpha_init_scale < 0:
-            found.append(f"lp_pp.epochs must be 0 or more (got {self.epochs}), lp_pp.alpha_every at least 1 "
-                         f"(got {self.alpha_every}) and lp_pp.alpha_init_scale 0 or more (got {self.alpha_init_scale})")
+        if self.alpha_init_scale < 0:
+            found.append(f"lp_pp.alpha_init_scale must be 0 or more, got {self.alpha_init_scale}")
         found += protocol_problems("lp_pp", self.protocol)
         return found
 

@@ -60,14 +60,11 @@ class TipAdapterConfig:
         found = []
         found += protocol_problems("tip_adapter", self.protocol)
         for name in ("alpha", "beta"):
-            lo_hi, steps = getattr(self, f"{name}_range"), getattr(self, f"{name}_steps")
+            lo_hi = getattr(self, f"{name}_range")
             if not (len(lo_hi) == 2 and 0 <= lo_hi[0] <= lo_hi[1]):
                 found.append(f"tip_adapter.{name}_range must be [low, high] with 0 <= low <= high, got {lo_hi}")
-            if steps < 1:
-                found.append(f"tip_adapter.{name}_steps must be at least 1, got {steps}")
-        if not (self.epochs >= 0 and self.batch_size >= 1 and self.lr > 0):
-            found.append("tip_adapter.epochs must be 0 or more, tip_adapter.batch_size at least 1 and "
-                         "tip_adapter.lr positive")
+        if self.lr <= 0:
+            found.append(f"tip_adapter.lr must be positive, got {self.lr}")
         if self.eps <= 0:
             found.append(f"tip_adapter.eps must be positive, got {self.eps}")
         return found
