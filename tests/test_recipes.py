@@ -99,7 +99,7 @@ def test_list_recipes_of_one_method(capsys, monkeypatch):
     assert all(len(line) <= 100 for line in lines)
     assert lines[0].split()[:4] == ["method", "protocol", "datasets", "shots"]
     assert [line.split()[1] for line in lines if line.startswith("promptsrc ")] == [
-        "base2novel", "fewshot", "fewshot", "cross_dataset,"]
+        "base2novel", "fewshot", "fewshot", "cross_dataset,", "fewshot,"]
     assert "gpa_mean=45;" in out and "gpa_mean=6;" in out and "depth_text=3;" in out
     assert "source: muzairkhattak/PromptSRC" in out and "vit_b16_c2_ep50_batch4_4+4ctx_few_shot.yaml" in out
     assert "maple" not in out
