@@ -91,12 +91,13 @@ def test_the_shipped_files_are_the_package_data():
     assert {p.stem for p in RECIPE_DIR.glob("*.yaml")} == set(METHODS)
 
 
-def test_list_recipes_of_one_method(capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "100")
+@pytest.mark.parametrize("columns", [80, 140])  # narrow: the settings go under each row
+def test_list_recipes_of_one_method(capsys, monkeypatch, columns):
+    monkeypatch.setenv("COLUMNS", str(columns))
     main(["list", "recipes", "promptsrc"])
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert all(len(line) <= 100 for line in lines)
+    assert all(len(line) <= columns for line in lines)
     assert lines[0].split()[:4] == ["method", "protocol", "datasets", "shots"]
     assert [line.split()[1] for line in lines if line.startswith("promptsrc ")] == [
         "base2novel", "fewshot", "fewshot", "cross_dataset,", "fewshot,"]

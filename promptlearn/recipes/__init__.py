@@ -191,19 +191,22 @@ def recipe_table(recipes: list[Recipe], width: int) -> str:
         if r.backbone:
             shown.append(f"backbone: {r.backbone}")
         rows.append((r.method, ", ".join(r.protocols) or "all", ", ".join(r.datasets) or "all",
-                     ", ".join(map(str, r.shots)) or "all", "; ".join(shown), f"source: {r.repository} {r.source}"))
+                     ", ".join(map(str, r.shots)) or "all", "; ".join(shown) or "-",
+                     f"source: {r.repository} {r.source}"))
     fixed = [max(len(heads[0]), *(len(row[0]) for row in rows)), len("domain_generalization"), 20, 8]
-    last = max(24, width - sum(fixed) - 2 * len(fixed))
-    widths = [*fixed, last]
+    room = width - sum(fixed) - 2 * len(fixed)
+    beside = room >= 30  # a narrow terminal gets the settings on their own lines under the row, like the source
+    widths = [*fixed, room] if beside else fixed
+    indent = " " * (widths[0] + 2 if beside else 2)
     lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths)).rstrip(), "  ".join("-" * w for w in widths)]
     for row in rows:
         cells = [textwrap.wrap(cell, w, break_on_hyphens=False, break_long_words=False) or [""]
-                 for cell, w in zip(row[:5], widths)]
+                 for cell, w in zip(row, widths)]
         for i in range(max(map(len, cells))):
             lines.append("  ".join((c[i] if i < len(c) else "").ljust(w) for c, w in zip(cells, widths)).rstrip())
-        indent = " " * (widths[0] + 2)
-        lines += textwrap.wrap(row[5], max(40, width), initial_indent=indent, subsequent_indent=indent + "  ",
-                               break_on_hyphens=False)
+        for text in row[len(widths):]:
+            lines += textwrap.wrap(text, max(40, width), initial_indent=indent, subsequent_indent=indent + "  ",
+                                   break_on_hyphens=False, break_long_words=False)  # a path stays whole
     return "\n".join(lines)
 
 
