@@ -76,6 +76,8 @@ GOOD_ENTRY = "  - protocol: fewshot\n    settings: {promptsrc.epochs: 50}\n    s
      "recipe 1: unknown dataset 'flowers102'"),
     ("method: promptsrc\nsource: a/b\nrecipes:\n" + GOOD_ENTRY.replace("50", "fifty"),
      "promptsrc.epochs must be an integer, got 'fifty'"),
+    ("method: promptsrc\nsource: a/b\nrecipes:\n" + GOOD_ENTRY + "    backbone: [RN50]\n",
+     "recipe 1: backbone must be text"),
     ("method: promptsrc\nsource: a/b\nrecipes:\n" + GOOD_ENTRY + "    epochs: 5\n",
      "recipe 1: unknown key 'epochs'"),
 ])

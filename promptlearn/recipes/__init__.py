@@ -138,6 +138,9 @@ def parse_entry(entry: Any, method: str, repository: str, where: str) -> Recipe:
     for key, value in (("settings", settings), ("unmapped", unmapped)):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
+    for key in ("backbone", "note"):
+        if entry.get(key) is not None and not isinstance(entry[key], str):
+            raise ConfigError(f"{where}: {key} must be text, got {entry[key]!r}")
     if not settings and not unmapped:
         raise ConfigError(f"{where}: the entry states nothing: give settings or unmapped facts")
     settings = checked_settings(settings, where)
