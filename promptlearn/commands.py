@@ -6,7 +6,7 @@
     promptlearn benchmark  speed and memory beside a loop faithful to the original code
     promptlearn benchmark-methods  CoCoOp, KgCoOp, ProGrad, CLAP, LP++: step time and memory by class count
     promptlearn benchmark-full-run  a whole ImageNet-sized CoOp run on synthetic images, timed end to end
-    promptlearn list       methods | datasets | protocols | models
+    promptlearn list       methods | datasets | protocols | models | recipes [METHOD]
 
 tools/*.py are shims onto these subcommands.
 """
@@ -217,21 +217,37 @@ def methods_benchmark(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- list
 
-LISTINGS = ("methods", "datasets", "protocols", "models")
+LISTINGS = ("methods", "datasets", "protocols", "models", "recipes")
 
 
 def add_list_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", choices=LISTINGS, help="what to list")
+    parser.add_argument("method", nargs="?", help="recipes: only this method's published recipes")
     parser.add_argument("--filter", metavar="TEXT", help="models: only names containing TEXT")
     parser.add_argument("--parameters", action="store_true",
                         help="models: count each model's parameters (builds it on the meta device, ~0.5 s each)")
 
 
 def listing(args: argparse.Namespace) -> int:
+    if args.method is not None and args.what != "recipes":
+        raise ConfigError(f"'promptlearn list {args.what}' takes no method name (got {args.method!r}); "
+                          "only 'promptlearn list recipes METHOD' does")
+    if args.what == "recipes":
+        print(recipe_listing(args))
+        return 0
     rows = {"methods": method_rows, "datasets": dataset_rows, "protocols": protocol_rows,
             "models": model_rows}[args.what](args)
     print(format_table(rows))
     return 0
+
+
+def recipe_listing(args: argparse.Namespace) -> str:
+    import shutil
+
+    from promptlearn.recipes import all_recipes, recipe_table, recipes_for
+
+    recipes = recipes_for(args.method) if args.method else [r for rs in all_recipes().values() for r in rs]
+    return recipe_table(recipes, shutil.get_terminal_size((120, 24)).columns)
 
 
 def method_rows(args: argparse.Namespace) -> list[dict]:
@@ -341,7 +357,7 @@ COMMANDS = {
                                  methods_benchmark),
     "benchmark-full-run": Command("a whole ImageNet-sized CoOp run on synthetic images, timed end to end",
                                   add_full_run_arguments, full_run),
-    "list": Command("list methods, datasets, protocols or models", add_list_arguments, listing),
+    "list": Command("list methods, datasets, protocols, models or published recipes", add_list_arguments, listing),
 }
 
 

@@ -93,6 +93,8 @@ def test_the_built_wheel_runs_the_quickstart_like_the_clone(tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True, env=ENV)
+    recipes = sorted(p.name for p in (target / "promptlearn" / "recipes").glob("*.yaml"))
+    assert recipes == sorted(p.name for p in (REPO / "promptlearn" / "recipes").glob("*.yaml"))  # package data
     entry_points = next(target.glob("promptlearn-*.dist-info")) / "entry_points.txt"
     assert "promptlearn = promptlearn.commands:entry" in entry_points.read_text()
     where = tmp_path / "elsewhere"

@@ -1,0 +1,115 @@
+"""The published recipes (promptlearn/recipes/*.yaml): every file loads and validates, each entry names its
+source, and a few of the authors' numbers read back as the configs state them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from promptlearn.commands import main
+from promptlearn.config import all_keys
+from promptlearn.errors import ConfigError
+from promptlearn.methods import METHODS
+from promptlearn.recipes import RECIPE_DIR, Recipe, all_recipes, load_recipe_file, recipes_for
+
+
+def entry(method: str, protocol: str, dataset: str, shots: int) -> Recipe:
+    """The one entry of `method` that sets epochs for (protocol, dataset, shots), most specific first."""
+    matches = [r for r in recipes_for(method) if (not r.protocols or protocol in r.protocols)
+               and (not r.datasets or dataset in r.datasets) and (not r.shots or shots in r.shots) and r.settings]
+    assert matches, f"no {method} recipe for {protocol}, {dataset}, {shots} shots"
+    return max(matches, key=lambda r: (bool(r.datasets), bool(r.shots)))
+
+
+def test_every_method_has_a_file_and_every_entry_is_valid():
+    recipes = all_recipes()
+    assert set(recipes) == set(METHODS)  # one file per method, each loaded through the validation
+    keys = all_keys()
+    for method, entries in recipes.items():
+        for r in entries:
+            assert r.method == method and r.repository.count("/") == 1 and r.source
+            assert set(r.settings) <= set(keys)
+            assert r.settings or r.unmapped
+
+
+def test_published_facts_read_from_the_files():
+    dtd = entry("promptsrc", "fewshot", "dtd", 16).settings  # the commented 45/5 of the few-shot config
+    assert (dtd["promptsrc.epochs"], dtd["promptsrc.gpa_mean"], dtd["promptsrc.gpa_std"]) == (50, 45.0, 5.0)
+    pets = entry("promptsrc", "fewshot", "oxford_pets", 4).settings
+    assert (pets["promptsrc.epochs"], pets["promptsrc.gpa_mean"], pets["promptsrc.gpa_std"]) == (50, 30.0, 30.0)
+    xd = entry("promptsrc", "cross_dataset", "imagenet", 16).settings
+    assert (xd["promptsrc.depth_text"], xd["promptsrc.depth_vision"], xd["promptsrc.gpa_mean"],
+            xd["promptsrc.gpa_std"]) == (3, 3, 6.0, 10.0)
+    maple = entry("maple", "cross_dataset", "imagenet", 16).settings
+    assert (maple["maple.depth_text"], maple["maple.lr"], maple["maple.epochs"]) == (3, 0.0026, 2)
+    assert entry("maple", "base2novel", "dtd", 16).settings["maple.depth_text"] == 9
+    assert entry("prograd", "fewshot", "dtd", 16).settings["prograd.projection"] == 0.8
+    assert entry("prograd", "fewshot", "caltech101", 16).settings["prograd.projection"] == 1.0
+    assert entry("prograd", "fewshot", "dtd", 4).settings["prograd.projection"] == 1.0
+    assert entry("kgcoop", "base2novel", "dtd", 16).settings["kgcoop.epochs"] == 100
+    assert entry("kgcoop", "cross_dataset", "imagenet", 4).settings["kgcoop.weight"] == 8.0
+    assert entry("tip_adapter_f", "fewshot", "eurosat", 16).settings["tip_adapter.epochs"] == 100
+    assert entry("tip_adapter_f", "fewshot", "dtd", 16).settings["tip_adapter.init_alpha"] == 2.0
+    assert entry("coop", "fewshot", "caltech101", 2).settings["train.epochs"] == 100
+    lpclip = recipes_for("linear_probe")[0].unmapped
+    assert lpclip["c_grid"] == [1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6] and lpclip["bisection_steps"] == 8
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "broken.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+GOOD_ENTRY = "  - protocol: fewshot\n    settings: {promptsrc.epochs: 50}\n    source: configs/x.yaml\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("method: promptsrc\nsource: a/b\nrecipes:\n" + GOOD_ENTRY.replace("promptsrc.epochs", "promptsrc.epoch"),
+     "recipe 1: settings: unknown config key 'promptsrc.epoch'; did you mean 'promptsrc.epochs'?"),
+    ("method: promptsrc\nsource: a/b\nrecipes:\n" + GOOD_ENTRY.replace("    source: configs/x.yaml\n", ""),
+     "recipe 1: 'source' is missing"),
+    ("method: promptsrc\nrecipes:\n" + GOOD_ENTRY, "'source' is missing"),
+    ("method: promptsrc\nsource: a/b\nrecipes:\n" + GOOD_ENTRY.replace("fewshot", "few_shot"),
+     "recipe 1: unknown protocol 'few_shot'; did you mean 'fewshot'"),
+    ("method: promptsrc\nsource: a/b\nrecipes:\n" + GOOD_ENTRY + "    datasets: [flowers102]\n",
+     "recipe 1: unknown dataset 'flowers102'"),
+    ("method: promptsrc\nsource: a/b\nrecipes:\n" + GOOD_ENTRY.replace("50", "fifty"),
+     "promptsrc.epochs must be an integer, got 'fifty'"),
+    ("method: promptsrc\nsource: a/b\nrecipes:\n" + GOOD_ENTRY + "    backbone: [RN50]\n",
+     "recipe 1: backbone must be text"),
+    ("method: promptsrc\nsource: a/b\nrecipes:\n" + GOOD_ENTRY + "    epochs: 5\n",
+     "recipe 1: unknown key 'epochs'"),
+])
+def test_a_broken_recipe_file_is_one_error_naming_the_file(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_recipe_file(path)
+    assert str(caught.value).startswith(f"recipe file {path}") and message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_the_shipped_files_are_the_package_data():
+    assert {p.stem for p in RECIPE_DIR.glob("*.yaml")} == set(METHODS)
+
+
+@pytest.mark.parametrize("columns", [80, 140])  # narrow: the settings go under each row
+def test_list_recipes_of_one_method(capsys, monkeypatch, columns):
+    monkeypatch.setenv("COLUMNS", str(columns))
+    main(["list", "recipes", "promptsrc"])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert all(len(line) <= columns for line in lines)
+    assert lines[0].split()[:4] == ["method", "protocol", "datasets", "shots"]
+    assert [line.split()[1] for line in lines if line.startswith("promptsrc ")] == [
+        "base2novel", "fewshot", "fewshot", "cross_dataset,", "fewshot,"]
+    assert "gpa_mean=45;" in out and "gpa_mean=6;" in out and "depth_text=3;" in out
+    assert "source: muzairkhattak/PromptSRC" in out and "vit_b16_c2_ep50_batch4_4+4ctx_few_shot.yaml" in out
+    assert "maple" not in out
+
+
+def test_list_takes_a_method_only_for_recipes():
+    with pytest.raises(ConfigError, match="takes no method name"):
+        main(["list", "methods", "coop"])
+    with pytest.raises(ConfigError, match="unknown method 'promptsrcc'"):
+        main(["list", "recipes", "promptsrcc"])
