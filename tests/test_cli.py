@@ -50,6 +50,14 @@ def test_list_models_shows_widths_and_tags(capsys):
     assert "1024" in rn50 and "openai" in rn50 and " 102." in rn50  # RN50 CLIP: 102.0M parameters
 
 
+def test_promptlearn_help_imports_neither_torch_nor_the_registries():
+    code = ("import sys; from promptlearn.commands import main; main(['--help']); "
+            "print(sorted(m for m in ('torch', 'open_clip', 'sklearn', 'promptlearn.methods') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, check=True)
+    usage, imported = proc.stdout.rstrip().rsplit("\n", 1)
+    assert "promptlearn COMMAND" in usage and imported == "[]"
+
+
 def test_unknown_command_names_the_nearest():
     with pytest.raises(ConfigError, match="unknown command 'trian'; did you mean 'train'"):
         main(["trian"])
