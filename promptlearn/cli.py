@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Callable
 
 from promptlearn.config import RunConfig, dump_yaml, load_config
 from promptlearn.errors import PromptlearnError, error_line
+from promptlearn.progress import set_quiet
 
 # flag -> config key
 FLAG_KEYS = {"data_root": "data.root", "shots": "data.shots", "seed": "data.seed", "epochs": "train.epochs",
@@ -48,8 +48,8 @@ def add_console_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def setup_logging(verbose: int = 0, quiet: int = 0) -> None:
-    """The console shows WARNING and above plus tqdm bars; -v adds INFO (-vv DEBUG), -q keeps errors only
-    and hides the bars. A run's log.txt records INFO whatever the console shows (runner.log_to_file)."""
+    """The console shows WARNING and above plus the progress displays; -v adds INFO (-vv DEBUG), -q keeps
+    errors only and hides the displays. A run's log.txt records INFO whatever the console shows (runner.log_to_file)."""
     level = logging.ERROR if quiet else {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     root = logging.getLogger()
     for handler in [h for h in root.handlers if getattr(h, "promptlearn_console", False)]:
@@ -60,8 +60,7 @@ def setup_logging(verbose: int = 0, quiet: int = 0) -> None:
     console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     root.addHandler(console)
     root.setLevel(min(level, logging.WARNING))
-    if quiet:
-        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads its defaults from TQDM_* variables
+    set_quiet(bool(quiet))
 
 
 def prepare_run(args: argparse.Namespace) -> RunConfig | None:

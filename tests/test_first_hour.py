@@ -242,15 +242,30 @@ def test_resume_refusal_says_that_a_rerun_without_resume_starts_over(tmp_path):
 
 # ----------------------------------------------------------------------------- console and docs
 
-def test_console_shows_warnings_and_bars_while_log_txt_keeps_everything(tmp_path):
+def test_a_log_file_gets_one_line_per_epoch_and_no_bars_while_log_txt_keeps_everything(tmp_path):
+    """stderr to a pipe, as in a SLURM task log or nohup: plain lines that carry the numbers, no '\\r'."""
     out = tmp_path / "run"
-    proc = tool("--config", str(QUICKSTART), "--epochs", "2", "--output-dir", str(out),
-                f"cache_dir={tmp_path / 'cache'}", "methods=[coop]")
+    proc = tool("--config", str(QUICKSTART), "--epochs", "3", "--output-dir", str(out),
+                f"cache_dir={tmp_path / 'cache'}", "methods=[linear_probe,coop]")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "\r" not in proc.stderr and "it/s" not in proc.stderr
     assert not [line for line in proc.stderr.splitlines() if line.startswith("INFO")]
     assert "RANDOM weights" in proc.stderr  # warnings still show
+    epochs = [line for line in proc.stderr.splitlines() if line.startswith("coop epoch")]
+    assert [line.split(":")[0] for line in epochs] == ["coop epoch 1/3", "coop epoch 2/3", "coop epoch 3/3"]
+    assert all(re.search(r": loss \d+\.\d{4}, train accuracy \d+\.\d\d%$", line) for line in epochs), epochs
+    assert re.search(r"^coop: 15/15 step in \d+\.\d s$", proc.stderr, re.M)  # the display's closing line
+    assert re.search(r"^train features: \d+/\d+ batch in ", proc.stderr, re.M)
     log = (out / "log.txt").read_text()
-    assert "coop epoch 2/2" in log and "INFO root: " in log  # open_clip's INFO lines go to the file
+    assert "coop epoch 3/3" in log and "INFO root: " in log  # open_clip's INFO lines go to the file
+
+
+def test_quiet_shows_no_progress_at_all(tmp_path):
+    proc = tool("--config", str(QUICKSTART), "--epochs", "2", "--output-dir", str(tmp_path / "run"),
+                "cache_dir=none", "methods=[coop]", "-q")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr == ""
+    assert "| coop" in proc.stdout  # the results table is output, not progress
 
 
 def test_verbosity_flags_set_the_console_level():
@@ -259,7 +274,6 @@ def test_verbosity_flags_set_the_console_level():
     for name, verbose, quiet in [("default", 0, 0), ("-v", 1, 0), ("-vv", 2, 0), ("-q", 0, 1)]:
         setup_logging(verbose, quiet)
         levels[name] = [h.level for h in root.handlers if getattr(h, "promptlearn_console", False)]
-    os.environ.pop("TQDM_DISABLE", None)
     setup_logging()
     assert levels == {"default": [logging.WARNING], "-v": [logging.INFO], "-vv": [logging.DEBUG], "-q": [logging.ERROR]}
 
