@@ -93,10 +93,24 @@ def test_more_shots_than_any_class_has_is_refused(tmp_path):
 def test_a_complete_run_is_not_replaced_unasked(tmp_path):
     cfg = quick_config(tmp_path, "methods=[zeroshot]")
     first = run_experiment(cfg)
-    with pytest.raises(ConfigError, match=r"holds a complete run; --resume .* a new --output-dir .* --overwrite replaces"):
+    with pytest.raises(ConfigError, match=r"holds a complete run; --resume shows its results .* a new --output-dir .* --overwrite replaces"):
         run_experiment(cfg)
     assert run_experiment(cfg, overwrite=True)["zeroshot"]["accuracy"] == first["zeroshot"]["accuracy"]
     assert run_experiment(cfg, resume=True)["zeroshot"]["accuracy"] == first["zeroshot"]["accuracy"]
+
+
+def test_resuming_a_complete_run_redoes_nothing(tmp_path, monkeypatch, capsys):
+    cfg = quick_config(tmp_path, "methods=[linear_probe,coop]", "train.epochs=2")
+    first = run_experiment(cfg)
+    table = (tmp_path / "run" / "summary.md").read_text()
+    assert capsys.readouterr().out.startswith(table.rstrip())
+
+    def nothing_loads(*args):
+        raise AssertionError("--resume of a complete run loaded the backbone")
+
+    monkeypatch.setattr("promptlearn.runner.load_backbone", nothing_loads)
+    assert run_experiment(cfg, resume=True) == json.loads(json.dumps(first))
+    assert capsys.readouterr().out == table
 
 
 # ----------------------------------------------------------------------------- data
