@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Callable
 
-from promptlearn.config import RunConfig, dump_yaml, load_config
+from promptlearn.config import BackboneConfig, DataConfig, RunConfig, dump_yaml, load_config
 from promptlearn.errors import PromptlearnError, error_line
 from promptlearn.progress import set_quiet
 
@@ -23,18 +23,38 @@ def dataset_config(name: str) -> tuple[list[str], list[str]]:
     return [], [f"data.name={name}"]
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help ends with its default, unless the help names it already; a flag (False) or an unset
+    option (None: the config decides, and its help says what the config's default is) has none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, []) or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    backbone, data = BackboneConfig(), DataConfig()
     parser.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
                         help="YAML defaults (repeatable; later files win)")
-    parser.add_argument("--dataset", metavar="NAME|FILE.yaml", help="dataset name or dataset YAML")
-    parser.add_argument("--data-root", metavar="DIR", help="folder holding the CoOp dataset folders")
-    parser.add_argument("--shots", type=int, metavar="K")
-    parser.add_argument("--seed", type=int, metavar="S")
-    parser.add_argument("--epochs", type=int, metavar="N")
-    parser.add_argument("--model", metavar="NAME", help="open_clip model name")
-    parser.add_argument("--pretrained", metavar="TAG|PATH|none")
-    parser.add_argument("--device", metavar="D", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--output-dir", metavar="DIR")
+    parser.add_argument("--dataset", metavar="NAME|FILE.yaml",
+                        help=f"dataset name or dataset YAML (default: data.name, {data.name})")
+    parser.add_argument("--data-root", metavar="DIR",
+                        help=f"folder holding the CoOp dataset folders (default: data.root, {data.root})")
+    parser.add_argument("--shots", type=int, metavar="K", help=f"images per class (default: data.shots, {data.shots})")
+    parser.add_argument("--seed", type=int, metavar="S", help=f"the few-shot draw's seed (default: data.seed, "
+                                                             f"{data.seed})")
+    parser.add_argument("--epochs", type=int, metavar="N",
+                        help="training epochs (default: train.epochs, unset: the protocol's for the shot count)")
+    parser.add_argument("--model", metavar="NAME",
+                        help=f"open_clip model name (default: backbone.model, {backbone.model})")
+    parser.add_argument("--pretrained", metavar="TAG|PATH|none",
+                        help=f"open_clip weights tag, a checkpoint path, or none for random weights (default: "
+                             f"backbone.pretrained, {backbone.pretrained}: downloaded from the Hugging Face hub once)")
+    parser.add_argument("--device", metavar="D",
+                        help=f"auto, cpu, cuda or cuda:N (default: backbone.device, {backbone.device})")
+    parser.add_argument("--output-dir", metavar="DIR", help=f"the run folder (default: output_dir, "
+                                                            f"{RunConfig.output_dir})")
     parser.add_argument("--print-config", action="store_true", help="print the merged config as YAML and exit")
     add_console_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=0.01")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
-from promptlearn.cli import add_console_arguments, add_run_arguments, prepare_run, run_tool, setup_logging
+from promptlearn.cli import DefaultsHelp, add_console_arguments, add_run_arguments, prepare_run, run_tool, setup_logging
 from promptlearn.errors import ConfigError, unknown_name_message
 
 
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         raise ConfigError(unknown_name_message("command", name, COMMANDS))
     command = COMMANDS[name]
-    parser = argparse.ArgumentParser(prog=f"promptlearn {name}", description=command.help)
+    parser = argparse.ArgumentParser(prog=f"promptlearn {name}", description=command.help, formatter_class=DefaultsHelp)
     command.add_arguments(parser)
     return command.run(parser.parse_intermixed_args(rest))  # flags and key=value in any order
 

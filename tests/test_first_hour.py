@@ -305,6 +305,11 @@ def test_print_config_prints_the_merged_yaml_and_runs_nothing(tmp_path, capsys):
     helped = capsys.readouterr().out
     for flag in ("--print-config", "--overwrite", "--verbose", "--quiet"):
         assert flag in helped
+    helped = " ".join(helped.split())  # argparse wraps the help to the terminal's width
+    assert "(default: backbone.model, RN50)" in helped and "(default: backbone.pretrained, openai:" in helped
+    with pytest.raises(SystemExit):
+        promptlearn_main(["benchmark-methods", "--help"])
+    assert "measured steps after one warm-up (default: 3)" in " ".join(capsys.readouterr().out.split())
     setup_logging()
 
 
