@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -35,9 +36,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TRAIN_COOP = REPO / "tools" / "train_coop.py"
 
 
-def tool(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, str(TRAIN_COOP), *args], cwd=cwd, capture_output=True, text=True, env=env)
+def tool(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, str(TRAIN_COOP), *args], cwd=cwd, capture_output=True, text=True, env=env,
+                          timeout=1800)  # a hang guard only
 
 
 # ----------------------------------------------------------------------------- checked before anything loads
@@ -60,6 +62,26 @@ def test_unknown_weights_tag_is_refused_before_anything_loads(tmp_path):
     cfg = quick_config(tmp_path, "data.path=/no/such/data", "backbone.model=RN50", "backbone.pretrained=opneai")
     with pytest.raises(ConfigError, match=r"'opneai' is not an open_clip pretrained tag for RN50. Known tags: openai"):
         run_experiment(cfg)
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+@pytest.mark.parametrize("offline", [{"HF_ENDPOINT": "closed port"}, {"HF_HUB_OFFLINE": "1"}])
+def test_the_default_weights_without_a_hub_are_one_error_line_and_no_retries(tmp_path, offline):
+    env = {"HF_HOME": str(tmp_path / "hf"), **offline}
+    env["HF_ENDPOINT"] = f"http://127.0.0.1:{closed_port()}" if "HF_ENDPOINT" in offline else ""
+    proc = tool("--config", str(QUICKSTART), "--model", "RN50", "--pretrained", "openai",
+                "--output-dir", str(tmp_path / "run"), env={k: v for k, v in env.items() if v})
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert proc.stderr.startswith("error: backbone RN50 pretrained=openai: its weights are not in the cache")
+    assert ("cannot be reached" if "HF_ENDPOINT" in offline else "HF_HUB_OFFLINE is set") in proc.stderr
+    for remedy in ("--pretrained PATH", "backbone.cache_dir or HF_HOME", "--pretrained none"):
+        assert remedy in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_unknown_model_shows_the_nearest_names_not_all_of_them(tmp_path):
