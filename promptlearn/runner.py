@@ -14,6 +14,7 @@ from promptlearn.backbone import backbone_problems, load_backbone
 from promptlearn.config import RunConfig, dump_yaml, protocol_epochs
 from promptlearn.data import DATASETS, build_dataset
 from promptlearn.data.fewshot import FewShotSplit, load_or_draw
+from promptlearn.data.loader import check_images
 from promptlearn.errors import ConfigError, PromptlearnError, error_line
 from promptlearn.features import FeatureBank, FeatureCache
 from promptlearn.io import RunLock, atomic_write_json, atomic_write_text, check_writable
@@ -51,6 +52,8 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
         if not writer:
             drawn = few_shot_draw(cfg, everything, out, eval_only)
         dataset, fewshot = protocol.training_split(cfg, everything, drawn)
+        if not cfg.data.skip_bad_images:  # else each split's extraction skips and counts them
+            check_images([*fewshot.train, *fewshot.val, *(item for t in targets for item in t.dataset.test)])
         backbone = load_backbone(cfg.backbone)                                          # frozen backbone
         cache = FeatureCache.from_setting(cfg.cache_dir, cfg.cache_hash_content)
         bank = FeatureBank(backbone, dataset, fewshot, cache=cache, batch_size=cfg.data.eval_batch_size,

@@ -216,6 +216,21 @@ def test_unreadable_image_is_named(tmp_path, name):
     assert isinstance(bad, BadImage) and name in bad.message
 
 
+def test_a_corrupt_test_image_stops_the_run_before_anything_loads(tmp_path, monkeypatch):
+    root = split_folder(tmp_path / "data", ["coat", "shirt"], train=2, test=3)
+    (root / "test" / "coat" / "corrupt.png").write_bytes(BAD_FILES["corrupt.png"][0])
+    (root / "test" / "shirt" / "truncated.jpg").write_bytes(BAD_FILES["truncated.jpg"][0])
+
+    def nothing_loads(*args):
+        raise AssertionError("the backbone loaded: images are checked first")
+
+    monkeypatch.setattr("promptlearn.runner.load_backbone", nothing_loads)
+    cfg = quick_config(tmp_path, f"data.path={root}", "data.shots=2", "methods=[linear_probe,zeroshot]")
+    with pytest.raises(DataError, match=r"image \S+/test/coat/corrupt\.png cannot be read \(SyntaxError: broken PNG"
+                                        r".* \(1 more images cannot be read\)$"):
+        run_experiment(cfg)
+
+
 def test_bad_images_are_skipped_and_counted_when_asked(tmp_path, caplog):
     root = split_folder(tmp_path / "data", ["coat", "shirt"], train=2, test=3)
     for name in ("zero-byte.png", "truncated.jpg", "not-an-image.jpg"):
