@@ -65,7 +65,7 @@ class LineProgress:
         if time.monotonic() - self.last_line >= log_interval():
             self.line("")
 
-    def set_postfix(self, **values) -> None:
+    def set_postfix(self, values: dict) -> None:
         self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
 
     def write(self, message: str) -> None:
@@ -108,7 +108,8 @@ class TrainingProgress:
 
     def __init__(self, name: str, epochs: int, steps: int, start: int, disable: bool = False):
         self.name, self.epochs, self.steps = name, epochs, steps
-        self.bar = progress(desc=name, total=(epochs - start) * steps, unit="step", disable=disable)
+        self.bar = progress(desc=name, total=(epochs - start) * steps, unit="step",
+                            disable=disable or start >= epochs)  # a finished training resumed: nothing to show
         self.epoch_lines = isinstance(self.bar, LineProgress) and not console_shows_info()
 
     def show(self, epoch: int, step: int, loss: float, accuracy: float) -> None:
@@ -116,7 +117,7 @@ class TrainingProgress:
         figures = {"epoch": f"{epoch}/{self.epochs}", "loss": f"{loss:.4f}", "accuracy": f"{accuracy:.2f}%"}
         if isinstance(self.bar, LineProgress):
             figures["epoch"] += f" (step {step}/{self.steps})"
-        self.bar.set_postfix(**figures)
+        self.bar.set_postfix(figures)  # tqdm keeps a dict's order (keyword arguments it would sort)
 
     def step(self) -> None:
         self.bar.update(1)

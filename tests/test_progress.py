@@ -73,3 +73,19 @@ def test_training_shows_one_line_per_epoch_with_its_figures(monkeypatch):
     assert lines[:2] == ["coop epoch 1/2: loss 1.2500, train accuracy 62.50%",
                          "coop epoch 2/2: loss 1.2500, train accuracy 62.50%"]
     assert lines[2].startswith("coop: 6/6 step in ") and len(lines) == 3
+
+
+def test_training_on_a_terminal_is_one_bar_with_the_epoch_loss_and_accuracy(monkeypatch):
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    shown = TrainingProgress("coop", epochs=2, steps=3, start=0)
+    for epoch in (1, 2):
+        for step in range(3):
+            shown.step()
+            shown.show(epoch, step + 1, 1.5, 50.0)
+        shown.epoch_done(epoch, 1.25, 62.5)
+    shown.close()
+    drawn = terminal.getvalue()
+    assert isinstance(shown.bar, tqdm) and "coop epoch" not in drawn  # no line per epoch: the bar says it
+    assert "6/6" in drawn and "epoch=2/2, loss=1.5000, accuracy=50.00%" in drawn.rsplit("\r", 1)[-1]
