@@ -47,18 +47,17 @@ class LineProgress:
         self.closed = False
 
     def __iter__(self):
-        try:
-            for item in self.iterable:
-                yield item
-                self.update(1)
-        finally:
-            self.close()
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()  # work that stops on an error gets no closing line: the error is the last line
 
     def __enter__(self) -> "LineProgress":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, *exc) -> None:
+        if kind is None:
+            self.close()
 
     def update(self, n: int = 1) -> None:
         self.n += n

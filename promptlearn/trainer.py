@@ -312,8 +312,7 @@ class Trainer:
             method.load_trainable_state(last_done["state"], checkpoint)  # no step after the bad one is kept
             save(last_done)  # the last good state, whatever checkpoint_every is
             raise
-        finally:
-            shown.close()
+        shown.close()
         if epochs == 0 or start == epochs:
             save(last_done)
         return {"epochs": epochs, "train_seconds": last_done["train_seconds"], "history": history}

@@ -50,6 +50,14 @@ def test_plain_lines_come_at_most_once_per_interval(monkeypatch):
     assert log_interval() == LOG_INTERVAL_S
 
 
+def test_work_stopped_by_an_error_gets_no_closing_line():
+    log = io.StringIO()
+    with pytest.raises(ValueError):
+        for _ in progress(range(3), desc="work", stream=log):
+            raise ValueError("an unreadable image")
+    assert log.getvalue() == ""  # the error is the log's last line, not "work: 0/3 it in 0.0 s"
+
+
 def test_quiet_silences_bars_and_lines_whatever_tqdm_read_at_import(quiet_off):
     set_quiet(True)
     for stream in (Terminal(), io.StringIO()):
