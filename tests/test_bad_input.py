@@ -117,7 +117,7 @@ def _subprocess_cases(base: Path) -> dict[str, tuple[list[str], Path | None]]:
 
 SUBPROCESS_ERRORS = {
     "unknown key": r"error: command line: unknown config key 'train\.epoch'; did you mean 'train\.epochs'\?",
-    "corrupt image": r"error: image \S+/test/shirt/truncated\.png cannot be read \(OSError: .*truncated.*\); it may be "
+    "corrupt image": r"error: image \S+/test/shirt/truncated\.png cannot be read \(OSError: .*[Tt]runcated.*\); it may be "
                      r"corrupt, truncated or not an image\. Remove it or set data\.skip_bad_images=true",
     "empty class folder": r"error: class folder \S+/train/tulip holds no images; add the images of class 'tulip' .*",
     "long class name": rf"error: the prompt 'a photo of a {LONG_NAME}, a type of clothing\.' is \d+ tokens, more "
