@@ -7,6 +7,9 @@ import importlib.util
 import logging
 import math
 import os
+import socket
+import urllib.parse
+import urllib.request
 import warnings
 import zipfile
 from pathlib import Path
@@ -221,12 +224,55 @@ def model_problem(name: str) -> str | None:
     return f"unknown open_clip model {name!r}{hint} See every name with: promptlearn list models"
 
 
+HUB_PROBE_TIMEOUT_S = 5.0  # one connection attempt: a reachable hub answers well within it
+
+
+@functools.lru_cache(maxsize=None)
+def unreachable(url: str) -> str | None:
+    """Why `url`'s host (or the proxy the environment sets for it) takes no connection, or None: one attempt,
+    no retries, once a process."""
+    parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except (OSError, ValueError) as e:
+        return str(e) or type(e).__name__
+    return None
+
+
+def download_problem(cfg: BackboneConfig) -> str | None:
+    """Why the weights of an open_clip tag can be neither read from the local cache nor downloaded (the hub
+    is unreachable, or HF_HUB_OFFLINE is set), or None. Found before open_clip tries, so that no download
+    is retried (about 45 s and dozens of warnings)."""
+    tag = cfg.pretrained.strip()
+    if tag not in open_clip.list_pretrained_tags_by_model(cfg.model) or weights_cached(cfg.model, tag, cfg.cache_dir):
+        return None  # random weights, a file, or weights already at hand
+    from huggingface_hub import constants  # an open_clip dependency
+
+    if constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set"
+    else:
+        reason = unreachable(constants.ENDPOINT)
+        if reason is None:
+            return None
+        why = f"the Hugging Face hub ({constants.ENDPOINT}) cannot be reached ({reason})"
+    where = cfg.cache_dir or constants.HF_HUB_CACHE
+    return (f"backbone {cfg.model} pretrained={tag}: its weights are not in the cache ({where}) and {why}. Pass "
+            "a checkpoint file with --pretrained PATH, point backbone.cache_dir or HF_HOME at a cache that holds "
+            "them (HF_HUB_OFFLINE=1 then skips the network), or use --pretrained none (random weights)")
+
+
 def backbone_problems(cfg: BackboneConfig) -> list[str]:
-    """What can be checked of the backbone setting before anything loads: model name, weights tag, device."""
+    """What can be checked of the backbone setting before anything loads: model name, weights tag (and that
+    they can be had), device."""
     problem = model_problem(cfg.model)
     if problem:
         return [problem]
-    problems = [p for p in [pretrained_problem(cfg.model, cfg.pretrained), transformers_problem(cfg.model)] if p]
+    problems = [p for p in [pretrained_problem(cfg.model, cfg.pretrained) or download_problem(cfg),
+                            transformers_problem(cfg.model)] if p]
     try:
         resolve_device(cfg.device)
     except PromptlearnError as e:
@@ -239,7 +285,7 @@ def _resolve_pretrained(cfg: BackboneConfig) -> str | None:
     if is_random_init(tag):
         log.warning(RANDOM_WEIGHTS_WARNING.format(model=cfg.model))
         return None
-    problem = pretrained_problem(cfg.model, tag)
+    problem = pretrained_problem(cfg.model, tag) or download_problem(cfg)
     if problem:
         raise PromptlearnError(problem)
     return str(Path(tag).expanduser()) if Path(tag).expanduser().is_file() else tag

@@ -12,9 +12,11 @@ is left out.
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -40,6 +42,7 @@ from promptlearn.data.transforms import eval_transform, train_transform
 from promptlearn.errors import ConfigError
 from promptlearn.features import EpochFeatures, SplitFeatures, batch_order, extract_features, steps_per_epoch
 from promptlearn.methods.coop import CoOp
+from promptlearn.progress import set_quiet
 from promptlearn.trainer import Trainer, build_optimizer, grad_scaler, lr_factor, optimizer_step
 
 SEED = 1
@@ -369,20 +372,25 @@ def other_processes_share(before, after) -> float | None:
     return max(0.0, (busy - own) / total) if total > 0 else None
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
+
+
+def measuring_child(parent: int) -> None:
+    """Set up a measuring process: it ends with the benchmark (SIGKILL when the parent dies, on Linux; a
+    parent already gone ends it now) and shows no progress, which would interleave with the benchmark's."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+    set_quiet(True)
+
+
 def in_own_process(fn: Callable, *args):
     """fn(*args) in a fresh process (spawned: safe with CUDA), so its peak memory is its own. The process is
-    not a daemon, so its data loaders may start workers of their own. Its progress bars are off: they would
-    interleave with the benchmark's own output."""
-    saved = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # read by tqdm when the child imports it
-    try:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return pool.submit(fn, *args).result()
-    finally:
-        if saved is None:
-            del os.environ["TQDM_DISABLE"]
-        else:
-            os.environ["TQDM_DISABLE"] = saved
+    not a daemon, so its data loaders may start workers of their own; it ends with the benchmark."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=measuring_child,
+                             initargs=(os.getpid(),)) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def ratio(reference: dict | None, ours: dict, key: str) -> float | None:

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Callable
 
-from promptlearn.config import RunConfig, dump_yaml, load_config
+from promptlearn.config import BackboneConfig, DataConfig, RunConfig, dump_yaml, load_config
 from promptlearn.errors import PromptlearnError, error_line
+from promptlearn.progress import set_quiet
 
 # flag -> config key
 FLAG_KEYS = {"data_root": "data.root", "shots": "data.shots", "seed": "data.seed", "epochs": "train.epochs",
@@ -23,21 +23,41 @@ def dataset_config(name: str) -> tuple[list[str], list[str]]:
     return [], [f"data.name={name}"]
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help ends with its default, unless the help names it already; a flag (False) or an unset
+    option (None: the config decides, and its help says what the config's default is) has none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, []) or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    backbone, data = BackboneConfig(), DataConfig()
     parser.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
                         help="YAML defaults (repeatable; later files win)")
-    parser.add_argument("--dataset", metavar="NAME|FILE.yaml", help="dataset name or dataset YAML")
-    parser.add_argument("--data-root", metavar="DIR", help="folder holding the CoOp dataset folders")
-    parser.add_argument("--shots", type=int, metavar="K")
-    parser.add_argument("--seed", type=int, metavar="S")
-    parser.add_argument("--epochs", type=int, metavar="N")
-    parser.add_argument("--model", metavar="NAME", help="open_clip model name")
-    parser.add_argument("--pretrained", metavar="TAG|PATH|none")
-    parser.add_argument("--device", metavar="D", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--output-dir", metavar="DIR")
+    parser.add_argument("--dataset", metavar="NAME|FILE.yaml",
+                        help=f"dataset name or dataset YAML (default: data.name, {data.name})")
+    parser.add_argument("--data-root", metavar="DIR",
+                        help=f"folder holding the CoOp dataset folders (default: data.root, {data.root})")
+    parser.add_argument("--shots", type=int, metavar="K", help=f"images per class (default: data.shots, {data.shots})")
+    parser.add_argument("--seed", type=int, metavar="S", help=f"the few-shot draw's seed (default: data.seed, "
+                                                             f"{data.seed})")
+    parser.add_argument("--epochs", type=int, metavar="N",
+                        help="training epochs (default: train.epochs, unset: the protocol's for the shot count)")
+    parser.add_argument("--model", metavar="NAME",
+                        help=f"open_clip model name (default: backbone.model, {backbone.model})")
+    parser.add_argument("--pretrained", metavar="TAG|PATH|none",
+                        help=f"open_clip weights tag, a checkpoint path, or none for random weights (default: "
+                             f"backbone.pretrained, {backbone.pretrained}: downloaded from the Hugging Face hub once)")
+    parser.add_argument("--device", metavar="D",
+                        help=f"auto, cpu, cuda or cuda:N (default: backbone.device, {backbone.device})")
+    parser.add_argument("--output-dir", metavar="DIR", help=f"the run folder (default: output_dir, "
+                                                            f"{RunConfig.output_dir})")
     parser.add_argument("--log-to", metavar="tensorboard|wandb",
                         help="also log to TensorBoard and/or Weights & Biases (comma-separated; key log_to; "
-                             "pip install 'promptlearn[tensorboard]' or '[wandb]')")
+                             "pip install 'promptlearn[tensorboard]' or '[wandb]'; default: none)")
     parser.add_argument("--print-config", action="store_true", help="print the merged config as YAML and exit")
     add_console_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=0.01")
@@ -51,8 +71,8 @@ def add_console_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def setup_logging(verbose: int = 0, quiet: int = 0) -> None:
-    """The console shows WARNING and above plus tqdm bars; -v adds INFO (-vv DEBUG), -q keeps errors only
-    and hides the bars. A run's log.txt records INFO whatever the console shows (runner.log_to_file)."""
+    """The console shows WARNING and above plus the progress displays; -v adds INFO (-vv DEBUG), -q keeps
+    errors only and hides the displays. A run's log.txt records INFO whatever the console shows (runner.log_to_file)."""
     level = logging.ERROR if quiet else {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     root = logging.getLogger()
     for handler in [h for h in root.handlers if getattr(h, "promptlearn_console", False)]:
@@ -63,8 +83,7 @@ def setup_logging(verbose: int = 0, quiet: int = 0) -> None:
     console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     root.addHandler(console)
     root.setLevel(min(level, logging.WARNING))
-    if quiet:
-        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads its defaults from TQDM_* variables
+    set_quiet(bool(quiet))
 
 
 def prepare_run(args: argparse.Namespace) -> RunConfig | None:

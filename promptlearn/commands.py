@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import textwrap
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
-from promptlearn.cli import add_console_arguments, add_run_arguments, prepare_run, run_tool, setup_logging
+from promptlearn.cli import DefaultsHelp, add_console_arguments, add_run_arguments, prepare_run, run_tool, setup_logging
 from promptlearn.errors import ConfigError, unknown_name_message
 
 
@@ -226,6 +228,8 @@ def add_list_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--filter", metavar="TEXT", help="models: only names containing TEXT")
     parser.add_argument("--parameters", action="store_true",
                         help="models: count each model's parameters (builds it on the meta device, ~0.5 s each)")
+    parser.add_argument("--wide", action="store_true",
+                        help="one line per row, however long (default: cells wrapped to the terminal's width)")
 
 
 def listing(args: argparse.Namespace) -> int:
@@ -237,7 +241,7 @@ def listing(args: argparse.Namespace) -> int:
         return 0
     rows = {"methods": method_rows, "datasets": dataset_rows, "protocols": protocol_rows,
             "models": model_rows}[args.what](args)
-    print(format_table(rows))
+    print(format_table(rows, width=None if args.wide else shutil.get_terminal_size((LIST_WIDTH, 24)).columns))
     return 0
 
 
@@ -289,14 +293,34 @@ def model_rows(args: argparse.Namespace) -> list[dict]:
              "weights in the local cache": ", ".join(r["cached_tags"]) or "-"} for r in rows]
 
 
-def format_table(rows: list[dict]) -> str:
+LIST_WIDTH = 100  # characters a listing fills where stdout is not a terminal (COLUMNS sets another)
+NARROWEST_COLUMN = 8
+
+
+def format_table(rows: list[dict], width: int | None = None) -> str:
+    """Rows as aligned columns; with `width`, cells are wrapped so that no line is longer, a row's continuation
+    lines below it. The first column (the name) is kept whole; of the others the widest gives way first, at
+    spaces while it can, then within words (down to NARROWEST_COLUMN characters)."""
     if not rows:
         return "(nothing to list)"
     columns = list(rows[0])
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
-    lines = ["  ".join(c.ljust(widths[c]) for c in columns).rstrip(), "  ".join("-" * widths[c] for c in columns)]
-    lines += ["  ".join(r[c].ljust(widths[c]) for c in columns).rstrip() for r in rows]
-    return "\n".join(lines)
+    longest_word = {c: max(len(w) for r in [dict(zip(columns, columns)), *rows] for w in r[c].split() or [""])
+                    for c in columns}
+    while width and sum(widths.values()) + 2 * (len(columns) - 1) > width:
+        wrappable = [c for c in columns[1:] if widths[c] > longest_word[c]] or \
+            [c for c in columns[1:] if widths[c] > NARROWEST_COLUMN]
+        if not wrappable:
+            break
+        widths[max(wrappable, key=widths.get)] -= 1
+
+    def lines_of(cells: dict) -> list[str]:
+        wrapped = {c: textwrap.wrap(cells[c], widths[c], break_on_hyphens=False) or [""] for c in columns}
+        return ["  ".join((wrapped[c][i] if i < len(wrapped[c]) else "").ljust(widths[c]) for c in columns).rstrip()
+                for i in range(max(map(len, wrapped.values())))]
+
+    return "\n".join([*lines_of({c: c for c in columns}), "  ".join("-" * widths[c] for c in columns),
+                      *(line for r in rows for line in lines_of(r))])
 
 
 def add_full_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -377,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         raise ConfigError(unknown_name_message("command", name, COMMANDS))
     command = COMMANDS[name]
-    parser = argparse.ArgumentParser(prog=f"promptlearn {name}", description=command.help)
+    parser = argparse.ArgumentParser(prog=f"promptlearn {name}", description=command.help, formatter_class=DefaultsHelp)
     command.add_arguments(parser)
     return command.run(parser.parse_intermixed_args(rest))  # flags and key=value in any order
 

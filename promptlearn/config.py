@@ -21,7 +21,7 @@ from promptlearn.errors import ConfigError, nearest
 from promptlearn.registry import Registry
 
 # method config sections: name -> dataclass (defaults); a section may define problems() -> list[str]
-SECTIONS: Registry[type] = Registry("config section")
+SECTIONS: Registry[type] = Registry("config section", filled_by="promptlearn.methods")
 
 
 def register_section(name: str, cls: type) -> type:
@@ -300,7 +300,7 @@ def build_config(layers: list[tuple[str, dict[str, Any]]], base: RunConfig | Non
     cfg = base or RunConfig()
     for source, flat in layers:
         apply(cfg, flat, source, extra)
-    recipe = {k: v for k, v in PROTOCOL_RECIPES.get(cfg.protocol, {}).items() if k not in given_keys(cfg)}
+    recipe = {k: v for k, v in protocol_recipe(cfg.protocol).items() if k not in given_keys(cfg)}
     apply(cfg, recipe, f"protocol {cfg.protocol}'s recipe")
     given_keys(cfg).difference_update(recipe)  # still defaults: a later protocol's recipe may replace them
     validate(cfg)
@@ -309,7 +309,12 @@ def build_config(layers: list[tuple[str, dict[str, Any]]], base: RunConfig | Non
 
 # protocol name -> {dotted key: value}: the settings its papers ran (promptlearn.protocols registers them),
 # taking effect for every key no YAML file or override sets
-PROTOCOL_RECIPES: dict[str, dict[str, Any]] = {}
+PROTOCOL_RECIPES: Registry[dict[str, Any]] = Registry("protocol recipe", filled_by="promptlearn.protocols")
+
+
+def protocol_recipe(protocol: str) -> dict[str, Any]:
+    """The protocol's recipe; none for an unknown name (validate names it)."""
+    return PROTOCOL_RECIPES[protocol] if protocol in PROTOCOL_RECIPES else {}
 
 
 def given_keys(cfg: RunConfig) -> set[str]:

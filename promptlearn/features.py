@@ -69,7 +69,8 @@ def extract_features(backbone: FrozenCLIP, items: list[Item], transform, *, batc
     rows = range(distributed.rank(), len(items), distributed.world_size()) if share else None
     loader = image_loader(ImageItems(items, transform, aug_seed, rows), batch_size, num_workers, backbone.device)
     features, norms, indices, skipped = [], [], [], []
-    for images, _, batch_indices, bad in progress(loader, desc=desc, leave=False):
+    shown = progress(loader, desc=desc, unit="batch", disable=not distributed.is_writer())  # one display a split
+    for images, _, batch_indices, bad in shown:
         if bad and not skip_bad:
             raise DataError(bad[0].message)
         skipped.extend(bad)

@@ -225,7 +225,7 @@ PROTOCOLS: Registry[Protocol] = Registry("protocol")
 
 def register_protocol(cls: type[Protocol]) -> type[Protocol]:
     PROTOCOLS.add(cls.name, cls())
-    PROTOCOL_RECIPES[cls.name] = dict(cls.recipe)
+    PROTOCOL_RECIPES.add(cls.name, dict(cls.recipe))
     return cls
 
 

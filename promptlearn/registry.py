@@ -1,10 +1,12 @@
 """A name -> object registry: methods, datasets, protocols and config sections each keep one.
 
-Registries fill when their package is imported (eager registration), so listing them, `--help` and
-third-party plug-ins (entry points) can rely on them.
+A registry fills at its first read by importing the module that registers the built-in entries (and the
+third-party plug-ins' entry points), so listing them, `--help` and plug-ins can rely on it, while a command
+that reads none (`promptlearn --help`) imports none of them, nor torch.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Generic, Iterator, TypeVar
 
 from promptlearn.errors import ConfigError, unknown_name_message
@@ -13,13 +15,21 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, error: type[Exception] = ConfigError):
-        self.kind, self.error, self._items = kind, error, {}
+    def __init__(self, kind: str, error: type[Exception] = ConfigError, filled_by: str | None = None):
+        self.kind, self.error, self._added = kind, error, {}
+        self._filled_by = filled_by  # the module whose import registers the entries, imported at the first read
+
+    @property
+    def _items(self) -> dict[str, T]:
+        if self._filled_by is not None:
+            module, self._filled_by = self._filled_by, None  # reads while it imports see what it has added
+            importlib.import_module(module)
+        return self._added
 
     def add(self, name: str, item: T) -> T:
-        if name in self._items:
+        if name in self._added:
             raise ValueError(f"{self.kind} {name!r} registered twice")
-        self._items[name] = item
+        self._added[name] = item
         return item
 
     def register(self, name: str) -> Callable[[T], T]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -13,6 +14,7 @@ from promptlearn.backbone import backbone_problems, load_backbone
 from promptlearn.config import RunConfig, dump_yaml, protocol_epochs, to_dict
 from promptlearn.data import DATASETS, build_dataset
 from promptlearn.data.fewshot import FewShotSplit, load_or_draw
+from promptlearn.data.loader import check_images
 from promptlearn.errors import ConfigError, PromptlearnError, error_line
 from promptlearn.features import FeatureBank, FeatureCache
 from promptlearn.io import RunLock, atomic_write_json, atomic_write_text, check_writable
@@ -33,6 +35,8 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
     check_run(cfg, eval_only, resume, overwrite)
     protocol = protocol_for(cfg)
     cfg.backbone.device = distributed.join_from_environment(cfg.backbone.device)
+    if resume and not eval_only and finished_with(cfg):
+        return finished_metrics(cfg)
     writer = distributed.is_writer()
     out = Path(cfg.output_dir)
     with RunLock(out) if writer else contextlib.nullcontext(), \
@@ -50,6 +54,8 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
         if not writer:
             drawn = few_shot_draw(cfg, everything, out, eval_only)
         dataset, fewshot = protocol.training_split(cfg, everything, drawn)
+        if not cfg.data.skip_bad_images:  # else each split's extraction skips and counts them
+            check_images([*fewshot.train, *fewshot.val, *(item for t in targets for item in t.dataset.test)])
         backbone = load_backbone(cfg.backbone)                                          # frozen backbone
         cache = FeatureCache.from_setting(cfg.cache_dir, cfg.cache_hash_content)
         bank = FeatureBank(backbone, dataset, fewshot, cache=cache, batch_size=cfg.data.eval_batch_size,
@@ -110,6 +116,22 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
         return metrics
 
 
+def finished_with(cfg: RunConfig) -> bool:
+    """The output folder holds a complete run of exactly this config: --resume has nothing left to do."""
+    saved = Path(cfg.output_dir) / "config.yaml"
+    return is_complete(cfg.output_dir) and saved.is_file() and saved.read_text(encoding="utf-8") == dump_yaml(cfg)
+
+
+def finished_metrics(cfg: RunConfig) -> dict:
+    """A complete run's results as it left them, its table printed again; nothing is loaded or computed."""
+    out = Path(cfg.output_dir)
+    log.info("%s holds this complete run: nothing to resume (--overwrite runs it again)", out)
+    if not distributed.is_writer():
+        return {}
+    print((out / "summary.md").read_text(encoding="utf-8"), end="")
+    return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+
+
 def run_info(cfg: RunConfig, backbone, clock: PhaseClock, bank: FeatureBank) -> dict:
     """The protocol, the environment, wall-clock per phase, feature extraction (images encoded and read from
     the cache, images per second) and peak memory (run_info.json)."""
@@ -156,9 +178,10 @@ def check_methods(cfg: RunConfig, eval_only: str | None) -> None:
 def check_not_finished(output_dir: str, eval_only: str | None, resume: bool, overwrite: bool) -> None:
     """A finished run is replaced only when asked (--overwrite), or reused (--resume)."""
     if is_complete(output_dir) and not resume and not overwrite:
-        raise ConfigError(f"{output_dir} holds a complete run; --resume evaluates its finished checkpoints again "
-                          "without training, a new --output-dir keeps it and starts another, --overwrite "
-                          "replaces it" + (" with this evaluation" if eval_only else " (training again)"))
+        raise ConfigError(f"{output_dir} holds a complete run; --resume shows its results (with a changed config: "
+                          "evaluates its finished checkpoints again without training), a new --output-dir keeps "
+                          "it and starts another, --overwrite replaces it"
+                          + (" with this evaluation" if eval_only else " (training again)"))
 
 
 def check_shots(cfg: RunConfig, dataset) -> None:

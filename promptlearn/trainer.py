@@ -27,7 +27,7 @@ from promptlearn.checkpoint import (
 from promptlearn.config import TrainConfig
 from promptlearn.errors import NonFinite, PromptlearnError
 from promptlearn.features import batch_order
-from promptlearn.progress import progress
+from promptlearn.progress import TrainingProgress
 
 if TYPE_CHECKING:
     from promptlearn.features import TrainingFeatures, TrainingImages
@@ -318,11 +318,13 @@ class Trainer:
                 save_checkpoint(checkpoint, state)
 
         last_done = snapshot(start)
+        shown = TrainingProgress(method.name, epochs, steps, start, disable=not distributed.is_writer())
         try:
             for epoch in range(start, epochs):
                 steps_left = None if cfg.max_steps is None else cfg.max_steps - epoch * steps
                 history.append(self._epoch(method, data, optimizer, scheduler, scaler, epoch, epochs, steps_left,
-                                           last_done["epoch"], graph))
+                                           last_done["epoch"], graph, shown))
+                shown.epoch_done(epoch + 1, history[-1]["loss"], history[-1]["accuracy"])
                 method.end_of_epoch(epoch + 1, epochs)
                 if self.on_epoch is not None:
                     self.on_epoch(method.name, history[-1])
@@ -341,12 +343,13 @@ class Trainer:
             method.load_trainable_state(last_done["state"], checkpoint)  # no step after the bad one is kept
             save(last_done)  # the last good state, whatever checkpoint_every is
             raise
+        shown.close()
         if epochs == 0 or start == epochs:
             save(last_done)
         return {"epochs": epochs, "train_seconds": last_done["train_seconds"], "history": history}
 
     def _epoch(self, method, data, optimizer, scheduler, scaler, epoch: int, epochs: int, steps_left: int | None,
-               checkpoint_epoch: int, graph: StepGraph | None) -> dict:
+               checkpoint_epoch: int, graph: StepGraph | None, shown: TrainingProgress) -> dict:
         """One epoch, ended after `steps_left` steps if that comes first (train.max_steps). Under torchrun each
         rank takes its share of every global batch and the gradients are averaged over the ranks
         (apply_gradients), so the ranks stay equal to one process with that batch. Losses and hits stay on the
@@ -356,10 +359,8 @@ class Trainer:
         totals, names = EpochTotals(method.device), []
         batches = islice(data.batches(epoch, self.cfg.batch_size, self.seed, method.device, self.cfg.drop_last),
                          steps_left)
-        bar = progress(batches, desc=f"{method.name} epoch {epoch + 1}/{epochs}", leave=False,
-                       disable=not distributed.is_writer())
 
-        def read() -> tuple[list[float], float]:
+        def read(steps_done: int) -> tuple[list[float], float]:
             losses, accuracy, bad_step, bad_loss = totals.read()
             if bad_step:  # the same on every rank (the values are summed over the ranks): all stop together
                 advice = (f"Try a lower {method.lr_key} or backbone.precision=fp32." if epoch or bad_step > 1 else
@@ -369,11 +370,11 @@ class Trainer:
                     f"{method.name}: the loss became {bad_loss} at epoch {epoch + 1}, step {bad_step}; training "
                     f"stopped and the parameters went back to the state after epoch {checkpoint_epoch}, which the "
                     f"checkpoint keeps. {advice}")
-            bar.set_postfix(loss=f"{sum(losses):.3f}", acc=f"{accuracy:.1f}",
-                            lr=f"{optimizer.param_groups[0]['lr']:.1e}")
+            shown.show(epoch + 1, steps_done, sum(losses), accuracy)
             return losses, accuracy
 
-        for step, (x, y, n) in enumerate(bar):  # this rank's share of a global batch of n images
+        step = -1
+        for step, (x, y, n) in enumerate(batches):  # this rank's share of a global batch of n images
             # weighted so that the gradients averaged over the ranks are those of the global batch's mean loss
             # (the weight is exactly 1 in one process)
             weight = len(y) * world / n
@@ -387,8 +388,9 @@ class Trainer:
                 scheduler.step()
             totals.add(values, n, step)
             if (step + 1) % sync_every == 0:
-                read()
-        losses, accuracy = read()
+                read(step + 1)
+            shown.step()
+        losses, accuracy = read(step + 1)
         method.eval()
         parts = dict(zip(names, losses)) if len(losses) > 1 else {}
         return {"epoch": epoch + 1, "loss": sum(losses), "accuracy": accuracy,

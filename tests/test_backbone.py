@@ -4,6 +4,7 @@ import pytest
 import torch
 from helpers import FAMILIES, tiny_backbone
 
+from promptlearn import backbone as backbone_module
 from promptlearn.backbone import FrozenCLIP, load_backbone
 from promptlearn.config import BackboneConfig
 from promptlearn.errors import PromptlearnError
@@ -75,6 +76,7 @@ def test_failed_download_says_what_to_do(monkeypatch):
         raise RuntimeError("Failed to download weights for tag 'openai': connection refused")
 
     monkeypatch.setattr(open_clip, "create_model_and_transforms", offline)
+    monkeypatch.setattr(backbone_module, "download_problem", lambda cfg: None)  # the hub answered, the download failed
     with pytest.raises(PromptlearnError, match="--pretrained PATH.*cache_dir.*--pretrained none"):
         load_backbone(BackboneConfig(model="RN50", pretrained="openai", device="cpu"))
 

@@ -119,7 +119,7 @@ def _subprocess_cases(base: Path) -> dict[str, tuple[list[str], Path | None]]:
 
 SUBPROCESS_ERRORS = {
     "unknown key": r"error: command line: unknown config key 'train\.epoch'; did you mean 'train\.epochs'\?",
-    "corrupt image": r"error: image \S+/test/shirt/truncated\.png cannot be read \(OSError: .*truncated.*\); it may be "
+    "corrupt image": r"error: image \S+/test/shirt/truncated\.png cannot be read \(OSError: .*[Tt]runcated.*\); it may be "
                      r"corrupt, truncated or not an image\. Remove it or set data\.skip_bad_images=true",
     "empty class folder": r"error: class folder \S+/train/tulip holds no images; add the images of class 'tulip' .*",
     "long class name": rf"error: the prompt 'a photo of a {LONG_NAME}, a type of clothing\.' is \d+ tokens, more "
@@ -225,6 +225,21 @@ def test_unreadable_image_is_named(tmp_path, name):
         load_image(str(path))
     bad = ImageItems([Item(str(path), 0, "x")], transform=lambda img: img)[0]  # a record, not a crash in a worker
     assert isinstance(bad, BadImage) and name in bad.message
+
+
+def test_a_corrupt_test_image_stops_the_run_before_anything_loads(tmp_path, monkeypatch):
+    root = split_folder(tmp_path / "data", ["coat", "shirt"], train=2, test=3)
+    (root / "test" / "coat" / "corrupt.png").write_bytes(BAD_FILES["corrupt.png"][0])
+    (root / "test" / "shirt" / "truncated.jpg").write_bytes(BAD_FILES["truncated.jpg"][0])
+
+    def nothing_loads(*args):
+        raise AssertionError("the backbone loaded: images are checked first")
+
+    monkeypatch.setattr("promptlearn.runner.load_backbone", nothing_loads)
+    cfg = quick_config(tmp_path, f"data.path={root}", "data.shots=2", "methods=[linear_probe,zeroshot]")
+    with pytest.raises(DataError, match=r"image \S+/test/coat/corrupt\.png cannot be read \(SyntaxError: broken PNG"
+                                        r".* \(1 more images cannot be read\)$"):
+        run_experiment(cfg)
 
 
 def test_bad_images_are_skipped_and_counted_when_asked(tmp_path, caplog):

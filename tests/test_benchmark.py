@@ -3,8 +3,11 @@ the same logits at the same context. Timings are machine facts, not asserted."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,3 +78,46 @@ def test_the_full_run_benchmark_runs_coop_on_an_imagenet_layout_with_the_real_na
     assert result["total_steps"] == 3  # 32 training images: one batch of 32 per epoch
     assert result["run_info"]["environment"]["precision"] == "fp32" and result["run_wall_s"] > 0
     assert result["speedup"] == 1e4 / result["run_wall_s"] and result["max_logit_diff"] == 1e-6
+
+
+def children(parent: int, marker: str) -> list[int]:
+    """Live processes whose parent is `parent` and whose command line holds `marker` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == parent and fields[0] != "Z" and marker in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
+@pytest.mark.subprocess
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_benchmark_takes_its_measuring_process_with_it():
+    parent = subprocess.Popen([sys.executable, "-c", "import time; from promptlearn.benchmark import in_own_process; "
+                               "in_own_process(time.sleep, 600)"], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 600  # hang guards only: imports on a busy machine take a while
+        while not (measuring := children(parent.pid, "spawn_main")):
+            assert parent.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 120
+    while alive(measuring[0]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    ended = not alive(measuring[0])
+    if not ended:
+        os.kill(measuring[0], signal.SIGKILL)
+    assert ended

@@ -26,11 +26,11 @@ def quickstart_args(out: Path) -> list[str]:
 
 
 def test_list_methods_and_datasets(capsys):
-    main(["list", "methods"])
+    main(["list", "methods", "--wide"])
     methods = capsys.readouterr().out
     assert all(f"\n{name} " in methods for name in METHODS)
     assert "eval from checkpoint" in methods.split("\ncoop ")[1].splitlines()[0]
-    main(["list", "datasets"])
+    main(["list", "datasets", "--wide"])
     datasets = capsys.readouterr().out
     dtd = next(line for line in datasets.splitlines() if line.startswith("dtd "))
     assert "{} texture." in dtd and "dtd/images/" in dtd
@@ -38,7 +38,7 @@ def test_list_methods_and_datasets(capsys):
 
 
 def test_list_protocols(capsys):
-    main(["list", "protocols"])
+    main(["list", "protocols", "--wide"])
     protocols = capsys.readouterr().out
     assert "base2novel" in protocols and "ceil(n/2)" in protocols
     assert "imagenet_v2, imagenet_sketch, imagenet_a, imagenet_r" in protocols.split("domain_generalization")[1]
@@ -48,6 +48,26 @@ def test_list_models_shows_widths_and_tags(capsys):
     main(["list", "models", "--filter", "RN50", "--parameters"])
     rn50 = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("RN50 "))
     assert "1024" in rn50 and "openai" in rn50 and " 102." in rn50  # RN50 CLIP: 102.0M parameters
+
+
+def test_promptlearn_help_imports_neither_torch_nor_the_registries():
+    code = ("import sys; from promptlearn.commands import main; main(['--help']); "
+            "print(sorted(m for m in ('torch', 'open_clip', 'sklearn', 'promptlearn.methods') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, check=True)
+    usage, imported = proc.stdout.rstrip().rsplit("\n", 1)
+    assert "promptlearn COMMAND" in usage and imported == "[]"
+
+
+def test_list_models_fits_a_terminal_unless_wide(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")  # what a listing fills where stdout is not a terminal
+    main(["list", "models"])
+    listed = capsys.readouterr().out.splitlines()
+    assert max(map(len, listed)) <= 100
+    rn50 = listed.index(next(line for line in listed if line.startswith("RN50 ")))
+    assert "yfcc15m" in " ".join(listed[rn50:rn50 + 3])  # its tags wrapped below it, none dropped
+    main(["list", "models", "--wide"])
+    wide = capsys.readouterr().out.splitlines()
+    assert max(map(len, wide)) > 100 and "yfcc15m" in next(line for line in wide if line.startswith("RN50 "))
 
 
 def test_unknown_command_names_the_nearest():

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -35,9 +36,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TRAIN_COOP = REPO / "tools" / "train_coop.py"
 
 
-def tool(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, str(TRAIN_COOP), *args], cwd=cwd, capture_output=True, text=True, env=env)
+def tool(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, str(TRAIN_COOP), *args], cwd=cwd, capture_output=True, text=True, env=env,
+                          timeout=1800)  # a hang guard only
 
 
 # ----------------------------------------------------------------------------- checked before anything loads
@@ -60,6 +62,27 @@ def test_unknown_weights_tag_is_refused_before_anything_loads(tmp_path):
     cfg = quick_config(tmp_path, "data.path=/no/such/data", "backbone.model=RN50", "backbone.pretrained=opneai")
     with pytest.raises(ConfigError, match=r"'opneai' is not an open_clip pretrained tag for RN50. Known tags: openai"):
         run_experiment(cfg)
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("offline", [{"HF_ENDPOINT": "closed port"}, {"HF_HUB_OFFLINE": "1"}])
+def test_the_default_weights_without_a_hub_are_one_error_line_and_no_retries(tmp_path, offline):
+    env = {"HF_HOME": str(tmp_path / "hf"), **offline}
+    env["HF_ENDPOINT"] = f"http://127.0.0.1:{closed_port()}" if "HF_ENDPOINT" in offline else ""
+    proc = tool("--config", str(QUICKSTART), "--model", "RN50", "--pretrained", "openai",
+                "--output-dir", str(tmp_path / "run"), env={k: v for k, v in env.items() if v})
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert proc.stderr.startswith("error: backbone RN50 pretrained=openai: its weights are not in the cache")
+    assert ("cannot be reached" if "HF_ENDPOINT" in offline else "HF_HUB_OFFLINE is set") in proc.stderr
+    for remedy in ("--pretrained PATH", "backbone.cache_dir or HF_HOME", "--pretrained none"):
+        assert remedy in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_unknown_model_shows_the_nearest_names_not_all_of_them(tmp_path):
@@ -93,10 +116,24 @@ def test_more_shots_than_any_class_has_is_refused(tmp_path):
 def test_a_complete_run_is_not_replaced_unasked(tmp_path):
     cfg = quick_config(tmp_path, "methods=[zeroshot]")
     first = run_experiment(cfg)
-    with pytest.raises(ConfigError, match=r"holds a complete run; --resume .* a new --output-dir .* --overwrite replaces"):
+    with pytest.raises(ConfigError, match=r"holds a complete run; --resume shows its results .* a new --output-dir .* --overwrite replaces"):
         run_experiment(cfg)
     assert run_experiment(cfg, overwrite=True)["zeroshot"]["accuracy"] == first["zeroshot"]["accuracy"]
     assert run_experiment(cfg, resume=True)["zeroshot"]["accuracy"] == first["zeroshot"]["accuracy"]
+
+
+def test_resuming_a_complete_run_redoes_nothing(tmp_path, monkeypatch, capsys):
+    cfg = quick_config(tmp_path, "methods=[linear_probe,coop]", "train.epochs=2")
+    first = run_experiment(cfg)
+    table = (tmp_path / "run" / "summary.md").read_text()
+    assert capsys.readouterr().out.startswith(table.rstrip())
+
+    def nothing_loads(*args):
+        raise AssertionError("--resume of a complete run loaded the backbone")
+
+    monkeypatch.setattr("promptlearn.runner.load_backbone", nothing_loads)
+    assert run_experiment(cfg, resume=True) == json.loads(json.dumps(first))
+    assert capsys.readouterr().out == table
 
 
 # ----------------------------------------------------------------------------- data
@@ -243,15 +280,31 @@ def test_resume_refusal_says_that_a_rerun_without_resume_starts_over(tmp_path):
 # ----------------------------------------------------------------------------- console and docs
 
 @pytest.mark.subprocess
-def test_console_shows_warnings_and_bars_while_log_txt_keeps_everything(tmp_path):
+def test_a_log_file_gets_one_line_per_epoch_and_no_bars_while_log_txt_keeps_everything(tmp_path):
+    """stderr to a pipe, as in a SLURM task log or nohup: plain lines that carry the numbers, no '\\r'."""
     out = tmp_path / "run"
-    proc = tool("--config", str(QUICKSTART), "--epochs", "2", "--output-dir", str(out),
-                f"cache_dir={tmp_path / 'cache'}", "methods=[coop]")
+    proc = tool("--config", str(QUICKSTART), "--epochs", "3", "--output-dir", str(out),
+                f"cache_dir={tmp_path / 'cache'}", "methods=[linear_probe,coop]")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "\r" not in proc.stderr and "it/s" not in proc.stderr
     assert not [line for line in proc.stderr.splitlines() if line.startswith("INFO")]
     assert "RANDOM weights" in proc.stderr  # warnings still show
+    epochs = [line for line in proc.stderr.splitlines() if line.startswith("coop epoch")]
+    assert [line.split(":")[0] for line in epochs] == ["coop epoch 1/3", "coop epoch 2/3", "coop epoch 3/3"]
+    assert all(re.search(r": loss \d+\.\d{4}, train accuracy \d+\.\d\d%$", line) for line in epochs), epochs
+    assert re.search(r"^coop: 15/15 step in \d+\.\d s$", proc.stderr, re.M)  # the display's closing line
+    assert re.search(r"^train features: \d+/\d+ batch in ", proc.stderr, re.M)
     log = (out / "log.txt").read_text()
-    assert "coop epoch 2/2" in log and "INFO root: " in log  # open_clip's INFO lines go to the file
+    assert "coop epoch 3/3" in log and "INFO root: " in log  # open_clip's INFO lines go to the file
+
+
+@pytest.mark.subprocess
+def test_quiet_shows_no_progress_at_all(tmp_path):
+    proc = tool("--config", str(QUICKSTART), "--epochs", "2", "--output-dir", str(tmp_path / "run"),
+                "cache_dir=none", "methods=[coop]", "-q")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr == ""
+    assert "| coop" in proc.stdout  # the results table is output, not progress
 
 
 def test_verbosity_flags_set_the_console_level():
@@ -260,7 +313,6 @@ def test_verbosity_flags_set_the_console_level():
     for name, verbose, quiet in [("default", 0, 0), ("-v", 1, 0), ("-vv", 2, 0), ("-q", 0, 1)]:
         setup_logging(verbose, quiet)
         levels[name] = [h.level for h in root.handlers if getattr(h, "promptlearn_console", False)]
-    os.environ.pop("TQDM_DISABLE", None)
     setup_logging()
     assert levels == {"default": [logging.WARNING], "-v": [logging.INFO], "-vv": [logging.DEBUG], "-q": [logging.ERROR]}
 
@@ -278,6 +330,11 @@ def test_print_config_prints_the_merged_yaml_and_runs_nothing(tmp_path, capsys):
     helped = capsys.readouterr().out
     for flag in ("--print-config", "--overwrite", "--verbose", "--quiet"):
         assert flag in helped
+    helped = " ".join(helped.split())  # argparse wraps the help to the terminal's width
+    assert "(default: backbone.model, RN50)" in helped and "(default: backbone.pretrained, openai:" in helped
+    with pytest.raises(SystemExit):
+        promptlearn_main(["benchmark-methods", "--help"])
+    assert "measured steps after one warm-up (default: 3)" in " ".join(capsys.readouterr().out.split())
     setup_logging()
 
 

@@ -19,7 +19,7 @@ from promptlearn.checkpoint import DamagedCheckpoint, load_checkpoint, save_chec
 from promptlearn.errors import CheckpointError, PromptlearnError
 from promptlearn.features import FeatureCache, SplitFeatures
 from promptlearn.io import RunLock, check_writable
-from promptlearn.runner import is_complete, run_experiment
+from promptlearn.runner import COMPLETE_MARKER, is_complete, run_experiment
 
 EPOCHS = 80  # ~0.02 s an epoch on the sample: long enough to kill a run in the middle of training
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -187,6 +187,7 @@ def test_truncated_checkpoint_is_set_aside_and_training_starts_again(five_epochs
     checkpoint = tmp_path / "run" / "coop" / "checkpoint.pt"
     data = checkpoint.read_bytes()
     checkpoint.write_bytes(data[:len(data) // 2])
+    (tmp_path / "run" / COMPLETE_MARKER).unlink()  # stopped before its end: --resume of a complete run redoes nothing
     run_experiment(cfg, resume=True)
     assert "starts again from epoch 0" in caplog.text
     assert checkpoint.with_name("checkpoint.pt.damaged").read_bytes() == data[:len(data) // 2]

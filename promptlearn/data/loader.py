@@ -1,9 +1,11 @@
 """Image loading in DataLoader workers, with every odd image mode converted and bad files named."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,15 +19,14 @@ from promptlearn.errors import DataError
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
-def load_image(path: str) -> Image.Image:
-    """Open any image as RGB. Raises DataError naming the file when it cannot be read."""
+@contextlib.contextmanager
+def named_image_errors(path: str):
+    """Any failure to read the image at `path` inside it becomes a DataError naming the file and the way out."""
     try:
         with warnings.catch_warnings():
             # Pillow only warns below twice its pixel limit; treat every oversized image as a bomb
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                return to_rgb(img)
+            yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DataError(f"image {path} is too large to decode safely ({e}); resize it or remove it") from None
     except FileNotFoundError:
@@ -33,6 +34,38 @@ def load_image(path: str) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"image {path} cannot be read ({type(e).__name__}: {e}); it may be corrupt, "
                         "truncated or not an image. Remove it or set data.skip_bad_images=true") from None
+
+
+def load_image(path: str) -> Image.Image:
+    """Open any image as RGB. Raises DataError naming the file when it cannot be read."""
+    with named_image_errors(path), Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
+def header_problem(path: str) -> str | None:
+    """Why the image at `path` cannot be read, as far as its header and Pillow's verify() (no decode) tell,
+    or None."""
+    try:
+        with named_image_errors(path), Image.open(path) as img:
+            img.verify()
+    except DataError as e:
+        return str(e)
+    return None
+
+
+HEADER_READERS = 8  # threads reading headers: the time goes on waiting for the files, not on the CPU
+
+
+def check_images(items: list[Item]) -> None:
+    """Every image's header, before any of them is decoded: the first unreadable one (in the items' order)
+    stops the run as a DataError, with how many more there are."""
+    paths = list(dict.fromkeys(item.path for item in items))
+    with ThreadPoolExecutor(HEADER_READERS) as pool:
+        problems = [p for p in pool.map(header_problem, paths) if p]
+    if problems:
+        more = f" ({len(problems) - 1} more images cannot be read)" if len(problems) > 1 else ""
+        raise DataError(problems[0] + more)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

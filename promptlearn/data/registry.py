@@ -28,7 +28,7 @@ class DatasetInfo:
     layout: str = ""  # where its files go under data.root, for listings and docs
 
 
-DATASETS: Registry[DatasetInfo] = Registry("dataset", DataError)
+DATASETS: Registry[DatasetInfo] = Registry("dataset", DataError, filled_by="promptlearn.data")
 
 
 def register_dataset(name: str, template: str = DEFAULT_TEMPLATE, epochs: int | None = None,

@@ -54,7 +54,7 @@ class AfterTraining:
     report: str = ""
 
 
-METHODS: Registry[type["Method"]] = Registry("method")
+METHODS: Registry[type["Method"]] = Registry("method", filled_by="promptlearn.methods")
 
 
 def register_method(name: str, config: type | None = None, section: str | None = None) -> Callable:
