@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from typing import Callable
 
@@ -121,4 +123,7 @@ def run_tool(main: Callable[[list[str] | None], int]) -> None:
     except KeyboardInterrupt as e:
         print(error_line(e), file=sys.stderr)
         code = 130
+    except BrokenPipeError:  # the reader went away (`promptlearn list models | head`): stop quietly, as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush raises nothing
+        code = 128 + signal.SIGPIPE
     sys.exit(code)

@@ -135,3 +135,13 @@ def test_the_built_wheel_runs_the_quickstart_like_the_clone(tmp_path):
     for method in ran[0]:
         assert ran[0][method]["accuracy"] == ran[1][method]["accuracy"], method
         assert ran[0][method]["macro_f1"] == ran[1][method]["macro_f1"], method
+
+
+@pytest.mark.subprocess
+def test_a_reader_that_goes_away_ends_a_listing_quietly():
+    """`promptlearn list models | head -1`: the closed pipe stops the listing without a traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "promptlearn", "list", "models", "--wide"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and err == "", err
