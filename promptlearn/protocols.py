@@ -99,9 +99,11 @@ def scorer_for(method: Method, target: Target, cfg: "RunConfig", trained_ids: li
     `trained_ids`: the class ids of the training set (DatasetSplits.class_ids). Where both sides have ids
     (ImageNet's wnids, class folders), a subset target's rows are found by id, never by display name, which
     two classes may share; a name two trained classes share never selects a row."""
-    trained, wanted = method.classnames, target.dataset.classnames
-    if trained_ids and target.dataset.class_ids:
-        trained, wanted = trained_ids, target.dataset.class_ids
+    names = target.dataset.classnames  # what a classifier for the target is built from: ids only find rows
+    trained, wanted = method.classnames, names
+    ids = target.dataset.class_ids
+    if trained_ids and ids and not set(trained_ids).isdisjoint(ids):  # one id scheme on both sides
+        trained, wanted = trained_ids, ids
     if wanted == trained:
         return method.predict
     rows = {key: i for i, key in enumerate(trained)}
@@ -110,11 +112,11 @@ def scorer_for(method: Method, target: Target, cfg: "RunConfig", trained_ids: li
         return lambda features: method.predict(features)[:, index]
     if not method.caps.unseen_classes:
         return NotApplicable(f"{method.name} cannot score classes it did not train on (no unseen_classes "
-                             f"capability; {target.name} has {len(wanted)} classes, not all trained)")
+                             f"capability; {target.name} has {len(names)} classes, not all trained)")
     run_cfg = copy.copy(cfg)
     run_cfg.data = target.data
     try:
-        moved = build_method(method.name, run_cfg, method.backbone, wanted)
+        moved = build_method(method.name, run_cfg, method.backbone, names)
     except ConfigError as error:  # e.g. a published prompt the target has none of: n/a, not a failed run
         return NotApplicable(f"{method.name} cannot be set up for {target.name}: {error}")
     moved.load_trainable_state(method.trainable_state(), f"{method.name} trained on {len(trained)} classes")

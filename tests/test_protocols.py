@@ -90,6 +90,20 @@ def test_subset_rows_are_found_by_wnid_where_a_display_name_repeats(tmp_path):
     assert isinstance(scorer_for(method, nameless, cfg), NotApplicable)
 
 
+def test_a_novel_classifier_is_built_from_display_names_not_class_ids(tmp_path, monkeypatch):
+    """Ids find rows; prompts are written with the names (classnames.txt's 'T-shirt/top', not the folder
+    't-shirt_top'; on ImageNet the name, never 'a photo of a n01440764.')."""
+    from promptlearn import protocols
+
+    built, real = [], protocols.build_method
+    monkeypatch.setattr(protocols, "build_method",
+                        lambda name, cfg, backbone, names: built.append(list(names)) or real(name, cfg, backbone, names))
+    cfg = quick_config(tmp_path, "protocol=base2novel", "methods=[coop]", "coop.class_specific=false", *QUICK)
+    metrics = run_experiment(cfg)
+    assert built == [build_dataset(cfg.data).classnames[5:]] and "T-shirt/top" in built[0]
+    assert metrics["coop"]["novel_accuracy"] is not None
+
+
 def test_base2novel_run_reports_base_novel_hm_and_never_leaks_novel(tmp_path):
     cfg = quick_config(tmp_path, "protocol=base2novel", "methods=[zeroshot,coop,linear_probe]",
                        "coop.class_specific=false", *QUICK)
