@@ -241,6 +241,24 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# keys that change no result: where outputs go, how fast it runs, what else is logged; a sweep may change them
+# between runs, and a finished run with other values for them is still finished (methods: a sweep tracks them
+# per method itself)
+NEUTRAL_KEYS = {"methods", "output_dir", "cache_dir", "log_to", "data.num_workers", "data.eval_batch_size",
+                "data.fewshot_dir", "backbone.device", "backbone.cache_dir", "train.checkpoint_every",
+                *(f"{m}.{k}" for m in ("coop", "cocoop", "kgcoop", "prograd")
+                  for k in ("class_chunk", "truncate_prompts", "share_prefix")),
+                "cocoop.prompts_per_pass"}
+
+
+def saved_changes(saved_file: Path, cfg: "RunConfig", neutral: set[str]) -> list[str]:
+    """The settings in which a saved config.yaml differs from cfg, neutral keys and keys it lacks aside."""
+    saved = read_yaml(saved_file)  # as a config file is read: no aliases of mappings to expand
+    now = flatten_tree(to_dict(cfg), "config")
+    return [f"{key}: {saved[key]!r} there, {value!r} now" for key, value in now.items()
+            if key in saved and key not in neutral and saved[key] != value]
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

@@ -11,7 +11,7 @@ import torch
 
 from promptlearn import distributed
 from promptlearn.backbone import backbone_problems, load_backbone
-from promptlearn.config import RunConfig, dump_yaml, protocol_epochs, to_dict
+from promptlearn.config import NEUTRAL_KEYS, RunConfig, dump_yaml, protocol_epochs, saved_changes, to_dict
 from promptlearn.data import DATASETS, build_dataset
 from promptlearn.data.fewshot import FewShotSplit, load_or_draw
 from promptlearn.data.loader import check_images
@@ -32,11 +32,11 @@ COMPLETE_MARKER = "run_complete.json"
 def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None = None,
                    overwrite: bool = False) -> dict:
     """One run; under torchrun, one rank of a data-parallel run (rank 0 writes, the others train)."""
+    if resume and not eval_only and finished_with(cfg):  # before the checks: nothing will be loaded
+        return finished_metrics(cfg)
     check_run(cfg, eval_only, resume, overwrite)
     protocol = protocol_for(cfg)
     cfg.backbone.device = distributed.join_from_environment(cfg.backbone.device)
-    if resume and not eval_only and finished_with(cfg):
-        return finished_metrics(cfg)
     writer = distributed.is_writer()
     out = Path(cfg.output_dir)
     with RunLock(out) if writer else contextlib.nullcontext(), \
@@ -117,9 +117,12 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
 
 
 def finished_with(cfg: RunConfig) -> bool:
-    """The output folder holds a complete run of exactly this config: --resume has nothing left to do."""
+    """The output folder holds a complete run of this config, its methods included (keys that change no result,
+    such as the device each torchrun rank is given, aside): --resume has nothing left to do. Every rank decides
+    alike, from the same files, before any is written."""
     saved = Path(cfg.output_dir) / "config.yaml"
-    return is_complete(cfg.output_dir) and saved.is_file() and saved.read_text(encoding="utf-8") == dump_yaml(cfg)
+    return (is_complete(cfg.output_dir) and saved.is_file()
+            and not saved_changes(saved, cfg, NEUTRAL_KEYS - {"methods"}))
 
 
 def finished_metrics(cfg: RunConfig) -> dict:

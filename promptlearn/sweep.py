@@ -19,14 +19,13 @@ from pathlib import Path
 
 from promptlearn.cli import dataset_config
 from promptlearn.config import (
+    NEUTRAL_KEYS,
     RunConfig,
     build_config,
-    flatten_tree,
     load_config,
     parse_override,
     read_sources,
-    read_yaml,
-    to_dict,
+    saved_changes,
 )
 from promptlearn.data import build_dataset
 from promptlearn.errors import ConfigError, PromptlearnError, RunBusy, RunsLeft
@@ -43,11 +42,6 @@ CSV_COLUMNS = ["method", "dataset", "backbone", "pretrained", "protocol", "selec
                "macro_f1", "ece", "base_accuracy", "novel_accuracy", "hm", "targets_average", "train_seconds", "na",
                "run_dir"]
 # settings that do not change a run's results: a finished run made under other values is still reused
-NEUTRAL_KEYS = {"methods", "output_dir", "cache_dir", "log_to", "data.num_workers", "data.eval_batch_size",
-                "data.fewshot_dir", "backbone.device", "backbone.cache_dir", "train.checkpoint_every",
-                *(f"{m}.{k}" for m in ("coop", "cocoop", "kgcoop", "prograd")
-                  for k in ("class_chunk", "truncate_prompts", "share_prefix")),
-                "cocoop.prompts_per_pass"}
 # run keys the sweep itself sets for every run
 SWEEP_SET_KEYS = {"data.shots": "sweep.shots", "data.seed": "sweep.seeds", "output_dir": "sweep.output_dir"}
 
@@ -130,12 +124,7 @@ def plan_runs(sweep: SweepConfig, base: RunConfig, run_overrides: list[str]) -> 
 def setup_changes(run: PlannedRun) -> list[str]:
     """Settings in which the run folder's saved config differs from the planned run (result-changing keys only)."""
     saved_file = run.folder / "config.yaml"
-    if not saved_file.is_file():
-        return []
-    saved = read_yaml(saved_file)  # as a config file is read: no aliases of mappings to expand
-    now = flatten_tree(to_dict(run.cfg), "sweep")
-    return [f"{key}: {saved[key]!r} there, {value!r} now" for key, value in now.items()
-            if key in saved and key not in NEUTRAL_KEYS and saved[key] != value]
+    return saved_changes(saved_file, run.cfg, NEUTRAL_KEYS) if saved_file.is_file() else []
 
 
 def saved_metrics(folder: Path) -> dict:

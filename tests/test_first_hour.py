@@ -132,8 +132,16 @@ def test_resuming_a_complete_run_redoes_nothing(tmp_path, monkeypatch, capsys):
         raise AssertionError("--resume of a complete run loaded the backbone")
 
     monkeypatch.setattr("promptlearn.runner.load_backbone", nothing_loads)
+    monkeypatch.setattr("promptlearn.runner.check_run", nothing_loads)  # nor checks weights or the hub
     assert run_experiment(cfg, resume=True) == json.loads(json.dumps(first))
     assert capsys.readouterr().out == table
+    # keys that change no result (the device each torchrun rank is given, loader workers, logging) change nothing
+    moved = quick_config(tmp_path, "methods=[linear_probe,coop]", "train.epochs=2", "backbone.device=cpu",
+                         "data.num_workers=1", "log_to=[]")
+    assert run_experiment(moved, resume=True) == json.loads(json.dumps(first))
+    # another method list is another run
+    with pytest.raises(AssertionError, match="loaded the backbone"):
+        run_experiment(quick_config(tmp_path, "methods=[coop]", "train.epochs=2"), resume=True)
 
 
 # ----------------------------------------------------------------------------- data
