@@ -14,7 +14,7 @@ from promptlearn.data.fewshot import load_or_draw
 from promptlearn.errors import ConfigError, DataError
 from promptlearn.features import FeatureBank, FeatureCache, SplitFeatures, TrainingFeatures
 from promptlearn.methods import build_method
-from promptlearn.methods.linear_probe import COARSE_C, fit_logistic, search_c
+from promptlearn.methods.linear_probe import COARSE_C, search_c
 from promptlearn.methods.tip_adapter import search_grid
 from promptlearn.runner import run_experiment
 from promptlearn.trainer import Trainer, build_optimizer
@@ -133,8 +133,8 @@ def probe_inputs(tmp_path, shared_cache) -> tuple[np.ndarray, ...]:
 def probe_result(x, y, xv, yv) -> tuple:
     """What the probe decides and predicts: the chosen C, the validation hits of every C tried, and the
     predicted class of every train and validation image."""
-    best, hits = search_c(x, y, xv, yv)
-    return best, hits, fit_logistic(x, y, best).predict(np.concatenate([x, xv]).astype(np.float64)).tolist()
+    best, hits, model = search_c(x, y, xv, yv)
+    return best, hits, model.predict(np.concatenate([x, xv]).astype(np.float64)).tolist()
 
 
 def test_the_linear_probe_is_the_same_under_one_and_two_blas_threads(tmp_path, shared_cache):
@@ -165,7 +165,7 @@ def test_the_linear_probe_breaks_ties_towards_stronger_regularisation():
     """Validation hits are counts; among equal counts the smallest C wins, at both stages of the search."""
     x = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0]])
     y = np.array([0, 1, 0, 1])
-    best, hits = search_c(x, y, x, y)
+    best, hits, _ = search_c(x, y, x, y)
     assert set(hits.values()) == {4} and best == min(hits)
 
 

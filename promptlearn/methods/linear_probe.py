@@ -18,7 +18,6 @@ from promptlearn.errors import DataError
 from promptlearn.methods.base import Capabilities, Method, register_method
 
 COARSE_C = [float(f"1e{k}") for k in range(-6, 7)]  # 1e-6 .. 1e6, parsed: the same bits on every machine
-TOLERANCE = 1e-10  # largest gradient entry at the optimum: far below what moves a prediction
 
 
 def refine_grid(best: float, steps: int = 4) -> list[float]:
@@ -27,17 +26,27 @@ def refine_grid(best: float, steps: int = 4) -> list[float]:
     return [float(f"{c:.6g}") for c in np.logspace(np.log10(best) - 1, np.log10(best) + 1, 2 * steps + 1)]
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, c: float):
+SOLVERS = {"newton-cg": 1e-10, "lbfgs": 1e-4}  # solver: its stopping tolerance (largest gradient entry)
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, c: float, solver: str = "newton-cg", start=None):
+    """Logistic regression at inverse regularisation c, in float64; `start`: a fit at a nearby C to start from
+    (the optimum is unique, so only the time changes)."""
     from sklearn.exceptions import ConvergenceWarning  # scikit-learn loads only when a probe is fitted
     from sklearn.linear_model import LogisticRegression
 
+    model = LogisticRegression(C=c, max_iter=1000, tol=SOLVERS[solver], solver=solver, warm_start=start is not None)
+    if start is not None:
+        model.coef_, model.intercept_ = start.coef_.copy(), start.intercept_.copy()
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        model = LogisticRegression(C=c, max_iter=1000, tol=TOLERANCE, solver="newton-cg").fit(
-            np.asarray(x, dtype=np.float64), y)
-    if any(issubclass(w.category, ConvergenceWarning) for w in caught):
-        warnings.warn(f"the linear probe's fit at C={c:g} stopped before its optimum (1000 Newton steps); its "
-                      "result may differ in the last digits between machines", RuntimeWarning, stacklevel=2)
+        warnings.simplefilter("always")
+        model.fit(np.asarray(x, dtype=np.float64), y)
+    for w in caught:
+        if not issubclass(w.category, ConvergenceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif solver == "newton-cg":
+            warnings.warn(f"the linear probe's fit at C={c:g} stopped before its optimum (1000 Newton steps); its "
+                          "result may differ in the last digits between machines", RuntimeWarning, stacklevel=2)
     return model
 
 
@@ -46,26 +55,37 @@ def hits(model, x: np.ndarray, y: np.ndarray) -> int:
     return int((model.predict(np.asarray(x, dtype=np.float64)) == y).sum())
 
 
-def search_c(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray) -> tuple[float, dict[float, int]]:
+def search_c(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray,
+             solver: str = "newton-cg") -> tuple[float, dict[float, int], object]:
     """The C with the most validation hits over the decades, then over a finer grid around the best; ties go
-    to the first in ascending C (stronger regularisation). Returns it and the hits of every C tried."""
+    to the first in ascending C (stronger regularisation). Each fit starts from the fit at the nearest C tried.
+    Returns that C, the hits of every C tried, and the fit at that C."""
+    fits: dict[float, object] = {}
     scores: dict[float, int] = {}
 
     def score(c: float) -> int:
         if c not in scores:
-            scores[c] = hits(fit_logistic(x, y, c), xv, yv)
+            nearest = min(fits, key=lambda tried: abs(np.log(tried / c)), default=None)
+            fits[c] = fit_logistic(x, y, c, solver, fits.get(nearest))
+            scores[c] = hits(fits[c], xv, yv)
         return scores[c]
 
     best = max(refine_grid(max(COARSE_C, key=score)), key=score)
-    return best, scores
+    return best, scores, fits[best]
 
 
 @dataclass
 class LinearProbeConfig:
     c: Optional[float] = None  # a fixed inverse regularisation (no search, no validation split); None: searched
+    # newton-cg: fitted to its optimum, the same on every machine; lbfgs: L-BFGS stopped at scikit-learn's default
+    # tolerance, many times faster on thousands of classes, its last digits (and so a C) depending on the BLAS
+    solver: str = "newton-cg"
 
     def problems(self) -> list[str]:
-        return [] if self.c is None or self.c > 0 else [f"linear_probe.c must be positive (or unset), got {self.c}"]
+        found = [] if self.c is None or self.c > 0 else [f"linear_probe.c must be positive (or unset), got {self.c}"]
+        if self.solver not in SOLVERS:
+            found.append(f"linear_probe.solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        return found
 
 
 @register_method("linear_probe", config=LinearProbeConfig)
@@ -83,17 +103,18 @@ class LinearProbe(Method):
         self.register_buffer("bias", torch.zeros(len(classnames)))
 
     def fit(self, bank, trainer, checkpoint, resume) -> dict:
-        if self.cfg.linear_probe.c is not None:
-            self.set_classifier(fit_logistic(bank.train.features.numpy(), bank.train.labels.numpy(),
-                                             self.cfg.linear_probe.c), bank.train.features.shape[1])
-            return {"C": self.cfg.linear_probe.c}
+        own = self.cfg.linear_probe
+        if own.c is not None:
+            self.set_classifier(fit_logistic(bank.train.features.numpy(), bank.train.labels.numpy(), own.c,
+                                             own.solver), bank.train.features.shape[1])
+            return {"C": own.c}
         train, val = bank.train, bank.val
         if len(val) == 0:
             raise DataError("the linear probe needs a few-shot validation set to choose C, but the draw has "
                             "none; the dataset has no val split and no training images left over")
         x, y = train.features.numpy(), train.labels.numpy()
-        best, scores = search_c(x, y, val.features.numpy(), val.labels.numpy())
-        self.set_classifier(fit_logistic(x, y, best), x.shape[1])
+        best, scores, model = search_c(x, y, val.features.numpy(), val.labels.numpy(), own.solver)
+        self.set_classifier(model, x.shape[1])
         return {"C": best, "searched_C": sorted(scores), "val_accuracy": 100.0 * scores[best] / len(val)}
 
     def set_classifier(self, model, dim: int) -> None:
