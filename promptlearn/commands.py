@@ -246,12 +246,10 @@ def listing(args: argparse.Namespace) -> int:
 
 
 def recipe_listing(args: argparse.Namespace) -> str:
-    import shutil
-
     from promptlearn.recipes import all_recipes, recipe_table, recipes_for
 
     recipes = recipes_for(args.method) if args.method else [r for rs in all_recipes().values() for r in rs]
-    return recipe_table(recipes, shutil.get_terminal_size((120, 24)).columns)
+    return recipe_table(recipes, 10**6 if args.wide else shutil.get_terminal_size((LIST_WIDTH, 24)).columns)
 
 
 def method_rows(args: argparse.Namespace) -> list[dict]:

@@ -66,17 +66,24 @@ def test_quiet_silences_bars_and_lines_whatever_tqdm_read_at_import(quiet_off):
         assert stream.getvalue() == ""
 
 
-def test_training_shows_one_line_per_epoch_with_its_figures(monkeypatch):
-    log = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", log)
+def two_epochs_of_three_steps() -> TrainingProgress:
+    """CoOp's display through 2 epochs of 3 steps (loss 1.5 and 50% within, 1.25 and 62.5% at each end), closed."""
     shown = TrainingProgress("coop", epochs=2, steps=3, start=0)
-    assert isinstance(shown.bar, LineProgress)
     for epoch in (1, 2):
         for step in range(3):
             shown.step()
             shown.show(epoch, step + 1, 1.5, 50.0)
         shown.epoch_done(epoch, 1.25, 62.5)
     shown.close()
+    return shown
+
+
+def test_training_shows_one_line_per_epoch_with_its_figures(monkeypatch):
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)  # the default interval: no line within these epochs
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    shown = two_epochs_of_three_steps()
+    assert isinstance(shown.bar, LineProgress)
     lines = log.getvalue().splitlines()
     assert lines[:2] == ["coop epoch 1/2: loss 1.2500, train accuracy 62.50%",
                          "coop epoch 2/2: loss 1.2500, train accuracy 62.50%"]
@@ -84,16 +91,11 @@ def test_training_shows_one_line_per_epoch_with_its_figures(monkeypatch):
 
 
 def test_training_on_a_terminal_is_one_bar_with_the_epoch_loss_and_accuracy(monkeypatch):
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
     monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
-    shown = TrainingProgress("coop", epochs=2, steps=3, start=0)
-    for epoch in (1, 2):
-        for step in range(3):
-            shown.step()
-            shown.show(epoch, step + 1, 1.5, 50.0)
-        shown.epoch_done(epoch, 1.25, 62.5)
-    shown.close()
+    shown = two_epochs_of_three_steps()
     drawn = terminal.getvalue()
     assert isinstance(shown.bar, tqdm) and "coop epoch" not in drawn  # no line per epoch: the bar says it
     assert "6/6" in drawn and "epoch=2/2, loss=1.5000, accuracy=50.00%" in drawn.rsplit("\r", 1)[-1]

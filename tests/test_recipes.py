@@ -23,7 +23,8 @@ def entry(method: str, protocol: str, dataset: str, shots: int) -> Recipe:
 
 def test_every_method_has_a_file_and_every_entry_is_valid():
     recipes = all_recipes()
-    assert set(recipes) == set(METHODS)  # one file per method, each loaded through the validation
+    built_in = {name for name, cls in METHODS.items() if cls.__module__.startswith("promptlearn.")}
+    assert set(recipes) == built_in  # one file per built-in method (not plug-ins'), each loaded through the validation
     keys = all_keys()
     for method, entries in recipes.items():
         for r in entries:
