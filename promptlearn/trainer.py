@@ -298,6 +298,8 @@ class Trainer:
             check_meta(checkpoint, saved.get("recipe", {}), recipe, absent=dataclasses.asdict(TrainConfig()))
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
+            if saved.get("scaler"):  # fp16's loss scale where it grew or backed off (empty where scaling is off)
+                scaler.load_state_dict(saved["scaler"])
             start, history = int(saved["epoch"]), list(saved.get("history", []))
             seconds_before = float(saved.get("train_seconds", 0.0))
             resume_random_states(saved, checkpoint, method.name)
@@ -309,7 +311,7 @@ class Trainer:
             next epoch saves this, random-number states included (every rank's, in rank order)."""
             return {"method": method.name, "meta": meta, "recipe": recipe, "epoch": epoch, "epochs": epochs,
                     "state": method.trainable_state(), "optimizer": copy.deepcopy(optimizer.state_dict()),
-                    "scheduler": scheduler.state_dict(), "history": list(history),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": list(history),
                     "random_states": distributed.gathered(random_states()),
                     "train_seconds": seconds_before + time.perf_counter() - began}
 

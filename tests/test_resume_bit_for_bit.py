@@ -97,6 +97,23 @@ def test_a_checkpoint_without_random_states_resumes_with_a_warning(tmp_path, cac
     assert "resumed from" in caplog.text and load_checkpoint(checkpoint)["epoch"] == 3
 
 
+def test_the_fp16_loss_scale_resumes_where_it_was(tmp_path, cache, monkeypatch):
+    """fp16 on a GPU scales the loss, its scale growing or backing off step by step: a resumed run carries on
+    from the saved scale instead of starting again at 2**16. (An enabled CPU scaler stands in for the GPU's.)"""
+    monkeypatch.setattr("promptlearn.trainer.grad_scaler",
+                        lambda device, precision: torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=1))
+
+    def config(folder):
+        return quick_config(tmp_path, *CHEAP, "methods=[coop]", f"output_dir={tmp_path / folder}", f"cache_dir={cache}")
+
+    run_experiment(config("whole"))
+    with interrupted_at_epoch(STOP_AT), pytest.raises(PromptlearnError, match=f"state after epoch {STOP_AT}"):
+        run_experiment(config("resumed"))
+    run_experiment(config("resumed"), resume=True)
+    whole, resumed = (load_checkpoint(tmp_path / f / "coop" / "checkpoint.pt")["scaler"] for f in ("whole", "resumed"))
+    assert whole["scale"] > 8.0 and resumed == whole
+
+
 def test_loading_images_draws_nothing_from_the_global_generator():
     """A DataLoader draws its workers' seed from torch's generator unless given its own: loading features
     (computed on a cache miss, not on a hit) would shift what training draws next."""
