@@ -129,3 +129,9 @@ class TrainingProgress:
 
     def close(self) -> None:
         self.bar.close()
+
+    def stop(self) -> None:
+        """Training stopped by an error: a terminal's bar ends its line, so the error starts a line of its own;
+        a log gets no closing line, so the error stays its last."""
+        if not isinstance(self.bar, LineProgress):
+            self.bar.close()

@@ -345,6 +345,8 @@ class Trainer:
             method.load_trainable_state(last_done["state"], checkpoint)  # no step after the bad one is kept
             save(last_done)  # the last good state, whatever checkpoint_every is
             raise
+        finally:
+            shown.stop()
         shown.close()
         if epochs == 0 or start == epochs:
             save(last_done)

@@ -99,3 +99,14 @@ def test_training_on_a_terminal_is_one_bar_with_the_epoch_loss_and_accuracy(monk
     drawn = terminal.getvalue()
     assert isinstance(shown.bar, tqdm) and "coop epoch" not in drawn  # no line per epoch: the bar says it
     assert "6/6" in drawn and "epoch=2/2, loss=1.5000, accuracy=50.00%" in drawn.rsplit("\r", 1)[-1]
+
+
+def test_training_stopped_by_an_error_ends_the_terminal_bar_line(monkeypatch):
+    """The error line that follows starts a line of its own, not the end of the bar's."""
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    shown = TrainingProgress("coop", epochs=2, steps=3, start=0)
+    shown.step()
+    shown.stop()
+    assert terminal.getvalue().endswith("\n")
