@@ -18,12 +18,17 @@ class Registry(Generic[T]):
     def __init__(self, kind: str, error: type[Exception] = ConfigError, filled_by: str | None = None):
         self.kind, self.error, self._added = kind, error, {}
         self._filled_by = filled_by  # the module whose import registers the entries, imported at the first read
+        self._filling = False
 
     @property
     def _items(self) -> dict[str, T]:
-        if self._filled_by is not None:
-            module, self._filled_by = self._filled_by, None  # reads while it imports see what it has added
-            importlib.import_module(module)
+        if self._filled_by is not None and not self._filling:
+            self._filling = True  # reads while it imports see what it has added so far
+            try:
+                importlib.import_module(self._filled_by)
+                self._filled_by = None  # only once the import worked: a failed one fails again, by its own error
+            finally:
+                self._filling = False
         return self._added
 
     def add(self, name: str, item: T) -> T:

@@ -91,3 +91,13 @@ def test_ruff_is_clean():
     """Line length and import order (pyproject.toml's [tool.ruff]); ruff comes with the dev extra."""
     proc = subprocess.run([sys.executable, "-m", "ruff", "check", str(REPO)], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def test_a_registry_whose_filling_import_fails_says_so_at_every_read(monkeypatch):
+    """A broken plug-in or module import is its own error at every read, not 'unknown method' after the first."""
+    from promptlearn.registry import Registry
+
+    registry = Registry("thing", filled_by="promptlearn_no_such_module_for_the_test")
+    for _ in range(2):
+        with pytest.raises(ModuleNotFoundError, match="promptlearn_no_such_module_for_the_test"):
+            registry.get("x")
