@@ -12,7 +12,9 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
+import sys
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -307,6 +309,9 @@ def not_queued(todo: list[SweepRun], folder: Path, record: dict[str, str]) -> li
     return [run for run in todo if run not in queued]
 
 
+JOB_FOLDER = re.compile(r"\d+(_\d+)?")  # slurm/<job id>/: a task's logs
+
+
 def submit_array(todo: list[SweepRun], options: LaunchOptions, output_dir: Path) -> tuple[list[SweepRun], list]:
     """Submit one array task per unfinished run that is not already queued or running; returns those
     runs and their jobs, and says on the console what was submitted and what to do next. The jobs'
@@ -320,7 +325,8 @@ def submit_array(todo: list[SweepRun], options: LaunchOptions, output_dir: Path)
         executor = slurm_executor(folder / "%j", options, gpus)
         if options.cluster == "slurm":  # submitit's local executor cannot look up jobs of an earlier process
             todo = not_queued(todo, folder, record)
-        with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's stderr, then raises it
+        said = io.StringIO()
+        with contextlib.redirect_stderr(said):  # submitit prints sbatch's stderr, then raises it on failure
             jobs = executor.map_array(run_task, [run.cfg for run in todo]) if todo else []
     except PromptlearnError:
         remove_new_files(folder, before)
@@ -328,6 +334,8 @@ def submit_array(todo: list[SweepRun], options: LaunchOptions, output_dir: Path)
     except Exception as e:  # submitit and sbatch failures: their message, not their traceback
         remove_new_files(folder, before)
         raise submission_error(e, gpus) from None
+    if said.getvalue().strip():  # a submission that worked: sbatch's warnings still reach the user
+        print(said.getvalue().rstrip(), file=sys.stderr)
     if jobs:
         record.update({str(run.folder): job.job_id for run, job in zip(todo, jobs)})
         atomic_write_json(record_path, record)
@@ -342,16 +350,22 @@ def submit_array(todo: list[SweepRun], options: LaunchOptions, output_dir: Path)
 
 
 def remove_new_files(folder: Path, before: set[Path] | None) -> None:
-    """Undo a failed submission: what it created under `folder` (pickles, the sbatch file), deepest first."""
+    """Undo a failed submission: what it created under `folder` (pickles, the sbatch file), deepest first. A
+    job's own folder (named by its id) belongs to a task of an earlier submission that may be writing its log
+    now: it is left alone, and so is whatever cannot be removed."""
     if not folder.exists():
         return
-    for path in sorted(set(folder.rglob("*")) - (before or set()), key=lambda p: len(p.parts), reverse=True):
-        if path.is_dir() and not path.is_symlink():
-            path.rmdir()
-        else:
-            path.unlink()
+    new = [path for path in set(folder.rglob("*")) - (before or set())
+           if not JOB_FOLDER.fullmatch(path.relative_to(folder).parts[0])]
+    for path in sorted(new, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink():
+                path.rmdir()
+            else:
+                path.unlink()
     if before is None:
-        folder.rmdir()
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def wait_for_array(todo: list[SweepRun], jobs: list) -> list[tuple[SweepRun, str]]:

@@ -255,3 +255,21 @@ def test_a_refused_slurm_submission_is_one_line_and_leaves_no_files(tmp_path, ca
 def test_slurm_gpus_per_task_follow_the_sweeps_device_unless_given(devices, asked, gpus):
     runs = [SimpleNamespace(cfg=SimpleNamespace(backbone=SimpleNamespace(device=d))) for d in devices]
     assert launch.task_gpus(runs, LaunchOptions(launcher="slurm", gpus_per_task=asked)) == gpus
+
+
+def test_a_refused_submission_leaves_the_logs_of_running_tasks_alone(tmp_path):
+    """Undoing a failed submission removes what it made, never a task of an earlier array writing its log."""
+    from promptlearn.launch import remove_new_files
+
+    folder = tmp_path / "slurm"
+    (folder / "41_0").mkdir(parents=True)
+    before = set(folder.rglob("*"))
+    (folder / "41_0" / "41_0_0_log.out").write_text("running")  # an earlier task, logging meanwhile
+    (folder / "41_1").mkdir()
+    (folder / "41_1" / "41_1_0_log.err").write_text("started meanwhile")
+    (folder / "submission_file_abc.sh").write_text("#!/bin/bash")  # this submission's
+    (folder / "abc").mkdir()
+    (folder / "abc" / "abc_submitted.pkl").write_bytes(b"x")
+    remove_new_files(folder, before)
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == [
+        "41_0", "41_0/41_0_0_log.out", "41_1", "41_1/41_1_0_log.err"]
