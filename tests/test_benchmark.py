@@ -105,16 +105,16 @@ def alive(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_killed_benchmark_takes_its_measuring_process_with_it():
     parent = subprocess.Popen([sys.executable, "-c", "import time; from promptlearn.benchmark import in_own_process; "
-                               "in_own_process(time.sleep, 600)"], env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               f"in_own_process(time.sleep, {2 * HANG_GUARD_S})"], env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        deadline = time.monotonic() + 600  # hang guards only: imports on a busy machine take a while
+        deadline = time.monotonic() + HANG_GUARD_S  # hang guards only: imports on a busy machine take a while
         while not (measuring := children(parent.pid, "spawn_main")):
             assert parent.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
     finally:
         parent.kill()
         parent.wait()
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + HANG_GUARD_S  # the child sleeps longer: only its parent's death ends it sooner
     while alive(measuring[0]) and time.monotonic() < deadline:
         time.sleep(0.2)
     ended = not alive(measuring[0])
