@@ -8,7 +8,9 @@ import signal
 import sys
 from typing import Callable
 
-from promptlearn.config import BackboneConfig, DataConfig, RunConfig, dump_yaml, load_config
+import yaml
+
+from promptlearn.config import BackboneConfig, DataConfig, RunConfig, dump_yaml, effective, load_config
 from promptlearn.errors import PromptlearnError, error_line
 from promptlearn.progress import set_quiet
 
@@ -93,7 +95,8 @@ def prepare_run(args: argparse.Namespace) -> RunConfig | None:
     setup_logging(args.verbose, args.quiet)
     cfg = config_from_args(args)
     if args.print_config:
-        print(dump_yaml(cfg), end="")
+        # the config as files and the command line set it, then what each listed method runs with and why
+        print(dump_yaml(cfg) + yaml.safe_dump({"effective": effective(cfg)}, sort_keys=False), end="")
         return None
     return cfg
 

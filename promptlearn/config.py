@@ -7,6 +7,7 @@ values are errors that name the key and the nearest valid one; every problem is 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -91,6 +92,32 @@ class TrainConfig:
     cuda_graphs: bool = False  # on one GPU, capture a method's fixed-shape training step once and replay it
 
 
+# The training keys: `train.<key>` is the run's value, and every method that trains has the same keys in its own
+# section (`coop.lr`, `clap.epochs`, ...), one meaning everywhere. A method's value comes from, lowest first: its
+# code default (None: train.<key>'s), its published recipe (`recipe: published`), config files, the command line;
+# a `train.<key>` given in a file or on the command line reaches every method that reads it (see build_config).
+@dataclass
+class TrainingKeys:
+    epochs: Optional[int] = None  # None: the protocol's epochs for the shot count
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    momentum: Optional[float] = None
+    weight_decay: Optional[float] = None
+    warmup_epochs: Optional[int] = None
+    warmup_lr: Optional[float] = None
+    optimizer: Optional[str] = None
+    eps: Optional[float] = None
+    augment: Optional[bool] = None
+    crop_scale: Optional[list[float]] = None
+    lr_per_step: Optional[bool] = None
+    min_lr: Optional[float] = None
+    drop_last: Optional[bool] = None
+    feature_passes: Optional[int] = None
+
+
+TRAINING_KEYS = tuple(f.name for f in dataclasses.fields(TrainingKeys))
+
+
 @dataclass
 class EvalConfig:
     ece_bins: int = 15
@@ -104,6 +131,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     methods: list[str] = field(default_factory=lambda: ["zeroshot", "linear_probe", "coop"])
+    # published: each method runs its authors' settings for the run's protocol, dataset and shots
+    # (promptlearn/recipes/); promptlearn: promptlearn's common recipe (the code defaults)
+    recipe: str = "published"
     output_dir: str = "output/run"
     cache_dir: str = "~/.cache/promptlearn/features"  # frozen-feature cache shared by runs; "none" disables
     cache_hash_content: bool = False  # key cached features on a hash of each image (default: size and time)
@@ -127,6 +157,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp16_reference")
 OPTIMIZERS = ("sgd", "adamw")
 DRAWS = ("reference", "sorted")  # few-shot draws, see promptlearn.data.fewshot
 SELECTIONS = ("validation", "none")
+RECIPES = ("published", "promptlearn")
 
 
 def protocol_epochs(shots: int, fixed: int | None = None) -> int:
@@ -289,21 +320,38 @@ def read_sources(files: list[str | Path] = (), overrides: list[str] = ()) -> lis
     return layers + [("command line", dict([parse_override(text)])) for text in overrides]
 
 
+# keys that no longer exist, with what replaced them (a config file written for an older promptlearn)
+RETIRED = {"protocol": "the published code's settings are now the default for every method: `recipe: published` "
+                       "applies its authors' recipe for the run's protocol, dataset and shots "
+                       "(promptlearn list recipes {method}); `recipe: promptlearn` runs promptlearn's common one"}
+
+
+def retired_key(key: str, source: str) -> ConfigError | None:
+    section, _, leaf = key.partition(".")
+    if leaf in RETIRED and section in SECTIONS:
+        return ConfigError(f"{source}: {key} was removed: " + RETIRED[leaf].format(method=section))
+    return None
+
+
 def apply(cfg: RunConfig, flat: dict[str, Any], source: str, extra: dict[str, Any] | None = None) -> RunConfig:
     """Set dotted keys on `cfg` (in place), checking names and types. `extra` maps further section names to
     dataclass instances set from the same sources (a sweep file's `sweep:` section)."""
     extra = extra or {}
     keys = {**all_keys(), **{k: v for name, obj in extra.items() for k, v in all_keys(type(obj), f"{name}.").items()}}
+    given = given_keys(cfg)
+    order = 1 + max((at for at, _ in given.values()), default=0)
     for key, value in flat.items():
         if key not in keys:
-            raise _unknown_key(key, source, keys)
+            raise retired_key(key, source) or _unknown_key(key, source, keys)
         value = coerce_value(key, value, keys[key], source)
         *path, leaf = key.split(".")
         target: Any = extra[path[0]] if path and path[0] in extra else cfg
         for part in path[1:] if target is not cfg else path:
             target = getattr(target, part)
         setattr(target, leaf, value)
-        given_keys(cfg).add(key)
+        if not (path and path[0] in extra):
+            given[key] = (order, source)
+            origins(cfg)[key] = source
     return cfg
 
 
@@ -315,29 +363,67 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = (), base: R
 
 def build_config(layers: list[tuple[str, dict[str, Any]]], base: RunConfig | None = None,
                  extra: dict[str, Any] | None = None) -> RunConfig:
-    cfg = base or RunConfig()
+    """The config of `layers` over `base`'s, settled in one place, lowest first: code defaults; each listed
+    method's published recipe for the run's protocol, dataset and shots (recipe=published); the layers (files,
+    then the command line) in order, a `train.<key>` reaching every method section that no later layer (nor
+    its own) sets itself. Validated."""
+    earlier = base.__dict__.get("_layers") if base is not None else None
+    if earlier is not None:  # rebuilt from all its layers: a recipe chosen for other shots leaves nothing behind
+        layers, cfg = [*earlier, *layers], RunConfig()
+    else:
+        cfg = base or RunConfig()
     for source, flat in layers:
         apply(cfg, flat, source, extra)
-    recipe = {k: v for k, v in protocol_recipe(cfg.protocol).items() if k not in given_keys(cfg)}
-    apply(cfg, recipe, f"protocol {cfg.protocol}'s recipe")
-    given_keys(cfg).difference_update(recipe)  # still defaults: a later protocol's recipe may replace them
+    cfg.__dict__["_layers"] = [(source, {k: v for k, v in flat.items() if k.partition(".")[0] not in (extra or {})})
+                               for source, flat in layers]
+    spread_training_keys(cfg)
+    if cfg.recipe == "published":
+        from promptlearn.recipes import apply_recipes  # the recipe files are read here, never at import
+
+        apply_recipes(cfg)
     validate(cfg)
     return cfg
 
 
-# protocol name -> {dotted key: value}: the settings its papers ran (promptlearn.protocols registers them),
-# taking effect for every key no YAML file or override sets
-PROTOCOL_RECIPES: Registry[dict[str, Any]] = Registry("protocol recipe", filled_by="promptlearn.protocols")
+def spread_training_keys(cfg: RunConfig) -> None:
+    """A given `train.<key>` sets that key in every method section that has the training keys, except where a
+    later layer sets the section's own key (within one layer the section's key wins: it is more specific)."""
+    given = given_keys(cfg)
+    for key in TRAINING_KEYS:
+        if f"train.{key}" not in given:
+            continue
+        at, source = given[f"train.{key}"]
+        for name, section in cfg.sections.items():
+            own = given.get(f"{name}.{key}")
+            if isinstance(section, TrainingKeys) and (own is None or own[0] < at):
+                setattr(section, key, copy.deepcopy(getattr(cfg.train, key)))
+                origins(cfg)[f"{name}.{key}"] = f"train.{key} ({source})"
 
 
-def protocol_recipe(protocol: str) -> dict[str, Any]:
-    """The protocol's recipe; none for an unknown name (validate names it)."""
-    return PROTOCOL_RECIPES[protocol] if protocol in PROTOCOL_RECIPES else {}
+def given_keys(cfg: RunConfig) -> dict[str, tuple[int, str]]:
+    """The dotted keys set by files or overrides: key -> (layer order, source); kept beside the fields, not dumped."""
+    return cfg.__dict__.setdefault("_given", {})
 
 
-def given_keys(cfg: RunConfig) -> set[str]:
-    """The dotted keys set on this config by files or overrides (kept beside the fields, not dumped)."""
-    return cfg.__dict__.setdefault("_given", set())
+def origins(cfg: RunConfig) -> dict[str, str]:
+    """Where each key's value came from, for every key not at its code default: a file, the command line, the
+    `train.<key>` it followed, or a recipe with its source."""
+    return cfg.__dict__.setdefault("_origins", {})
+
+
+def applied_recipes(cfg: RunConfig) -> dict[str, list[str]]:
+    """Listed method -> the sources of the published entries applied to it (recipe=published)."""
+    return cfg.__dict__.setdefault("_recipes", {})
+
+
+def training_settings(cfg: RunConfig, section: str | None) -> TrainConfig:
+    """What a method's trainer runs with: train.* with the method section's own training values in place (set
+    by its code default, its recipe, a file, the command line or a given train.<key>)."""
+    own = cfg.sections.get(section) if section else None
+    if not isinstance(own, TrainingKeys):
+        return copy.deepcopy(cfg.train)
+    return dataclasses.replace(cfg.train, **{k: copy.deepcopy(getattr(own, k)) for k in TRAINING_KEYS
+                                             if getattr(own, k) is not None})
 
 
 def validate(cfg: RunConfig) -> None:
@@ -363,27 +449,22 @@ def config_problems(cfg: RunConfig) -> list[str]:
         return problems
     need(cfg.backbone.precision in PRECISIONS,
          f"backbone.precision must be one of {', '.join(PRECISIONS)}, got {cfg.backbone.precision!r}")
-    need(cfg.train.lr > 0, f"train.lr must be positive, got {cfg.train.lr}")
     need(cfg.data.draw in DRAWS, f"data.draw must be one of {', '.join(DRAWS)}, got {cfg.data.draw!r}")
     val_shots = cfg.data.val_shots
     need(val_shots in (None, "shots") or (val_shots.isdecimal() and int(val_shots) >= 1),
          f"data.val_shots must be a whole number of at least 1, or 'shots' for K (unset: min(K, 4)), got {val_shots!r}")
-    for key in ("momentum", "weight_decay", "warmup_lr"):
-        need(getattr(cfg.train, key) >= 0, f"train.{key} must be 0 or more, got {getattr(cfg.train, key)}")
     need(cfg.backbone.logit_scale is None or cfg.backbone.logit_scale > 0,
          f"backbone.logit_scale must be a positive number (or unset), got {cfg.backbone.logit_scale}")
     need(bool(cfg.methods), "methods must name at least one method")
     need(len(set(cfg.methods)) == len(cfg.methods), f"methods lists a method twice: {cfg.methods}")
-    need(cfg.train.optimizer in OPTIMIZERS,
-         f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.train.optimizer!r}")
+    need(cfg.recipe in RECIPES, f"recipe must be one of {', '.join(RECIPES)}, got {cfg.recipe!r}")
+    problems += training_problems(cfg.train, "train")
+    for name, section in cfg.sections.items():  # each method's own training values, where it sets them
+        if isinstance(section, TrainingKeys):
+            problems += training_problems(training_settings(cfg, name), name, section)
+    problems += reach_problems(cfg)
     need(cfg.selection in SELECTIONS,
          f"selection must be one of {', '.join(SELECTIONS)}, got {cfg.selection!r}")
-    need(cfg.train.eps > 0, f"train.eps must be positive, got {cfg.train.eps}")
-    need(0 <= cfg.train.min_lr <= cfg.train.lr,
-         f"train.min_lr must be 0 or more and at most train.lr ({cfg.train.lr}), got {cfg.train.min_lr}")
-    scale = cfg.train.crop_scale
-    need(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
-         f"train.crop_scale must be [low, high] with 0 < low <= high <= 1, got {scale}")
     for t in [*([cfg.data.template] if cfg.data.template is not None else []), *cfg.data.templates]:
         need("{}" in t, f"data.template {t!r} must contain {{}} where the class name goes")
         try:
@@ -392,6 +473,104 @@ def config_problems(cfg: RunConfig) -> list[str]:
             need(False, f"data.template {t!r} must hold exactly one {{}} and no other braces")
     for section in cfg.sections.values():  # each method section checks its own values
         problems.extend(getattr(section, "problems", lambda: [])())
+    return problems
+
+
+def run_epochs(cfg: RunConfig, train: TrainConfig) -> int:
+    """The epochs a trainer runs: the method's (or train.epochs), else the protocol's for the run's shots."""
+    if train.epochs is not None:
+        return train.epochs
+    from promptlearn.data import DATASETS
+
+    fixed = DATASETS[cfg.data.name].epochs if cfg.data.name in DATASETS else None
+    return protocol_epochs(cfg.data.shots, fixed)
+
+
+def method_recipe(cfg: RunConfig, method: str) -> dict[str, Any]:
+    """Which recipe a method ran (metrics.json, run_info.json): published or promptlearn's, the published
+    entries applied, and the keys a file or the command line changed in its section (the run then is not the
+    published recipe as it stands)."""
+    from promptlearn.methods import METHODS
+
+    section = METHODS[method].section if method in METHODS else None
+    changed = sorted(k for k, v in origins(cfg).items()
+                     if section and k.startswith(f"{section}.") and not v.startswith("recipe "))
+    return {"recipe": cfg.recipe, "entries": list(applied_recipes(cfg).get(method, [])), "changed": changed}
+
+
+def effective(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    """Per listed method, every setting of its section as it runs (training keys resolved through train.* and
+    the protocol's epochs) with where the value came from: default, recipe (its source), a file, the command
+    line, or the train.<key> it followed."""
+    from promptlearn.methods import METHODS
+
+    out: dict[str, dict[str, Any]] = {}
+    for method in cfg.methods:
+        section = METHODS[method].section if method in METHODS else None
+        own = cfg.sections.get(section) if section else None
+        settings: dict[str, Any] = {"recipe": {"value": cfg.recipe,
+                                               "from": "; ".join(applied_recipes(cfg).get(method, [])) or "-"}}
+        train = training_settings(cfg, section)
+        for f in dataclasses.fields(own) if own is not None else ():
+            key, value = f"{section}.{f.name}", getattr(own, f.name)
+            source = origins(cfg).get(key, "default")
+            if isinstance(own, TrainingKeys) and f.name in TRAINING_KEYS and value is None:
+                value = getattr(train, f.name)
+                source = f"train.{f.name} ({origins(cfg).get(f'train.{f.name}', 'default')})"
+                if f.name == "epochs" and value is None:
+                    value, source = run_epochs(cfg, train), f"protocol {cfg.protocol}'s epochs for {cfg.data.shots} shots"
+            settings[f.name] = {"value": value, "from": source}
+        out[method] = settings
+    return out
+
+
+def training_problems(train: TrainConfig, prefix: str, own: TrainingKeys | None = None) -> list[str]:
+    """Out-of-range training values, each named by the key that set it (the section's own, else train's)."""
+    problems: list[str] = []
+
+    def key(name: str) -> str:
+        return f"{prefix}.{name}" if own is None or getattr(own, name) is not None else f"train.{name}"
+
+    def need(ok: bool, name: str, message: str) -> None:
+        if not ok and (own is None or getattr(own, name) is not None):  # train's own values: checked once, as train
+            problems.append(f"{key(name)} {message}")
+
+    need(train.lr > 0, "lr", f"must be positive, got {train.lr}")
+    for name in ("momentum", "weight_decay", "warmup_lr"):
+        need(getattr(train, name) >= 0, name, f"must be 0 or more, got {getattr(train, name)}")
+    need(train.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {train.optimizer!r}")
+    need(train.eps > 0, "eps", f"must be positive, got {train.eps}")
+    if train.lr > 0:
+        need(0 <= train.min_lr <= train.lr, "min_lr",
+             f"must be 0 or more and at most {key('lr')} ({train.lr}), got {train.min_lr}")
+    scale = train.crop_scale
+    need(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, "crop_scale",
+         f"must be [low, high] with 0 < low <= high <= 1, got {scale}")
+    return problems
+
+
+def reach_problems(cfg: RunConfig) -> list[str]:
+    """A given training key that some method it names would not read: `train.<key>` with a listed method that
+    trains without reading it, or `<section>.<key>` that no method of the section reads. Never ignored silently."""
+    from promptlearn.methods import METHODS
+
+    problems, given = [], given_keys(cfg)
+    listed = [METHODS[name] for name in cfg.methods if name in METHODS]
+    for key in TRAINING_KEYS:
+        if f"train.{key}" in given:
+            missed = [m for m in listed if m.trains() and key not in m.training_keys]
+            if missed:
+                reached = [f"{m.section}.{key}" for m in listed if key in m.training_keys]
+                problems.append(f"train.{key} would not reach {', '.join(m.name for m in missed)} ("
+                                + "; ".join(m.unread_reason(key) for m in missed) + "): "
+                                + (f"set {', '.join(reached)} instead, " if reached else "")
+                                + "or leave those methods out of this run")
+    for key in given:
+        section, _, leaf = key.partition(".")
+        if leaf in TRAINING_KEYS and section in SECTIONS:
+            users = [m for _, m in METHODS.items() if m.section == section]
+            if users and not any(leaf in m.training_keys for m in users):
+                problems.append(f"{key} is read by no method: " + "; ".join(m.unread_reason(leaf) for m in users))
     return problems
 
 

@@ -459,8 +459,8 @@ class TrainingImages:
     augmented afresh every epoch (the crop and flip of image i in epoch e depend only on the seed, e
     and i) and loaded by worker processes into pinned memory, in the trainer's deterministic order."""
 
-    def __init__(self, bank: FeatureBank, augment: bool):
-        self.bank, self.augment = bank, augment
+    def __init__(self, bank: FeatureBank, augment: bool, crop_scale=DEFAULT_CROP_SCALE):
+        self.bank, self.augment, self.crop_scale = bank, augment, tuple(crop_scale)
 
     @property
     def draw(self) -> dict:
@@ -476,7 +476,7 @@ class TrainingImages:
     def batches(self, epoch: int, batch_size: int, seed: int, device: torch.device,
                 drop_last: bool = True) -> Iterator[Batch]:
         bank = self.bank
-        items = ImageItems(bank.fewshot.train, train_transform(bank.backbone, self.augment),
+        items = ImageItems(bank.fewshot.train, train_transform(bank.backbone, self.augment, self.crop_scale),
                            (bank.seed, epoch) if self.augment else None)
         order = batch_order(len(items), batch_size, seed, epoch, drop_last)
         # under torchrun each rank decodes only its share of every global batch

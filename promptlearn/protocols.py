@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from promptlearn.config import PROTOCOL_RECIPES, RunConfig, apply, read_yaml
+from promptlearn.config import RunConfig, apply, read_yaml
 from promptlearn.data import build_dataset
 from promptlearn.data.base import DatasetSplits, Item
 from promptlearn.data.fewshot import FewShotSplit
@@ -165,7 +165,6 @@ class Protocol:
     summary = ""
     default_targets: tuple[str, ...] = ()
     columns: tuple[tuple[str, str], ...] = (("accuracy", "accuracy (%)"),)
-    recipe: dict[str, object] = {}  # the papers' settings, used for every key no YAML file or override sets
 
     def unable(self, cfg: "RunConfig", caps: Capabilities) -> str | None:
         """Why a method cannot take part at all (n/a for the whole run), or None."""
@@ -227,13 +226,7 @@ PROTOCOLS: Registry[Protocol] = Registry("protocol")
 
 def register_protocol(cls: type[Protocol]) -> type[Protocol]:
     PROTOCOLS.add(cls.name, cls())
-    PROTOCOL_RECIPES.add(cls.name, dict(cls.recipe))
     return cls
-
-
-# CoOp as the CoCoOp paper ran it for base-to-novel and cross-dataset (CoOp's vit_b16_ctxv1 config): context
-# initialised from "a photo of a" (4 tokens), batch 32, 200 epochs (ImageNet 50) as in the few-shot protocol
-COCOOP_PAPER_COOP = {"coop.ctx_init": "a photo of a"}
 
 
 @register_protocol
@@ -254,8 +247,6 @@ class BaseToNovel(Protocol):
     summary = ("base-to-novel (CoCoOp): classes sorted by label, first ceil(n/2) base, rest novel; train on "
                "the base classes' shots, test on base and novel, HM = 2BN/(B+N)")
     columns = (("base_accuracy", "base (%)"), ("novel_accuracy", "novel (%)"), ("hm", "HM (%)"))
-    recipe = COCOOP_PAPER_COOP
-
     def training_split(self, cfg, dataset, draw):
         base, _ = base_novel_labels(dataset.num_classes)
         return super().training_split(cfg, keep_classes(dataset, base, f"{dataset.name}-base"),
@@ -304,7 +295,6 @@ class CrossDataset(Protocol):
                "each target dataset")
     default_targets = CROSS_DATASET_TARGETS
     columns = (("source_accuracy", "source (%)"), ("targets_average", "targets average (%)"))
-    recipe = COCOOP_PAPER_COOP
     published_datasets = ("imagenet",)
     published = {"CoOp": {"average": 63.88}, "CoCoOp": {"average": 65.74}, "MaPLe": {"average": 66.30},
                  "PromptSRC": {"average": 65.81}}  # ViT-B/16, 10-target averages

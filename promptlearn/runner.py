@@ -11,7 +11,7 @@ import torch
 
 from promptlearn import distributed
 from promptlearn.backbone import backbone_problems, load_backbone
-from promptlearn.config import NEUTRAL_KEYS, RunConfig, dump_yaml, protocol_epochs, saved_changes, to_dict
+from promptlearn.config import NEUTRAL_KEYS, RunConfig, dump_yaml, method_recipe, run_epochs, saved_changes, to_dict
 from promptlearn.data import DATASETS, build_dataset
 from promptlearn.data.fewshot import FewShotSplit, load_or_draw
 from promptlearn.data.loader import check_images
@@ -61,12 +61,9 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
         bank = FeatureBank(backbone, dataset, fewshot, cache=cache, batch_size=cfg.data.eval_batch_size,
                            num_workers=cfg.data.num_workers, skip_bad=cfg.data.skip_bad_images, seed=cfg.data.seed)
         clock, info_file = PhaseClock(bank), out / "run_info.json"
-        fixed = DATASETS[cfg.data.name].epochs
-        epochs = protocol_epochs(cfg.data.shots, fixed) if cfg.train.epochs is None else cfg.train.epochs
-        trainer = Trainer(cfg.train, epochs, cfg.data.seed, backbone.precision, tracking.epoch)  # trainer
-        log.info("%s (protocol %s): %d classes, %d-shot draw (seed %d): %d train, %d val images; test sets %s; "
-                 "%d epochs", dataset.name, protocol.name, dataset.num_classes, cfg.data.shots, cfg.data.seed,
-                 len(fewshot.train), len(fewshot.val), ", ".join(t.name for t in targets), epochs)
+        log.info("%s (protocol %s, recipe %s): %d classes, %d-shot draw (seed %d): %d train, %d val images; "
+                 "test sets %s", dataset.name, protocol.name, cfg.recipe, dataset.num_classes, cfg.data.shots,
+                 cfg.data.seed, len(fewshot.train), len(fewshot.val), ", ".join(t.name for t in targets))
         metrics, reports = {}, []
         for name in cfg.methods:
             unable = protocol.unable(cfg, method_class(name).capabilities_for(cfg))
@@ -83,6 +80,9 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
                     method.restore(eval_only)
                     info = {"checkpoint": str(eval_only)}
                 else:
+                    settings = method.training
+                    trainer = Trainer(settings, run_epochs(cfg, settings), cfg.data.seed, backbone.precision,
+                                      tracking.epoch)                                  # trainer
                     info = method.fit(bank, trainer, folder / "checkpoint.pt", resume)
             if not writer:
                 continue  # evaluating and reporting are rank 0's
@@ -94,7 +94,7 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
                 result = protocol.combine({t.name: evaluate_on(method, t, bank, folder / t.folder, cfg)
                                            for t in targets})
             result.update(info, train_seconds=info.get("train_seconds", phases["training_seconds"]),
-                          phases=phases)
+                          phases=phases, recipe=method_recipe(cfg, name))
             extra = method.after_training(folder)  # e.g. CoOp's prompt read as words
             if extra is not None:
                 result.update(extra.metrics)
@@ -139,6 +139,7 @@ def run_info(cfg: RunConfig, backbone, clock: PhaseClock, bank: FeatureBank) -> 
     """The protocol, the environment, wall-clock per phase, feature extraction (images encoded and read from
     the cache, images per second) and peak memory (run_info.json)."""
     return {"protocol": cfg.protocol, "selection": cfg.selection,
+            "recipes": {name: method_recipe(cfg, name) for name in cfg.methods},
             "environment": environment(backbone.device, backbone.precision),
             "phase_seconds": clock.record(), "feature_extraction": bank.extraction_record(),
             **peak_memory(backbone.device)}

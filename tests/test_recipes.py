@@ -49,9 +49,9 @@ def test_published_facts_read_from_the_files():
     assert entry("prograd", "fewshot", "dtd", 4).settings["prograd.projection"] == 1.0
     assert entry("kgcoop", "base2novel", "dtd", 16).settings["kgcoop.epochs"] == 100
     assert entry("kgcoop", "cross_dataset", "imagenet", 4).settings["kgcoop.weight"] == 8.0
-    assert entry("tip_adapter_f", "fewshot", "eurosat", 16).settings["tip_adapter.epochs"] == 100
-    assert entry("tip_adapter_f", "fewshot", "dtd", 16).settings["tip_adapter.init_alpha"] == 2.0
-    assert entry("coop", "fewshot", "caltech101", 2).settings["train.epochs"] == 100
+    assert entry("tip_adapter_f", "fewshot", "eurosat", 16).settings["tip_adapter_f.epochs"] == 100
+    assert entry("tip_adapter_f", "fewshot", "dtd", 16).settings["tip_adapter_f.init_alpha"] == 2.0
+    assert entry("coop", "fewshot", "caltech101", 2).settings["coop.epochs"] == 100
     lpclip = recipes_for("linear_probe")[0].unmapped
     assert lpclip["c_grid"] == [1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6] and lpclip["bisection_steps"] == 8
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from promptlearn.checkpoint import check_meta, load_checkpoint
-from promptlearn.config import register_section
+from promptlearn.config import TRAINING_KEYS, register_section, training_settings
 from promptlearn.errors import CheckpointError
 from promptlearn.features import TrainingFeatures, TrainingImages
 from promptlearn.registry import Registry
@@ -57,13 +57,13 @@ class AfterTraining:
 METHODS: Registry[type["Method"]] = Registry("method", filled_by="promptlearn.methods")
 
 
-def register_method(name: str, config: type | None = None, section: str | None = None) -> Callable:
-    """Register a Method subclass under `name`; `config` is its config section's dataclass (the section
-    is called `name`), or `section` names another method's section that it shares."""
+def register_method(name: str, config: type | None = None) -> Callable:
+    """Register a Method subclass under `name`; `config` is its config section's dataclass (the section is
+    called `name`: each method owns its settings)."""
 
     def add(cls: type[Method]) -> type[Method]:
         cls.name = name
-        cls.section = section or (name if config is not None else None)
+        cls.section = name if config is not None else None
         if config is not None:
             register_section(name, config)
         return METHODS.add(name, cls)
@@ -99,6 +99,20 @@ class Method(nn.Module):
     name = "method"
     section: str | None = None  # its config section, if any
     capabilities = Capabilities()
+    # the training keys (config.TRAINING_KEYS) this method reads from its section; a given train.<key> or
+    # <section>.<key> that a method would not read is refused (config.reach_problems)
+    training_keys: frozenset[str] = frozenset()
+    # why it reads no other training key, for those refusals
+    unread_training: str = "it trains nothing"
+
+    @classmethod
+    def trains(cls) -> bool:
+        """Whether it runs a training loop (a given train.<key> must then reach it)."""
+        return cls.capabilities.trains or "epochs" in cls.training_keys
+
+    @classmethod
+    def unread_reason(cls, key: str) -> str:
+        return f"{cls.name} reads no {key}: {cls.unread_training}"
 
     @classmethod
     def capabilities_for(cls, cfg: "RunConfig") -> Capabilities:
@@ -116,10 +130,15 @@ class Method(nn.Module):
 
     @property
     def lr_key(self) -> str:
-        """The config key that sets the learning rate this method trains with: its section's `lr` where it
-        has one that is set (tip_adapter.lr for Tip-Adapter-F), else train.lr."""
+        """The config key that sets the learning rate this method trains with: its section's `lr` where that
+        is set, else train.lr."""
         own = self.cfg.sections.get(self.section) if self.section else None
         return f"{self.section}.lr" if getattr(own, "lr", None) is not None else "train.lr"
+
+    @property
+    def training(self) -> "TrainConfig":
+        """The training settings this method runs with (config.training_settings)."""
+        return training_settings(self.cfg, self.section)
 
     def fit(self, bank: "FeatureBank", trainer: "Trainer", checkpoint: Path, resume: bool) -> dict:
         """Learn from the few-shot features; returns facts worth reporting (chosen C, history...)."""
@@ -139,8 +158,8 @@ class Method(nn.Module):
         backward_sum(losses, scale)
 
     def training_features(self, bank: "FeatureBank") -> TrainingFeatures:
-        """The features a learning method trains on: cached augmented passes (see train.feature_passes)."""
-        train = self.cfg.train
+        """The features a learning method trains on: cached augmented passes (see feature_passes)."""
+        train = self.training
         return TrainingFeatures(bank, train.feature_passes, train.augment, train.crop_scale)
 
     def end_of_epoch(self, epoch: int, epochs: int) -> None:
@@ -202,6 +221,8 @@ class ImageMethod(Method):
 
     capabilities = Capabilities(learns=True, trains=True, cached_features=False, unseen_classes=True,
                                 eval_from_checkpoint=True)
+    training_keys = frozenset(TRAINING_KEYS) - {"feature_passes"}
+    unread_training = "it streams images through its own encoder at every step, so caches no feature passes"
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image features through the method's own (prompted or adapted) image encoder."""
@@ -212,11 +233,15 @@ class ImageMethod(Method):
         raise NotImplementedError
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone.logits(self.encode_images(images), self.text_features())
+        return self.logits(self.encode_images(images), self.text_features())
+
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """Hook: class scores of features (default: the backbone's scaled cosines)."""
+        return self.backbone.logits(image_features, text_features)
 
     def scorer(self):
         text = self.text_features().float()  # once for all test images
-        return lambda image_features: self.backbone.logits(image_features, text)
+        return lambda image_features: self.logits(image_features, text)
 
     @torch.no_grad()
     def _encode_for_test(self, images: torch.Tensor) -> torch.Tensor:
@@ -228,4 +253,5 @@ class ImageMethod(Method):
         return bank.test_of(dataset, encode=self._encode_for_test)
 
     def training_images(self, bank: "FeatureBank") -> TrainingImages:
-        return TrainingImages(bank, self.cfg.train.augment)
+        train = self.training
+        return TrainingImages(bank, train.augment, train.crop_scale)

@@ -19,36 +19,36 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from promptlearn.checkpoint import check_meta, load_checkpoint
+from promptlearn.config import TRAINING_KEYS, TrainingKeys
 from promptlearn.data import dataset_templates
 from promptlearn.data.registry import IMAGENET_ENSEMBLE, chosen_templates
 from promptlearn.errors import CheckpointError
 from promptlearn.features import PooledPasses, TrainingFeatures
-from promptlearn.methods.base import Capabilities, Method, own_recipe, protocol_problems, register_method
+from promptlearn.methods.base import Capabilities, Method, protocol_problems, register_method
 from promptlearn.trainer import StepLosses
 
 PROTOTYPE_NAMES = "prototype_classnames"  # in the trainable state: the class of each prototype row
 
 
 @dataclass
-class ClapConfig:
+class ClapConfig(TrainingKeys):
     protocol: str = "promptlearn"  # promptlearn | reference (the published code's epochs and ImageNet templates)
     constraint: bool = True  # the class-adaptive penalty (false: ZS-LP)
-    lr: float = 0.1
-    batch_size: int = 256
-    epochs: int = 300
-    weight_decay: float = 0.0
-    feature_passes: int = 20  # augmented passes of the training images
+    lr: Optional[float] = 0.1
+    batch_size: Optional[int] = 256
+    epochs: Optional[int] = 300
+    weight_decay: Optional[float] = 0.0
+    feature_passes: Optional[int] = 20  # augmented passes of the training images
 
     def problems(self) -> list[str]:
         found = []
-        if not (self.lr > 0 and self.weight_decay >= 0):  # counts and sizes: config.integer_problems
-            found.append("clap.lr must be positive and clap.weight_decay 0 or more")
         found += protocol_problems("clap", self.protocol)
         if self.protocol == "reference" and self.feature_passes == 0:
             found.append("clap.protocol=reference draws from a pool of cached passes: clap.feature_passes must be "
@@ -86,6 +86,7 @@ def prototype_penalty(prototypes: torch.Tensor, anchors: torch.Tensor, multiplie
 @register_method("clap", config=ClapConfig)
 class Clap(Method):
     capabilities = Capabilities(learns=True, trains=True, unseen_classes=True, eval_from_checkpoint=True)
+    training_keys = frozenset(TRAINING_KEYS)
 
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
@@ -106,9 +107,9 @@ class Clap(Method):
         return StepLosses(logits, losses)
 
     def training_features(self, bank) -> TrainingFeatures:
-        own = self.cfg.clap
-        features = PooledPasses if own.protocol == "reference" else TrainingFeatures
-        return features(bank, own.feature_passes, self.cfg.train.augment, self.cfg.train.crop_scale)
+        train = self.training
+        features = PooledPasses if self.cfg.clap.protocol == "reference" else TrainingFeatures
+        return features(bank, train.feature_passes, train.augment, train.crop_scale)
 
     def fit(self, bank, trainer, checkpoint, resume) -> dict:
         own, data = self.cfg.clap, self.training_features(bank)
@@ -117,11 +118,8 @@ class Clap(Method):
         with torch.no_grad():  # the prototypes are still the zero-shot ones here, also on --resume
             zero_shot = self.backbone.logits(features, F.normalize(self.anchors, dim=-1))
         self.multipliers = class_adaptive_multipliers(zero_shot, labels)
-        train = self.cfg.train
-        if own.protocol == "reference":  # the published loop: a schedule to 0 over whole epochs, whatever train.*
-            train = dataclasses.replace(train, min_lr=0.0, max_steps=None)
-        trainer = own_recipe(trainer, train, own.epochs, lr=own.lr, batch_size=own.batch_size,
-                             weight_decay=own.weight_decay)
+        if own.protocol == "reference":  # the published loop: a schedule to 0 over whole epochs
+            trainer = trainer.with_recipe(dataclasses.replace(trainer.cfg, min_lr=0.0, max_steps=None), trainer.epochs)
         info = trainer.fit(self, data, checkpoint, resume)
         return {**info, "multipliers_mean": float(self.multipliers.mean())}
 

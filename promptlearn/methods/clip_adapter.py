@@ -8,32 +8,27 @@ scale with the feature norm): one cache serves every method.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from promptlearn.config import TRAINING_KEYS, TrainingKeys
 from promptlearn.data import dataset_templates
 from promptlearn.methods.base import Capabilities, Method, register_method
 from promptlearn.methods.zeroshot import text_classifier
 
 
 @dataclass
-class ClipAdapterConfig:
+class ClipAdapterConfig(TrainingKeys):
     alpha: float = 0.2  # residual ratio: alpha * adapter(f) + (1 - alpha) * f
     reduction: int = 4  # bottleneck width: feature width // reduction
-    lr: Optional[float] = None  # None: train.lr (the official code runs in CoOp's trainer and recipe)
-    epochs: Optional[int] = None  # None: the same epochs as CoOp
 
     def problems(self) -> list[str]:
         found = []
         if not 0 <= self.alpha <= 1:
             found.append(f"clip_adapter.alpha must be in [0, 1], got {self.alpha}")
-        if self.lr is not None and self.lr <= 0:
-            found.append(f"clip_adapter.lr must be positive (or unset for train.lr), got {self.lr}")
         return found
 
 
@@ -47,6 +42,7 @@ def bottleneck(width: int, reduction: int) -> nn.Sequential:
 @register_method("clip_adapter", config=ClipAdapterConfig)
 class ClipAdapter(Method):
     capabilities = Capabilities(learns=True, trains=True, unseen_classes=True)
+    training_keys = frozenset(TRAINING_KEYS)
 
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
@@ -59,9 +55,6 @@ class ClipAdapter(Method):
         return self.backbone.logits(F.normalize(mixed, dim=-1), self.weights)
 
     def fit(self, bank, trainer, checkpoint, resume) -> dict:
-        own = self.cfg.clip_adapter
-        recipe = dataclasses.replace(self.cfg.train, lr=self.cfg.train.lr if own.lr is None else own.lr)
-        trainer = trainer.with_recipe(recipe, trainer.epochs if own.epochs is None else own.epochs)
         return trainer.fit(self, self.training_features(bank), checkpoint, resume)
 
     def checkpoint_meta(self) -> dict:

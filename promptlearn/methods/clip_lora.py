@@ -14,11 +14,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from promptlearn.config import TRAINING_KEYS, TrainingKeys
 from promptlearn.data import dataset_templates
 from promptlearn.data.registry import DEFAULT_TEMPLATE, chosen_templates
 from promptlearn.deep_prompts import checkpointed
@@ -32,7 +34,7 @@ REFERENCE_MIN_LR = 1e-6  # the published code's eta_min
 
 
 @dataclass
-class ClipLoraConfig:
+class ClipLoraConfig(TrainingKeys):
     protocol: str = "promptlearn"  # promptlearn | reference (the published code's schedule, step count, template)
     rank: int = 2
     alpha: float = 1.0
@@ -40,11 +42,14 @@ class ClipLoraConfig:
     projections: str = "qkv"  # any of q, k, v, o
     layers: str = "all"  # "all" or block indices, e.g. "0,1,2,3" (the same for both towers)
     encoder: str = "both"  # both | vision | text
-    lr: float = 2e-4
-    weight_decay: float = 0.01
-    batch_size: int = 32
+    lr: Optional[float] = 2e-4
+    weight_decay: Optional[float] = 0.01
+    batch_size: Optional[int] = 32
+    optimizer: Optional[str] = "adamw"
+    warmup_epochs: Optional[int] = 0
     iterations_per_shot: int = 500
     grad_checkpointing: bool = False
+    logit_scale: Optional[float] = None  # a fixed scale of the cosines (the authors' code: 100); None: the backbone's
 
     def problems(self) -> list[str]:
         found = []
@@ -55,8 +60,6 @@ class ClipLoraConfig:
         found += protocol_problems("clip_lora", self.protocol)
         if self.encoder not in ENCODERS:
             found.append(f"clip_lora.encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
-        if self.lr <= 0:
-            found.append(f"clip_lora.lr must be positive, got {self.lr}")
         if self.layers != "all" and not all(p.strip().isdigit() for p in self.layers.split(",")):
             found.append(f"clip_lora.layers must be 'all' or block indices such as '0,1,2', got {self.layers!r}")
         return found
@@ -74,6 +77,9 @@ def chosen(blocks: list[nn.Module], layers: str, tower: str) -> list[nn.Module]:
 
 @register_method("clip_lora", config=ClipLoraConfig)
 class ClipLora(ImageMethod):
+    training_keys = frozenset(TRAINING_KEYS) - {"epochs", "feature_passes"}
+    unread_training = ("it trains for clip_lora.iterations_per_shot x shots iterations, on images streamed through "
+                       "its adapted encoder at every step")
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
         own = self.own = cfg.clip_lora
@@ -94,6 +100,12 @@ class ClipLora(ImageMethod):
         if "text" not in self.adapters:
             with torch.no_grad():
                 self.register_buffer("frozen_text", self.text_features(), persistent=False)
+
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        scale = self.own.logit_scale
+        if scale is None:
+            return self.backbone.logits(image_features, text_features)
+        return scale * image_features @ text_features.t() + self.backbone.logit_bias
 
     def template(self) -> str:
         """The dataset's first template; under the reference "a photo of a {}.", unless data.template(s) is set."""
@@ -126,13 +138,12 @@ class ClipLora(ImageMethod):
         the last short batch and stops at exactly that many iterations."""
         own = self.own
         iterations = own.iterations_per_shot * bank.fewshot.shots
-        recipe = dataclasses.replace(self.cfg.train, optimizer="adamw", lr=own.lr, weight_decay=own.weight_decay,
-                                     batch_size=own.batch_size, warmup_epochs=0)
+        recipe = self.training
         if own.protocol == "reference":
             recipe = dataclasses.replace(recipe, lr_per_step=True, min_lr=REFERENCE_MIN_LR, max_steps=iterations,
                                          drop_last=False)
         data = self.training_images(bank)
-        steps = steps_per_epoch(len(data), own.batch_size, recipe.drop_last)
+        steps = steps_per_epoch(len(data), recipe.batch_size, recipe.drop_last)
         epochs = math.ceil(iterations / max(steps, 1))
         return trainer.with_recipe(recipe, epochs).fit(self, data, checkpoint, resume)
 

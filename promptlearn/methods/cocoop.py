@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from promptlearn.methods.base import Capabilities, own_recipe, register_method
+from promptlearn.methods.base import Capabilities, register_method
 from promptlearn.methods.coop import CoOp, CoOpConfig
 from promptlearn.text_tower import Packing
 
@@ -31,9 +31,9 @@ class CoCoOpConfig(CoOpConfig):
     section: ClassVar[str] = "cocoop"
     ctx_init: str = "a photo of a"
     prompts_per_pass: int = 4096  # prompts (image x class) per text-tower pass; bounds memory
-    lr: Optional[float] = 0.002  # None: train.lr
+    lr: Optional[float] = 0.002
     batch_size: Optional[int] = 1  # the original's; larger batches give the same per-image logits
-    epochs: Optional[int] = 10  # None: the run's epochs (train.epochs or the protocol's)
+    epochs: Optional[int] = 10
 
     def problems(self) -> list[str]:
         found = super().problems()
@@ -124,11 +124,6 @@ class CoCoOp(CoOp):
 
     def scorer(self):
         return self
-
-    def fit(self, bank, trainer, checkpoint, resume) -> dict:
-        own = self.own
-        trainer = own_recipe(trainer, self.cfg.train, own.epochs, lr=own.lr, batch_size=own.batch_size)
-        return trainer.fit(self, self.training_features(bank), checkpoint, resume)
 
     def after_training(self, folder):
         return None  # the context alone is not the prompt any image sees

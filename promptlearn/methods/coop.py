@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from promptlearn.backbone import FrozenCLIP
-from promptlearn.config import CLASS_POSITIONS
+from promptlearn.config import CLASS_POSITIONS, TRAINING_KEYS, TrainingKeys
 from promptlearn.decoder import save_decoded_prompt
 from promptlearn.errors import ConfigError, PromptlearnError
 from promptlearn.methods.base import AfterTraining, Capabilities, Method, register_method
@@ -26,7 +26,7 @@ RANDOM_CTX_STD = 0.02
 
 
 @dataclass
-class CoOpConfig:
+class CoOpConfig(TrainingKeys):
     section: ClassVar[str] = "coop"  # the section's name in messages (methods built on CoOp have their own)
     n_ctx: Optional[int] = None  # context length M (16 when unset); with ctx_init, the phrase's token count
     ctx_init: str = ""  # e.g. "a photo of a"; empty: random normal init, std 0.02
@@ -185,6 +185,7 @@ def class_chunks(n: int, chunk: int = 0) -> list[slice]:
 class CoOp(Method):
     capabilities = Capabilities(learns=True, trains=True, unseen_classes=True, decodes_prompt=True,
                                 eval_from_checkpoint=True, static_step=True)
+    training_keys = frozenset(TRAINING_KEYS)
     force_class_specific: bool | None = None
 
     @classmethod
@@ -271,7 +272,13 @@ class CoOp(Method):
                 "ctx_init": self.own.ctx_init}
 
 
-@register_method("coop_csc", section="coop")
+@dataclass
+class CoOpClassSpecificConfig(CoOpConfig):
+    section: ClassVar[str] = "coop_csc"
+    class_specific: bool = True  # always: the method is CoOp with one context per class
+
+
+@register_method("coop_csc", config=CoOpClassSpecificConfig)
 class CoOpClassSpecific(CoOp):
-    """CoOp with one context per class, whatever coop.class_specific says (for sweeps)."""
+    """CoOp with one context per class, whatever coop_csc.class_specific says (for sweeps beside coop)."""
     force_class_specific = True

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from promptlearn.backbone import FrozenCLIP
+from promptlearn.config import TrainingKeys
 from promptlearn.deep_prompts import check_text_tower, checkpointed, image_tower, text_prompts, vision_prompts
 from promptlearn.errors import ConfigError
 from promptlearn.methods.base import ImageMethod, register_method
@@ -27,15 +29,15 @@ PROMPT_STD = 0.02  # random init of every learned token
 
 
 @dataclass
-class DeepPromptConfig:
+class DeepPromptConfig(TrainingKeys):
     n_ctx_text: int = 2  # learned tokens in the text prompt (0: text side frozen)
     n_ctx_vision: int = 2  # learned tokens in the image sequence
     depth_text: int = 12  # text blocks whose input carries learned tokens (1: the first layer only)
     depth_vision: int = 12
     ctx_init: str = "a photo of a"  # the text prompt's phrase; its first n_ctx_text tokens are learned
-    lr: float = 0.0035
-    batch_size: int = 4
-    epochs: int = 5
+    lr: Optional[float] = 0.0035
+    batch_size: Optional[int] = 4
+    epochs: Optional[int] = 5
     grad_checkpointing: bool = False  # recompute each tower's activations in backward: less memory
 
     def problems(self) -> list[str]:
@@ -43,8 +45,6 @@ class DeepPromptConfig:
         found = [f"{name}.{key} must be at least {low}, got {getattr(self, key)}"
                  for key, low in (("n_ctx_text", 0), ("n_ctx_vision", 0), ("depth_text", 1), ("depth_vision", 1))
                  if getattr(self, key) < low]
-        if self.lr <= 0:
-            found.append(f"{name}.lr must be positive, got {self.lr}")
         return found
 
 
@@ -141,9 +141,7 @@ class DeepPromptMethod(ImageMethod):
         return checkpointed(lambda: self.text.encode(self.text_deep_list()), enabled=self.own.grad_checkpointing)
 
     def fit(self, bank, trainer, checkpoint, resume) -> dict:
-        own = self.own
-        recipe = dataclasses.replace(self.cfg.train, lr=own.lr, batch_size=own.batch_size)
-        return trainer.with_recipe(recipe, own.epochs).fit(self, self.training_images(bank), checkpoint, resume)
+        return trainer.fit(self, self.training_images(bank), checkpoint, resume)
 
     def checkpoint_meta(self) -> dict:
         meta = super().checkpoint_meta()

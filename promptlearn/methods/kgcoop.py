@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from promptlearn.data import dataset_templates
 from promptlearn.data.registry import chosen_templates
-from promptlearn.methods.base import own_recipe, register_method
+from promptlearn.methods.base import register_method
 from promptlearn.methods.coop import CoOp, CoOpConfig
 from promptlearn.methods.zeroshot import text_classifier
 from promptlearn.trainer import StepLosses
@@ -25,9 +25,9 @@ class KgCoOpConfig(CoOpConfig):
     section: ClassVar[str] = "kgcoop"
     ctx_init: str = "a photo of a"
     weight: float = 8.0  # of the knowledge-guidance penalty
-    lr: Optional[float] = 0.002  # None: train.lr
-    batch_size: Optional[int] = 128  # None: train.batch_size
-    epochs: Optional[int] = 100  # None: the run's epochs (train.epochs or the protocol's)
+    lr: Optional[float] = 0.002
+    batch_size: Optional[int] = 128
+    epochs: Optional[int] = 100
 
     def problems(self) -> list[str]:
         found = super().problems()
@@ -66,11 +66,6 @@ class KgCoOp(CoOp):  # CoOp's capabilities
         logits = self.backbone.logits(image_features, text)
         return StepLosses(logits, {"cross_entropy": F.cross_entropy(logits.float(), labels),
                                    "knowledge_guidance": self.own.weight * knowledge_guidance(text, self.hand_crafted)})
-
-    def fit(self, bank, trainer, checkpoint, resume) -> dict:
-        own = self.own
-        trainer = own_recipe(trainer, self.cfg.train, own.epochs, lr=own.lr, batch_size=own.batch_size)
-        return trainer.fit(self, self.training_features(bank), checkpoint, resume)
 
     def checkpoint_meta(self) -> dict:
         return {**super().checkpoint_meta(), "weight": self.own.weight}

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from promptlearn.config import TrainingKeys
 from promptlearn.data import dataset_templates
 from promptlearn.data.transforms import HALF_AREA_CROP_SCALE
 from promptlearn.errors import DataError
@@ -32,9 +34,9 @@ from promptlearn.progress import progress
 
 
 @dataclass
-class LpPlusPlusConfig:
+class LpPlusPlusConfig(TrainingKeys):
     protocol: str = "promptlearn"  # promptlearn | reference (the published code's crops and ImageNet templates)
-    epochs: int = 300
+    epochs: Optional[int] = 300
     alpha_every: int = 10  # epochs between updates of the blending weights
     alpha_init_scale: float = 250.0
 
@@ -74,6 +76,9 @@ def initial_blend(features: torch.Tensor, labels: torch.Tensor, text: torch.Tens
 @register_method("lp_pp", config=LpPlusPlusConfig)
 class LinearProbePlusPlus(Method):
     capabilities = Capabilities(learns=True, uses_validation=True)
+    training_keys = frozenset({"epochs", "augment", "crop_scale"})
+    unread_training = ("it takes full-batch steps whose sizes it computes from the features, on one augmented "
+                       "pass, keeping the epoch of best validation accuracy")
 
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
@@ -88,8 +93,9 @@ class LinearProbePlusPlus(Method):
 
     def fit(self, bank, trainer, checkpoint, resume) -> dict:
         # one augmented pass of the training images, as the authors' loader gives
-        crop_scale = HALF_AREA_CROP_SCALE if self.reference else self.cfg.train.crop_scale
-        own, train, val = self.cfg.lp_pp, bank.train_pass(0, self.cfg.train.augment, crop_scale=crop_scale), bank.val
+        settings = self.training
+        crop_scale = HALF_AREA_CROP_SCALE if self.reference else settings.crop_scale
+        own, train, val = self.cfg.lp_pp, bank.train_pass(0, settings.augment, crop_scale=crop_scale), bank.val
         if len(val) == 0:
             raise DataError("lp_pp needs a few-shot validation set to choose its epoch, but the draw has none; "
                             "the dataset has no val split and no training images left over")
@@ -102,7 +108,7 @@ class LinearProbePlusPlus(Method):
         optimizer = torch.optim.SGD(self.visual.parameters(), lr=lr_visual, momentum=0.9)
         best, best_epoch, best_state = -1.0, 0, copy.deepcopy(self.state_dict())
         history = []
-        for epoch in progress(range(own.epochs), desc="lp_pp", leave=False):
+        for epoch in progress(range(settings.epochs), desc="lp_pp", leave=False):
             self.train()
             loss = F.cross_entropy(self(x), y)
             optimizer.zero_grad()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +48,8 @@ class PromptSRCConfig(DeepPromptConfig):
     n_ctx_vision: int = 4
     depth_text: int = 9
     depth_vision: int = 9
-    lr: float = 0.0025
-    epochs: int = 20
+    lr: Optional[float] = 0.0025
+    epochs: Optional[int] = 20
     text_loss_weight: float = 25.0
     image_loss_weight: float = 10.0
     gpa_mean: float = 15.0

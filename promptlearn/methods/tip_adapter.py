@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from promptlearn.config import TRAINING_KEYS, TrainingKeys
 from promptlearn.data import dataset_templates
 from promptlearn.data.transforms import HALF_AREA_CROP_SCALE
 from promptlearn.errors import ConfigError, DataError
@@ -42,32 +44,37 @@ REFERENCE_SEARCH_STEPS = (200, 20)  # beta, alpha
 
 
 @dataclass
-class TipAdapterConfig:
+class TipAdapterConfig(TrainingKeys):
     protocol: str = "promptlearn"  # promptlearn | reference (the published code's grids, schedule, crops)
     alpha_range: list[float] = field(default_factory=lambda: [0.1, 10.0])  # searched on the validation set
     alpha_steps: int = 20
     beta_range: list[float] = field(default_factory=lambda: [0.1, 12.0])
     beta_steps: int = 200
-    init_alpha: float = 1.0  # alpha and beta while Tip-Adapter-F fine-tunes the keys
+    init_alpha: float = 1.0  # alpha and beta where nothing is searched, and while Tip-Adapter-F fine-tunes the keys
     init_beta: float = 1.0
-    epochs: int = 20  # Tip-Adapter-F's recipe: AdamW, cosine, batch 256
-    lr: float = 0.001
-    batch_size: int = 256
-    eps: float = 1e-4
-    weight_decay: float = 0.01
+
+    section = "tip_adapter"
 
     def problems(self) -> list[str]:
         found = []
-        found += protocol_problems("tip_adapter", self.protocol)
+        found += protocol_problems(self.section, self.protocol)
         for name in ("alpha", "beta"):
             lo_hi = getattr(self, f"{name}_range")
             if not (len(lo_hi) == 2 and 0 <= lo_hi[0] <= lo_hi[1]):
-                found.append(f"tip_adapter.{name}_range must be [low, high] with 0 <= low <= high, got {lo_hi}")
-        if self.lr <= 0:
-            found.append(f"tip_adapter.lr must be positive, got {self.lr}")
-        if self.eps <= 0:
-            found.append(f"tip_adapter.eps must be positive, got {self.eps}")
+                found.append(f"{self.section}.{name}_range must be [low, high] with 0 <= low <= high, got {lo_hi}")
         return found
+
+
+@dataclass
+class TipAdapterFConfig(TipAdapterConfig):
+    section = "tip_adapter_f"
+    epochs: Optional[int] = 20  # Tip-Adapter-F's recipe: AdamW, cosine, batch 256
+    lr: Optional[float] = 0.001
+    batch_size: Optional[int] = 256
+    eps: Optional[float] = 1e-4
+    weight_decay: Optional[float] = 0.01
+    optimizer: Optional[str] = "adamw"
+    warmup_epochs: Optional[int] = 0
 
 
 def search_grid(low_high: list[float], steps: int) -> list[float]:
@@ -84,8 +91,9 @@ class Protocol:
     """Where Tip-Adapter's settings come from: its config section, or, for protocol=reference, the
     published code's per-dataset values (the config's grid, init and recipe keys are then not read)."""
 
-    def __init__(self, cfg):
-        self.tip, self.dataset, self.reference = cfg.tip_adapter, cfg.data.name, cfg.tip_adapter.protocol == "reference"
+    def __init__(self, cfg, section: str):
+        self.tip, self.dataset = cfg.sections[section], cfg.data.name
+        self.reference = self.tip.protocol == "reference"
         if self.reference and self.dataset not in REFERENCE_SEARCH_SCALE:
             raise ConfigError(
                 f"tip_adapter.protocol=reference knows the published settings of {', '.join(REFERENCE_SEARCH_SCALE)} "
@@ -109,14 +117,12 @@ class Protocol:
         return self.tip.init_alpha, self.tip.init_beta
 
     def epochs(self) -> int:
-        return REFERENCE_EPOCHS.get(self.dataset, REFERENCE_DEFAULT_EPOCHS) if self.reference else self.tip.epochs
+        return REFERENCE_EPOCHS.get(self.dataset, REFERENCE_DEFAULT_EPOCHS) if self.reference else None
 
     def recipe(self, train):
         """Tip-Adapter-F's training recipe: AdamW, cosine, no warm-up; the reference steps the cosine every
         iteration and keeps the last short batch."""
-        tip = self.tip
-        recipe = dataclasses.replace(train, optimizer="adamw", lr=tip.lr, eps=tip.eps, weight_decay=tip.weight_decay,
-                                     batch_size=tip.batch_size, warmup_epochs=0)
+        recipe = train
         if self.reference:
             recipe = dataclasses.replace(recipe, lr_per_step=True, drop_last=False, min_lr=0.0, max_steps=None,
                                          crop_scale=list(HALF_AREA_CROP_SCALE))
@@ -138,17 +144,19 @@ def cache_logits(affinity: torch.Tensor, values: torch.Tensor, beta: float) -> t
 @register_method("tip_adapter", config=TipAdapterConfig)
 class TipAdapter(ZeroShot):
     capabilities = Capabilities(learns=True, uses_validation=True)
+    training_keys = frozenset({"augment", "crop_scale", "feature_passes"})  # the passes its cache averages
+    unread_training = "it trains nothing (tip_adapter_f.* sets Tip-Adapter-F's training)"
     fine_tunes = False  # Tip-Adapter-F learns the keys
 
     @classmethod
     def capabilities_for(cls, cfg) -> Capabilities:
         """Validation-free (selection=none): alpha and beta stay at init_alpha and init_beta, nothing is searched.
         A reference protocol for a dataset without published settings stops here, before anything loads."""
-        Protocol(cfg)
+        Protocol(cfg, cls.section)
         return dataclasses.replace(cls.capabilities, uses_validation=cfg.selection != "none")
 
     def __init__(self, cfg, backbone, classnames):
-        self.protocol = Protocol(cfg)
+        self.protocol = Protocol(cfg, self.section)
         super().__init__(cfg, backbone, classnames)
         self.alpha, self.beta = self.protocol.init()
         empty_keys = torch.zeros(0, backbone.embed_dim)  # filled from the few-shot draw in fit()
@@ -176,7 +184,7 @@ class TipAdapter(ZeroShot):
         return {**info, **chosen, "cache_size": len(keys)}
 
     def training_features(self, bank) -> TrainingFeatures:
-        train = self.cfg.train
+        train = self.training
         return TrainingFeatures(bank, train.feature_passes, train.augment, self.protocol.crop_scale(train))
 
     def templates(self) -> list[str]:
@@ -184,8 +192,10 @@ class TipAdapter(ZeroShot):
 
     def fine_tune(self, data: TrainingFeatures, trainer, checkpoint, resume) -> dict:
         """Tip-Adapter-F's recipe (see Protocol.recipe), at the initial alpha and beta."""
-        recipe = self.protocol.recipe(self.cfg.train)
-        return trainer.with_recipe(recipe, self.protocol.epochs()).fit(self, data, checkpoint, resume)
+        epochs = self.protocol.epochs()
+        recipe = self.protocol.recipe(trainer.cfg)
+        return trainer.with_recipe(recipe, trainer.epochs if epochs is None else epochs).fit(self, data, checkpoint,
+                                                                                           resume)
 
     @torch.no_grad()
     def search(self, val: SplitFeatures) -> dict:
@@ -204,15 +214,16 @@ class TipAdapter(ZeroShot):
                 best_correct, best_alpha, best_beta = int(correct[i]), alpha_grid[i], beta
         self.alpha, self.beta = best_alpha, best_beta
         return {"alpha": best_alpha, "beta": best_beta, "val_accuracy": 100.0 * best_correct / len(y),
-                "protocol": self.cfg.tip_adapter.protocol, **searched}
+                "protocol": self.protocol.tip.protocol, **searched}
 
     def checkpoint_meta(self) -> dict:
         init_alpha, init_beta = self.protocol.init()
         return {**super().checkpoint_meta(), "cache_size": len(self.keys), "init_alpha": init_alpha,
-                "init_beta": init_beta, "protocol": self.cfg.tip_adapter.protocol}
+                "init_beta": init_beta, "protocol": self.protocol.tip.protocol}
 
 
-@register_method("tip_adapter_f", section="tip_adapter")
+@register_method("tip_adapter_f", config=TipAdapterFConfig)
 class TipAdapterF(TipAdapter):
     capabilities = Capabilities(learns=True, trains=True, uses_validation=True)
+    training_keys = frozenset(TRAINING_KEYS)
     fine_tunes = True

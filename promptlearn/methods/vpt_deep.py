@@ -3,6 +3,7 @@ frozen text encoder's features of "<ctx_init> <class name>." (the authors' VPT b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -17,7 +18,7 @@ class VptDeepConfig(DeepPromptConfig):
     n_ctx_vision: int = 8
     depth_text: int = 1
     depth_vision: int = 12
-    lr: float = 0.0025
+    lr: Optional[float] = 0.0025
 
     def problems(self) -> list[str]:
         found = super().problems()

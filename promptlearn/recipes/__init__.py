@@ -2,8 +2,10 @@
 
 Each file names the method and the authors' repository; each entry holds what the authors' configs and scripts
 set for a protocol (and, where they differ, per dataset and shot count): `settings` in promptlearn's own config
-keys, `unmapped` for published facts that have no promptlearn key yet, and the `source` file it was read from.
-Runs do not apply them yet (issue 26); `promptlearn list recipes [METHOD]` shows them.
+keys, `unmapped` for published facts that have no promptlearn key, and the `source` file it was read from. Settings are
+keys of the method's own config section. Under `recipe: published` (the default) a run applies, for each listed
+method, every entry that matches its protocol, dataset and shots, the more specific over the less (config.
+build_config: below config files and the command line). `promptlearn list recipes [METHOD]` shows them.
 
 File shape:
     method: promptsrc
@@ -20,6 +22,7 @@ File shape:
 """
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +51,37 @@ class Recipe:
     unmapped: dict[str, Any] = field(default_factory=dict)
     backbone: str | None = None
     note: str | None = None
+
+
+def matching(method: str, protocol: str, dataset: str, shots: int) -> list[Recipe]:
+    """The entries of `method` that apply to a run, least specific first (an entry restricting more of protocol,
+    dataset and shots comes later and so wins; equals keep file order)."""
+    found = [r for r in all_recipes().get(method, [])
+             if (not r.protocols or protocol in r.protocols) and (not r.datasets or dataset in r.datasets)
+             and (not r.shots or shots in r.shots)]
+    return sorted(found, key=lambda r: bool(r.protocols) + bool(r.datasets) + bool(r.shots))
+
+
+def apply_recipes(cfg) -> None:
+    """Each listed method's matching entries, for every key that no config file, override or given train.<key>
+    set; a recipe's templates yield to a given data.template(s). Records the sources applied."""
+    from promptlearn.config import applied_recipes, given_keys, origins
+    from promptlearn.methods import METHODS
+
+    set_by_user = origins(cfg).keys() - {k for k, v in origins(cfg).items() if v.startswith("recipe ")}
+    own_templates = {"data.template", "data.templates"} & given_keys(cfg).keys()
+    for method in cfg.methods:
+        if method not in METHODS:
+            continue  # validate names it
+        applied = applied_recipes(cfg).setdefault(method, [])
+        for recipe in matching(method, cfg.protocol, cfg.data.name, cfg.data.shots):
+            applied.append(f"{recipe.repository} {recipe.source}")
+            for key, value in recipe.settings.items():
+                if key in set_by_user or (own_templates and key.endswith(".templates")):
+                    continue
+                section, _, leaf = key.partition(".")
+                setattr(cfg.sections[section], leaf, copy.deepcopy(value))
+                origins(cfg)[key] = f"recipe {recipe.repository} {recipe.source}"
 
 
 def recipes_for(method: str) -> list[Recipe]:
@@ -113,6 +147,7 @@ def load_recipe_file(path: str | Path) -> list[Recipe]:
 
 def parse_entry(entry: Any, method: str, repository: str, where: str) -> Recipe:
     from promptlearn.data import DATASETS
+    from promptlearn.methods import METHODS
     from promptlearn.protocols import PROTOCOLS
 
     if not isinstance(entry, dict):
@@ -143,6 +178,12 @@ def parse_entry(entry: Any, method: str, repository: str, where: str) -> Recipe:
             raise ConfigError(f"{where}: {key} must be text, got {entry[key]!r}")
     if not settings and not unmapped:
         raise ConfigError(f"{where}: the entry states nothing: give settings or unmapped facts")
+    section = METHODS[method].section
+    for key in settings:
+        if not (section and key.startswith(f"{section}.")):
+            raise ConfigError(f"{where}: {key} is not a key of {method}'s own section"
+                              + (f" ({section}.*)" if section else " (it has none)")
+                              + ": a recipe sets only its method's keys")
     settings = checked_settings(settings, where)
     return Recipe(method, repository, source.strip(), protocols, datasets, tuple(shots), settings, unmapped,
                   entry.get("backbone"), entry.get("note"))
@@ -159,7 +200,7 @@ def checked_settings(settings: dict[str, Any], where: str) -> dict[str, Any]:
     """The settings with each value as promptlearn reads it, checked by building a config from them: unknown
     keys, wrong types and out-of-range values are refused as in a config file."""
     try:
-        cfg = build_config([("settings", settings)])
+        cfg = build_config([("recipe", {"recipe": "promptlearn"}), ("settings", settings)])
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     checked = {}
