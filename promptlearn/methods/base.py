@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from promptlearn.checkpoint import check_meta, load_checkpoint
-from promptlearn.config import TRAINING_KEYS, register_section, training_settings
+from promptlearn.config import TRAINING_KEYS, origins, register_section, training_settings
 from promptlearn.errors import CheckpointError
 from promptlearn.features import TrainingFeatures, TrainingImages
 from promptlearn.registry import Registry
@@ -133,7 +133,9 @@ class Method(nn.Module):
         """The config key that sets the learning rate this method trains with: its section's `lr` where that
         is set, else train.lr."""
         own = self.cfg.sections.get(self.section) if self.section else None
-        return f"{self.section}.lr" if getattr(own, "lr", None) is not None else "train.lr"
+        if getattr(own, "lr", None) is None or origins(self.cfg).get(f"{self.section}.lr", "").startswith("train.lr"):
+            return "train.lr"
+        return f"{self.section}.lr"
 
     @property
     def train_config(self) -> "TrainConfig":
