@@ -441,10 +441,13 @@ def config_problems(cfg: RunConfig) -> list[str]:
         if not ok:
             problems.append(message)
 
-    for key, value in flat_values(cfg).items():  # inf and nan pass every range check below: refuse them first
+    # a value that followed a given train.<key> into the method sections is checked once, as train.<key>
+    followers = {key for key, source in origins(cfg).items() if source.startswith("train.")}
+    values = {key: value for key, value in flat_values(cfg).items() if key not in followers}
+    for key, value in values.items():  # inf and nan pass every range check below: refuse them first
         if isinstance(value, float) and not math.isfinite(value):
             problems.append(f"{key} must be a finite number, got {value}")
-    problems += integer_problems(flat_values(cfg))
+    problems += integer_problems(values)
     if problems:
         return problems
     need(cfg.backbone.precision in PRECISIONS,
@@ -461,18 +464,28 @@ def config_problems(cfg: RunConfig) -> list[str]:
     problems += training_problems(cfg.train, "train")
     for name, section in cfg.sections.items():  # each method's own training values, where it sets them
         if isinstance(section, TrainingKeys):
-            problems += training_problems(training_settings(cfg, name), name, section)
+            problems += training_problems(training_settings(cfg, name), name, section, followers)
     problems += reach_problems(cfg)
     need(cfg.selection in SELECTIONS,
          f"selection must be one of {', '.join(SELECTIONS)}, got {cfg.selection!r}")
-    for t in [*([cfg.data.template] if cfg.data.template is not None else []), *cfg.data.templates]:
-        need("{}" in t, f"data.template {t!r} must contain {{}} where the class name goes")
-        try:
-            t.format("class name")
-        except (IndexError, KeyError, ValueError):
-            need(False, f"data.template {t!r} must hold exactly one {{}} and no other braces")
+    problems += template_problems("data.template", [cfg.data.template] if cfg.data.template is not None else [])
+    problems += template_problems("data.templates", cfg.data.templates)
+    for name, section in cfg.sections.items():  # a method's own templates (kgcoop.templates, ...)
+        problems += template_problems(f"{name}.templates", getattr(section, "templates", []))
     for section in cfg.sections.values():  # each method section checks its own values
         problems.extend(getattr(section, "problems", lambda: [])())
+    return problems
+
+
+def template_problems(key: str, templates: list[str]) -> list[str]:
+    problems = []
+    for t in templates:
+        try:
+            t.format("class name")
+            if "{}" not in t:
+                problems.append(f"{key} {t!r} must contain {{}} where the class name goes")
+        except (IndexError, KeyError, ValueError):
+            problems.append(f"{key} {t!r} must hold exactly one {{}} and no other braces")
     return problems
 
 
@@ -524,15 +537,20 @@ def effective(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     return out
 
 
-def training_problems(train: TrainConfig, prefix: str, own: TrainingKeys | None = None) -> list[str]:
-    """Out-of-range training values, each named by the key that set it (the section's own, else train's)."""
+def training_problems(train: TrainConfig, prefix: str, own: TrainingKeys | None = None,
+                      followers: set[str] = frozenset()) -> list[str]:
+    """Out-of-range training values, each named by the key that set it (the section's own, else train's); train's
+    values (and those that followed a given train.<key>) are checked once, as train's."""
     problems: list[str] = []
 
+    def mine(name: str) -> bool:
+        return own is not None and getattr(own, name) is not None and f"{prefix}.{name}" not in followers
+
     def key(name: str) -> str:
-        return f"{prefix}.{name}" if own is None or getattr(own, name) is not None else f"train.{name}"
+        return f"{prefix}.{name}" if own is None or mine(name) else f"train.{name}"
 
     def need(ok: bool, name: str, message: str) -> None:
-        if not ok and (own is None or getattr(own, name) is not None):  # train's own values: checked once, as train
+        if not ok and (own is None or mine(name)):
             problems.append(f"{key(name)} {message}")
 
     need(train.lr > 0, "lr", f"must be positive, got {train.lr}")

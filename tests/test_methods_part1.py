@@ -43,11 +43,14 @@ def test_knowledge_guidance_value_and_gradient():
 def test_kgcoop_teacher_prompts_are_the_authors(tmp_path):
     """KgCoOp's CUSTOM_TEMPLATES: DTD's teacher is "a photo of a {}, a type of texture." (CoOp's "{} texture." is
     the dataset's zero-shot template); other datasets keep theirs; a template the run sets wins."""
-    data = quick_config(tmp_path, "data.name=dtd", "data.template=null").data
-    assert teacher_templates(data) == ["a photo of a {}, a type of texture."]
-    assert teacher_templates(quick_config(tmp_path, "data.name=eurosat", "data.template=null").data) == [
-        "a centered satellite photo of {}."]
-    assert teacher_templates(quick_config(tmp_path, "data.name=dtd", "data.template={} cloth.").data) == ["{} cloth."]
+    def teacher(*overrides):
+        return teacher_templates(quick_config(tmp_path, "methods=[kgcoop]", *overrides))
+
+    assert teacher("data.name=dtd", "data.template=null") == ["a photo of a {}, a type of texture."]
+    assert teacher("data.name=eurosat", "data.template=null") == ["a centered satellite photo of {}."]
+    assert teacher("data.name=dtd", "data.template={} cloth.") == ["{} cloth."]  # the run's template wins
+    assert teacher("data.name=dtd", "data.template=null", "recipe=promptlearn") == ["{} texture."]
+    assert teacher("data.name=dtd", "kgcoop.templates=['a {} pattern.']") == ["a {} pattern."]
 
 
 def test_distillation_value_and_gradient():

@@ -6,14 +6,13 @@ SGD lr 0.002, batch 128, 100 epochs, CoOp's warm-up and cosine schedule.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 
 from promptlearn.data import dataset_templates
-from promptlearn.data.registry import chosen_templates
 from promptlearn.methods.base import register_method
 from promptlearn.methods.coop import CoOp, CoOpConfig
 from promptlearn.methods.zeroshot import text_classifier
@@ -28,6 +27,7 @@ class KgCoOpConfig(CoOpConfig):
     lr: Optional[float] = 0.002
     batch_size: Optional[int] = 128
     epochs: Optional[int] = 100
+    templates: list[str] = field(default_factory=list)  # the teacher's hand-crafted prompts; empty: the dataset's
 
     def problems(self) -> list[str]:
         found = super().problems()
@@ -36,16 +36,10 @@ class KgCoOpConfig(CoOpConfig):
         return found
 
 
-# The authors' teacher prompts (htyao89/KgCoOp, trainers/kgcoop.py, CUSTOM_TEMPLATES) where they differ from the
-# dataset's own template; the other 14 datasets of the protocol use the same prompt in both.
-TEACHER_TEMPLATES = {"dtd": "a photo of a {}, a type of texture."}
-
-
-def teacher_templates(data) -> list[str]:
-    """The hand-crafted prompt(s) the learned class features are kept near: those the run sets, else the authors'."""
-    if chosen_templates(data) or data.name not in TEACHER_TEMPLATES:
-        return dataset_templates(data)
-    return [TEACHER_TEMPLATES[data.name]]
+def teacher_templates(cfg) -> list[str]:
+    """The hand-crafted prompt(s) the learned class features are kept near: kgcoop.templates (the authors' where
+    they differ from the dataset's, set by the published recipe), else the run's zero-shot template(s)."""
+    return list(cfg.kgcoop.templates) or dataset_templates(cfg.data)
 
 
 def knowledge_guidance(text_features: torch.Tensor, hand_crafted: torch.Tensor) -> torch.Tensor:
@@ -58,7 +52,7 @@ class KgCoOp(CoOp):  # CoOp's capabilities
 
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
-        self.register_buffer("hand_crafted", text_classifier(backbone, classnames, teacher_templates(cfg.data)),
+        self.register_buffer("hand_crafted", text_classifier(backbone, classnames, teacher_templates(cfg)),
                              persistent=False)
 
     def training_step(self, image_features, labels) -> StepLosses:

@@ -62,14 +62,19 @@ def matching(method: str, protocol: str, dataset: str, shots: int) -> list[Recip
     return sorted(found, key=lambda r: bool(r.protocols) + bool(r.datasets) + bool(r.shots))
 
 
+# keys of a section that make one choice together: a recipe sets them as a whole or, where a file or the command
+# line sets any of them, not at all (a recipe's 16-token context never meets a user's "a photo of a")
+TOGETHER = ({"n_ctx", "ctx_init", "ctx_init_words"},)
+
+
 def apply_recipes(cfg) -> None:
     """Each listed method's matching entries, for every key that no config file, override or given train.<key>
-    set; a recipe's templates yield to a given data.template(s). Records the sources applied."""
-    from promptlearn.config import applied_recipes, given_keys, origins
+    set; a recipe's templates yield to the run's own data.template(s). Records the sources applied."""
+    from promptlearn.config import applied_recipes, origins
     from promptlearn.methods import METHODS
 
     set_by_user = origins(cfg).keys() - {k for k, v in origins(cfg).items() if v.startswith("recipe ")}
-    own_templates = {"data.template", "data.templates"} & given_keys(cfg).keys()
+    own_templates = cfg.data.template is not None or bool(cfg.data.templates)  # the run's prompt: never replaced
     for method in cfg.methods:
         if method not in METHODS:
             continue  # validate names it
@@ -77,9 +82,10 @@ def apply_recipes(cfg) -> None:
         for recipe in matching(method, cfg.protocol, cfg.data.name, cfg.data.shots):
             applied.append(f"{recipe.repository} {recipe.source}")
             for key, value in recipe.settings.items():
-                if key in set_by_user or (own_templates and key.endswith(".templates")):
-                    continue
                 section, _, leaf = key.partition(".")
+                together = next((group for group in TOGETHER if leaf in group), {leaf})
+                if any(f"{section}.{k}" in set_by_user for k in together) or (own_templates and leaf == "templates"):
+                    continue
                 setattr(cfg.sections[section], leaf, copy.deepcopy(value))
                 origins(cfg)[key] = f"recipe {recipe.repository} {recipe.source}"
 
