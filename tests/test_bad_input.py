@@ -407,7 +407,7 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_state(tmp_
     checkpoint = tmp_path / "checkpoint.pt"
     with pytest.raises(NonFiniteLoss, match=r"coop: the loss became nan at epoch 3, step 1; training stopped and the "
                                             r"parameters went back to the state after epoch 2, which the checkpoint "
-                                            r"keeps\. Try a lower train\.lr"):
+                                            r"keeps\. Try a lower coop\.lr"):
         Trainer(cfg.train, epochs=5, seed=1).fit(method, BlowsUpAtEpoch(method.backbone.embed_dim, 2), checkpoint)
     saved = load_checkpoint(checkpoint)
     assert saved["epoch"] == 2 and len(saved["history"]) == 2
