@@ -2,6 +2,7 @@
 source, and a few of the authors' numbers read back as the configs state them."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,15 +11,16 @@ from promptlearn.commands import main
 from promptlearn.config import all_keys
 from promptlearn.errors import ConfigError
 from promptlearn.methods import METHODS
-from promptlearn.recipes import RECIPE_DIR, Recipe, all_recipes, load_recipe_file, recipes_for
+from promptlearn.recipes import RECIPE_DIR, Recipe, all_recipes, load_recipe_file, matching, recipes_for
 
 
 def entry(method: str, protocol: str, dataset: str, shots: int) -> Recipe:
-    """The one entry of `method` that sets epochs for (protocol, dataset, shots), most specific first."""
-    matches = [r for r in recipes_for(method) if (not r.protocols or protocol in r.protocols)
-               and (not r.datasets or dataset in r.datasets) and (not r.shots or shots in r.shots) and r.settings]
+    """What the published recipe sets for (protocol, dataset, shots): the matching entries' settings, the more
+    specific over the less, as a run applies them."""
+    matches = matching(method, protocol, dataset, shots)
     assert matches, f"no {method} recipe for {protocol}, {dataset}, {shots} shots"
-    return max(matches, key=lambda r: (bool(r.datasets), bool(r.shots)))
+    settings = {k: v for r in matches for k, v in r.settings.items()}
+    return dataclasses.replace(matches[-1], settings=settings)
 
 
 def test_every_method_has_a_file_and_every_entry_is_valid():
@@ -81,6 +83,11 @@ GOOD_ENTRY = "  - protocol: fewshot\n    settings: {promptsrc.epochs: 50}\n    s
      "recipe 1: backbone must be text"),
     ("method: promptsrc\nsource: a/b\nrecipes:\n" + GOOD_ENTRY + "    epochs: 5\n",
      "recipe 1: unknown key 'epochs'"),
+    ("method: promptsrc\nsource: a/b\nrecipes:\n" + GOOD_ENTRY.replace("promptsrc.epochs", "train.epochs"),
+     "recipe 1: train.epochs is not a key of promptsrc's own section (promptsrc.*): a recipe sets only its "
+     "method's keys"),
+    ("method: coop\nsource: a/b\nrecipes:\n" + GOOD_ENTRY.replace("promptsrc.epochs: 50", "coop.n_ctx: 16"),
+     "recipe 1: sets n_ctx without ctx_init, ctx_init_words; ctx_init, ctx_init_words, n_ctx make one choice"),
 ])
 def test_a_broken_recipe_file_is_one_error_naming_the_file(tmp_path, text, message):
     path = write(tmp_path, text)
