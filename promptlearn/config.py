@@ -531,7 +531,8 @@ def effective(cfg: RunConfig) -> dict[str, dict[str, Any]]:
                 value = getattr(train, f.name)
                 source = f"train.{f.name} ({origins(cfg).get(f'train.{f.name}', 'default')})"
                 if f.name == "epochs" and value is None:
-                    value, source = run_epochs(cfg, train), f"protocol {cfg.protocol}'s epochs for {cfg.data.shots} shots"
+                    value = run_epochs(cfg, train)
+                    source = f"protocol {cfg.protocol}'s epochs for {cfg.data.shots} shots"
             settings[f.name] = {"value": value, "from": source}
         out[method] = settings
     return out

@@ -11,12 +11,13 @@ import torch.nn.functional as F
 from helpers import REPO, SAMPLE, interrupted_at_epoch, quick_config, tiny_backbone
 
 from promptlearn import deep_benchmark
+from promptlearn.data.registry import ensemble
 from promptlearn.deep_benchmark import reference_image_features, reference_text_features
 from promptlearn.deep_prompts import image_tower, text_prompts, vision_prompts
 from promptlearn.errors import ConfigError
 from promptlearn.lora import LoRAAttention, attached
 from promptlearn.methods import build_method
-from promptlearn.methods.promptsrc import IMAGENET_TEMPLATES_60, gpa_weights
+from promptlearn.methods.promptsrc import gpa_weights
 from promptlearn.runner import run_experiment
 from promptlearn.sweep import load_sweep, plan_runs, run_sweep
 
@@ -233,7 +234,8 @@ def test_gpa_weights_and_the_kept_prompts_are_the_gaussian_weighted_average(back
         method.end_of_epoch(epoch, 3)
     expected = sum(w * v for w, v in zip(gpa_weights(3, 2, 1), seen))
     torch.testing.assert_close(method.vision.detach(), expected)
-    assert len(IMAGENET_TEMPLATES_60) == 60 and IMAGENET_TEMPLATES_60[0] == "a photo of a {}."
+    sixty = ensemble("imagenet_60")  # PromptSRC's IMAGENET_TEMPLATES: the first 60 of CLIP's 80
+    assert len(sixty) == 60 and sixty[0] == "a photo of a {}." and sixty[-1] == "itap of the {}."
 
 
 def test_promptsrc_adds_nothing_to_the_loss_at_the_frozen_model(backbones):

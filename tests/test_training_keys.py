@@ -7,13 +7,13 @@ import json
 
 import pytest
 import yaml
+from helpers import QUICKSTART, SAMPLE
 
 from promptlearn.commands import main as promptlearn_main
 from promptlearn.config import (
     TRAINING_KEYS,
     RunConfig,
     TrainingKeys,
-    build_config,
     effective,
     load_config,
     method_recipe,
@@ -23,7 +23,6 @@ from promptlearn.config import (
 from promptlearn.errors import ConfigError
 from promptlearn.methods import METHODS
 from promptlearn.recipes import matching
-from helpers import QUICKSTART, SAMPLE
 
 # a valid value for each training key that no method's code default or recipe uses
 OTHER_VALUE = {"epochs": 7, "batch_size": 3, "lr": 0.0123, "momentum": 0.5, "weight_decay": 0.0007,

@@ -1,8 +1,12 @@
 """One registry from a dataset name to its facts: reader, zero-shot template(s), protocol epochs."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
+
+import yaml
 
 from promptlearn.data.base import DatasetSplits
 from promptlearn.errors import DataError
@@ -13,9 +17,17 @@ if TYPE_CHECKING:
 
 Reader = Callable[["DataConfig"], DatasetSplits]
 DEFAULT_TEMPLATE = "a photo of a {}."
-# the 7-template ensemble that Tip-Adapter's and LP++'s code use for ImageNet in place of its template
-IMAGENET_ENSEMBLE = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-                     "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
+TEMPLATE_FILE = Path(__file__).with_name("templates.yaml")  # the authors' prompt ensembles, with their sources
+
+
+@functools.cache
+def ensemble(name: str) -> list[str]:
+    """A prompt ensemble of templates.yaml (imagenet_7: Tip-Adapter's, LP++'s and CLAP's; imagenet_60: PromptSRC's)."""
+    with open(TEMPLATE_FILE, encoding="utf-8") as f:
+        return list(yaml.safe_load(f)[name]["templates"])
+
+
+IMAGENET_ENSEMBLE = ensemble("imagenet_7")  # the 7 templates several authors use for ImageNet in place of its own
 
 
 @dataclass(frozen=True)

@@ -16,28 +16,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from promptlearn.data.registry import ensemble
 from promptlearn.methods.base import register_method
 from promptlearn.methods.ivlp import IVLP, DeepPromptConfig
 from promptlearn.trainer import StepLosses
 
-# the first 60 of CLIP's 80 ImageNet templates (OpenAI's prompt-engineering notebook), PromptSRC's list
-IMAGENET_TEMPLATES_60 = [
-    "a photo of a {}.", "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
-    "a photo of the hard to see {}.", "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.",
-    "a bad photo of the {}.", "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.",
-    "a photo of a hard to see {}.", "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.",
-    "a dark photo of the {}.", "a drawing of a {}.", "a photo of my {}.", "the plastic {}.",
-    "a photo of the cool {}.", "a close-up photo of a {}.", "a black and white photo of the {}.",
-    "a painting of the {}.", "a painting of a {}.", "a pixelated photo of the {}.", "a sculpture of the {}.",
-    "a bright photo of the {}.", "a cropped photo of a {}.", "a plastic {}.", "a photo of the dirty {}.",
-    "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.",
-    "a rendering of the {}.", "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.",
-    "a close-up photo of the {}.", "the origami {}.", "the {} in a video game.", "a sketch of a {}.",
-    "a doodle of the {}.", "a origami {}.", "a low resolution photo of a {}.", "the toy {}.",
-    "a rendition of the {}.", "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.",
-    "a photo of a nice {}.", "a photo of a weird {}.", "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.",
-    "a sketch of the {}.", "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.",
-]
 GPA_PREFIX = "gpa."  # the running Gaussian-weighted sums, saved with the prompts so --resume continues them
 
 
@@ -75,12 +58,12 @@ def gpa_weights(epochs: int, mean: float, std: float) -> list[float]:
 
 def teacher_text_features(backbone, classnames: list[str]) -> torch.Tensor:
     """Frozen text features averaged (unnormalised) over the templates, then normalised."""
-    total = 0
+    total, templates = 0, ensemble("imagenet_60")  # PromptSRC's 60 ImageNet templates, for every dataset
     with torch.no_grad():
-        for template in IMAGENET_TEMPLATES_60:
+        for template in templates:
             ids = backbone.tokenizer([template.format(c) for c in classnames]).to(backbone.device)
             total = total + backbone.model.encode_text(ids).float()
-    return F.normalize(total / len(IMAGENET_TEMPLATES_60), dim=-1)
+    return F.normalize(total / len(templates), dim=-1)
 
 
 @register_method("promptsrc", config=PromptSRCConfig)
