@@ -277,7 +277,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
 # per method itself)
 NEUTRAL_KEYS = {"methods", "output_dir", "cache_dir", "log_to", "data.num_workers", "data.eval_batch_size",
                 "data.fewshot_dir", "backbone.device", "backbone.cache_dir", "train.checkpoint_every",
-                *(f"{m}.{k}" for m in ("coop", "cocoop", "kgcoop", "prograd")
+                *(f"{m}.{k}" for m in ("coop", "coop_csc", "cocoop", "kgcoop", "prograd")
                   for k in ("class_chunk", "truncate_prompts", "share_prefix")),
                 "cocoop.prompts_per_pass"}
 
