@@ -80,7 +80,7 @@ def run_experiment(cfg: RunConfig, resume: bool = False, eval_only: str | None =
                     method.restore(eval_only)
                     info = {"checkpoint": str(eval_only)}
                 else:
-                    settings = method.training
+                    settings = method.train_config
                     trainer = Trainer(settings, run_epochs(cfg, settings), cfg.data.seed, backbone.precision,
                                       tracking.epoch)                                  # trainer
                     info = method.fit(bank, trainer, folder / "checkpoint.pt", resume)

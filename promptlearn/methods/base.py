@@ -136,8 +136,9 @@ class Method(nn.Module):
         return f"{self.section}.lr" if getattr(own, "lr", None) is not None else "train.lr"
 
     @property
-    def training(self) -> "TrainConfig":
-        """The training settings this method runs with (config.training_settings)."""
+    def train_config(self) -> "TrainConfig":
+        """The training settings this method runs with (config.training_settings); not `training`, which is
+        nn.Module's train/eval flag."""
         return training_settings(self.cfg, self.section)
 
     def fit(self, bank: "FeatureBank", trainer: "Trainer", checkpoint: Path, resume: bool) -> dict:
@@ -159,7 +160,7 @@ class Method(nn.Module):
 
     def training_features(self, bank: "FeatureBank") -> TrainingFeatures:
         """The features a learning method trains on: cached augmented passes (see feature_passes)."""
-        train = self.training
+        train = self.train_config
         return TrainingFeatures(bank, train.feature_passes, train.augment, train.crop_scale)
 
     def end_of_epoch(self, epoch: int, epochs: int) -> None:
@@ -253,5 +254,5 @@ class ImageMethod(Method):
         return bank.test_of(dataset, encode=self._encode_for_test)
 
     def training_images(self, bank: "FeatureBank") -> TrainingImages:
-        train = self.training
+        train = self.train_config
         return TrainingImages(bank, train.augment, train.crop_scale)

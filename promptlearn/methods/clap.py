@@ -107,7 +107,7 @@ class Clap(Method):
         return StepLosses(logits, losses)
 
     def training_features(self, bank) -> TrainingFeatures:
-        train = self.training
+        train = self.train_config
         features = PooledPasses if self.cfg.clap.protocol == "reference" else TrainingFeatures
         return features(bank, train.feature_passes, train.augment, train.crop_scale)
 

@@ -138,7 +138,7 @@ class ClipLora(ImageMethod):
         the last short batch and stops at exactly that many iterations."""
         own = self.own
         iterations = own.iterations_per_shot * bank.fewshot.shots
-        recipe = self.training
+        recipe = self.train_config
         if own.protocol == "reference":
             recipe = dataclasses.replace(recipe, lr_per_step=True, min_lr=REFERENCE_MIN_LR, max_steps=iterations,
                                          drop_last=False)

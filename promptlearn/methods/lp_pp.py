@@ -93,7 +93,7 @@ class LinearProbePlusPlus(Method):
 
     def fit(self, bank, trainer, checkpoint, resume) -> dict:
         # one augmented pass of the training images, as the authors' loader gives
-        settings = self.training
+        settings = self.train_config
         crop_scale = HALF_AREA_CROP_SCALE if self.reference else settings.crop_scale
         own, train, val = self.cfg.lp_pp, bank.train_pass(0, settings.augment, crop_scale=crop_scale), bank.val
         if len(val) == 0:

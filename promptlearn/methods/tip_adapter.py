@@ -184,7 +184,7 @@ class TipAdapter(ZeroShot):
         return {**info, **chosen, "cache_size": len(keys)}
 
     def training_features(self, bank) -> TrainingFeatures:
-        train = self.training
+        train = self.train_config
         return TrainingFeatures(bank, train.feature_passes, train.augment, self.protocol.crop_scale(train))
 
     def templates(self) -> list[str]:
