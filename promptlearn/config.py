@@ -465,14 +465,23 @@ def config_problems(cfg: RunConfig) -> list[str]:
     problems += reach_problems(cfg)
     need(cfg.selection in SELECTIONS,
          f"selection must be one of {', '.join(SELECTIONS)}, got {cfg.selection!r}")
-    for t in [*([cfg.data.template] if cfg.data.template is not None else []), *cfg.data.templates]:
-        need("{}" in t, f"data.template {t!r} must contain {{}} where the class name goes")
+    problems += template_problems("data.template", [*([cfg.data.template] if cfg.data.template is not None else []),
+                                                    *cfg.data.templates])
+    for section in cfg.sections.values():  # each method section checks its own values
+        problems.extend(getattr(section, "problems", lambda: [])())
+    return problems
+
+
+def template_problems(key: str, templates: list[str]) -> list[str]:
+    """Each zero-shot template (of `key`) holds exactly one {} where the class name goes."""
+    problems = []
+    for t in templates:
+        if "{}" not in t:
+            problems.append(f"{key} {t!r} must contain {{}} where the class name goes")
         try:
             t.format("class name")
         except (IndexError, KeyError, ValueError):
-            need(False, f"data.template {t!r} must hold exactly one {{}} and no other braces")
-    for section in cfg.sections.values():  # each method section checks its own values
-        problems.extend(getattr(section, "problems", lambda: [])())
+            problems.append(f"{key} {t!r} must hold exactly one {{}} and no other braces")
     return problems
 
 
