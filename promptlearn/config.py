@@ -530,7 +530,9 @@ def effective(cfg: RunConfig) -> dict[str, dict[str, Any]]:
             if isinstance(own, TrainingKeys) and f.name in TRAINING_KEYS and value is None:
                 value = getattr(train, f.name)
                 source = f"train.{f.name} ({origins(cfg).get(f'train.{f.name}', 'default')})"
-                if f.name == "epochs" and value is None:
+                if f.name == "epochs" and value is None and METHODS[method].unset_epochs:
+                    source = METHODS[method].unset_epochs
+                elif f.name == "epochs" and value is None:
                     value = run_epochs(cfg, train)
                     source = f"protocol {cfg.protocol}'s epochs for {cfg.data.shots} shots"
             settings[f.name] = {"value": value, "from": source}

@@ -37,7 +37,7 @@ def test_unknown_key_suggests_nearest(tmp_path):
     ("train.min_lr=0.01", r"train.min_lr must be 0 or more and at most train.lr \(0.002\), got 0.01"),
     ("train.max_steps=0", "train.max_steps must be at least 1"),
     ("train.max_steps=1.5", "train.max_steps must be an integer"),
-    ("clip_lora.protocol=original", "clip_lora.protocol must be one of promptlearn, reference, got 'original'"),
+    ("clip_lora.stop=original", "clip_lora.stop must be one of epochs, iterations, got 'original'"),
     ("clap.protocol=original", "clap.protocol must be one of promptlearn, reference, got 'original'"),
     ("data.val_shots=0", "data.val_shots must be a whole number of at least 1, or 'shots' for K"),
     ("data.val_shots=-3", "data.val_shots must be a whole number of at least 1, or 'shots' for K"),

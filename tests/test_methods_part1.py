@@ -209,8 +209,8 @@ def test_published_defaults():
     assert (cocoop.ctx_init, cocoop.lr, cocoop.batch_size, cocoop.epochs) == ("a photo of a", 0.002, 1, 10)
     assert (kgcoop.weight, kgcoop.ctx_init, kgcoop.lr, kgcoop.batch_size, kgcoop.epochs) == \
         (8.0, "a photo of a", 0.002, 128, 100)
-    assert (prograd.ctx_init, prograd.projection, prograd.temperature, prograd.protocol) == \
-        ("a photo of a", 1.0, 1.0, "promptlearn")
+    assert (prograd.ctx_init, prograd.projection, prograd.temperature, prograd.templates) == \
+        ("a photo of a", 1.0, 1.0, [])
     assert (clap.lr, clap.batch_size, clap.epochs, clap.feature_passes, clap.weight_decay, clap.protocol) == \
         (0.1, 256, 300, 20, 0.0, "promptlearn")
     assert (lp.epochs, lp.alpha_every, lp.alpha_init_scale, lp.protocol) == (300, 10, 250.0, "promptlearn")

@@ -264,15 +264,17 @@ def test_protocol_recipe_is_the_default_and_overridable(tmp_path):
 
 
 def test_a_method_that_cannot_be_set_up_for_a_target_is_na_not_a_failed_run():
-    """ProGrad's published prompts exist for the CoOp datasets only: moved to a custom target after training,
-    it is reported n/a with the reason, and the run's other results stand."""
+    """IVLP's prompts for a custom target's class name too long for the text tower: moved to the target after
+    training, it is reported n/a with the reason, and the run's other results stand."""
     import dataclasses
 
     backbone = tiny_backbone()
-    cfg = load_config([], ["backbone.model=tiny-clip", "backbone.pretrained=none", "prograd.protocol=reference",
-                           "data.name=dtd"])
-    trained = build_method("prograd", cfg, backbone, ["cat", "dog"])
+    cfg = load_config([], ["backbone.model=tiny-clip", "backbone.pretrained=none", "ivlp.depth_text=2",
+                           "ivlp.depth_vision=2", "data.name=dtd"])
+    trained = build_method("ivlp", cfg, backbone, ["cat", "dog"])
     custom = dataclasses.replace(cfg.data, name="image_folder")
-    score = scorer_for(trained, Target("mine", DatasetSplits("mine", ["horse", "cat"]), custom), cfg)
+    long_name = " ".join(["extraordinarily"] * 80)
+    score = scorer_for(trained, Target("mine", DatasetSplits("mine", ["horse", long_name]), custom), cfg)
     assert isinstance(score, NotApplicable)
-    assert "prograd cannot be set up for mine" in score.reason and "data.name=image_folder" in score.reason
+    assert "ivlp cannot be set up for mine" in score.reason and "more than the text tower's context length" in \
+        score.reason

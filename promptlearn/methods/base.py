@@ -104,6 +104,7 @@ class Method(nn.Module):
     training_keys: frozenset[str] = frozenset()
     # why it reads no other training key, for those refusals
     unread_training: str = "it trains nothing"
+    unset_epochs: str | None = None  # how long it trains when no epochs are set (None: the protocol's epochs)
 
     @classmethod
     def trains(cls) -> bool:

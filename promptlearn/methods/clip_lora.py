@@ -1,41 +1,39 @@
 """CLIP-LoRA: low-rank adapters on the attention projections of both encoders (Zanella & Ben Ayed).
 
-The published recipe, one for every dataset and shot count: rank 2 on q, k and v of every block of
-both towers, scaling alpha / sqrt(rank) with alpha 1, dropout 0.25 on the adapters' input, AdamW
-(lr 2e-4, weight decay 0.01), batch 32, 500 x shots iterations; the classifier is the adapted text
-encoder's features of the dataset's first template. The adapters live in promptlearn.lora.
+Rank 2 on q, k and v of every block of both towers, scaling alpha / sqrt(rank) with alpha 1, dropout 0.25
+on the adapters' input, AdamW (lr 2e-4, weight decay 0.01), batch 32, iterations_per_shot (500) x shots
+iterations; the classifier is the adapted text encoder's features of one template per class
+(clip_lora.templates, else the dataset's first). The adapters live in promptlearn.lora.
 
-clip_lora.protocol=reference follows the published training loop otherwise: the cosine stepped every
-iteration down to 1e-6, training stopped after exactly 500 x shots iterations (mid-epoch), the last short
-batch kept, and "a photo of a {}." for every dataset.
+clip_lora.stop: `epochs` (the code default) trains whole epochs, as many as those iterations take;
+`iterations` (the authors' code, set by the published recipe with its per-iteration cosine down to 1e-6 and
+the last short batch kept) stops after exactly that many iterations, mid-epoch if need be.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptlearn.config import TRAINING_KEYS, TrainingKeys
+from promptlearn.config import TrainingKeys
 from promptlearn.data import dataset_templates
-from promptlearn.data.registry import DEFAULT_TEMPLATE, chosen_templates
 from promptlearn.deep_prompts import checkpointed
 from promptlearn.errors import ConfigError
 from promptlearn.features import steps_per_epoch
 from promptlearn.lora import PROJECTIONS, LoRAAttention, adaptable_blocks, attached
-from promptlearn.methods.base import ImageMethod, protocol_problems, register_method
+from promptlearn.methods.base import ImageMethod, register_method
 
 ENCODERS = ("both", "vision", "text")
-REFERENCE_MIN_LR = 1e-6  # the published code's eta_min
+STOPS = ("epochs", "iterations")
 
 
 @dataclass
 class ClipLoraConfig(TrainingKeys):
-    protocol: str = "promptlearn"  # promptlearn | reference (the published code's schedule, step count, template)
     rank: int = 2
     alpha: float = 1.0
     dropout: float = 0.25
@@ -48,6 +46,9 @@ class ClipLoraConfig(TrainingKeys):
     optimizer: Optional[str] = "adamw"
     warmup_epochs: Optional[int] = 0
     iterations_per_shot: int = 500
+    # epochs: whole epochs, as many as iterations_per_shot x shots iterations take | iterations: exactly that many
+    stop: str = "epochs"
+    templates: list[str] = field(default_factory=list)  # the classifier's one template; empty: the dataset's first
     grad_checkpointing: bool = False
     logit_scale: Optional[float] = None  # a fixed scale of the cosines (the authors' code: 100); None: the backbone's
 
@@ -57,7 +58,13 @@ class ClipLoraConfig(TrainingKeys):
             found.append(f"clip_lora.dropout must be in [0, 1), got {self.dropout}")
         if not self.projections or set(self.projections) - set(PROJECTIONS):
             found.append(f"clip_lora.projections must be letters of qkvo, got {self.projections!r}")
-        found += protocol_problems("clip_lora", self.protocol)
+        if self.stop not in STOPS:
+            found.append(f"clip_lora.stop must be one of {', '.join(STOPS)}, got {self.stop!r}")
+        if len(self.templates) > 1:
+            found.append(f"clip_lora.templates holds one template (the classifier is the adapted text encoder on one "
+                         f"prompt per class), got {len(self.templates)}")
+        if self.logit_scale is not None and self.logit_scale <= 0:
+            found.append(f"clip_lora.logit_scale must be positive (or unset), got {self.logit_scale}")
         if self.encoder not in ENCODERS:
             found.append(f"clip_lora.encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
         if self.layers != "all" and not all(p.strip().isdigit() for p in self.layers.split(",")):
@@ -77,9 +84,7 @@ def chosen(blocks: list[nn.Module], layers: str, tower: str) -> list[nn.Module]:
 
 @register_method("clip_lora", config=ClipLoraConfig)
 class ClipLora(ImageMethod):
-    training_keys = frozenset(TRAINING_KEYS) - {"epochs", "feature_passes"}
-    unread_training = ("it trains for clip_lora.iterations_per_shot x shots iterations, on images streamed through "
-                       "its adapted encoder at every step")
+    unset_epochs = "clip_lora.iterations_per_shot x shots iterations"
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
         own = self.own = cfg.clip_lora
@@ -108,11 +113,8 @@ class ClipLora(ImageMethod):
         return scale * image_features @ text_features.t() + self.backbone.logit_bias
 
     def template(self) -> str:
-        """The dataset's first template; under the reference "a photo of a {}.", unless data.template(s) is set."""
-        data = self.cfg.data
-        if self.own.protocol == "reference" and not chosen_templates(data):
-            return DEFAULT_TEMPLATE  # the published code's for every dataset
-        return dataset_templates(data)[0]
+        """clip_lora.templates' one, else the dataset's first (data.template(s) first, where given)."""
+        return (self.own.templates or dataset_templates(self.cfg.data))[0]
 
     def _adapted(self, tower: str):
         return attached(self.blocks.get(tower, []), self.adapters[tower] if tower in self.adapters else [])
@@ -133,19 +135,18 @@ class ClipLora(ImageMethod):
         return F.normalize(checkpointed(run, self.token_ids, enabled=self.own.grad_checkpointing).float(), dim=-1)
 
     def fit(self, bank, trainer, checkpoint, resume) -> dict:
-        """AdamW with a cosine and no warm-up for iterations_per_shot x shots iterations: as many epochs as
-        that takes, the cosine stepped per epoch; the reference steps it every iteration down to 1e-6, keeps
-        the last short batch and stops at exactly that many iterations."""
-        own = self.own
-        iterations = own.iterations_per_shot * bank.fewshot.shots
-        recipe = self.train_config
-        if own.protocol == "reference":
-            recipe = dataclasses.replace(recipe, lr_per_step=True, min_lr=REFERENCE_MIN_LR, max_steps=iterations,
-                                         drop_last=False)
+        """iterations_per_shot x shots iterations: as many whole epochs as that takes, or (clip_lora.stop=
+        iterations) exactly that many, the last epoch cut short (train.max_steps, where it is not smaller);
+        clip_lora.epochs (or a given train.epochs), where set, trains that many whole epochs instead."""
+        own, train = self.own, self.train_config
         data = self.training_images(bank)
-        steps = steps_per_epoch(len(data), recipe.batch_size, recipe.drop_last)
-        epochs = math.ceil(iterations / max(steps, 1))
-        return trainer.with_recipe(recipe, epochs).fit(self, data, checkpoint, resume)
+        if train.epochs is not None:
+            return trainer.fit(self, data, checkpoint, resume)
+        iterations = own.iterations_per_shot * bank.fewshot.shots
+        epochs = math.ceil(iterations / max(steps_per_epoch(len(data), train.batch_size, train.drop_last), 1))
+        if own.stop == "iterations":
+            train = dataclasses.replace(train, max_steps=min(iterations, train.max_steps or iterations))
+        return trainer.with_recipe(train, epochs).fit(self, data, checkpoint, resume)
 
     def checkpoint_meta(self) -> dict:
         meta = super().checkpoint_meta()

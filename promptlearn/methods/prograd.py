@@ -4,51 +4,48 @@ conflicts with the gradient of the distillation loss towards zero-shot CLIP's pr
 Per parameter, with g the cross-entropy gradient and k the distillation gradient: if g . k < 0,
 g <- g - lambda (g . k^) k^ with k^ = k / |k|; otherwise g is kept. The distillation loss is
 T^2 * mean_i sum_c -softmax(z_i / T)_c log softmax(s_i / T)_c (z: zero-shot logits, s: the prompt's).
-Defaults are the authors': lambda 1, T 1, CoOp's recipe (SGD lr 0.002, batch 32, the protocol's epochs).
+Code defaults (recipe=promptlearn): lambda 1, T 1, CoOp's recipe, the context from "a photo of a", the
+teacher on the run's template.
 
-prograd.protocol=reference follows the published code's prompts: the zero-shot teacher uses its
-per-dataset template, and the context (n_ctx, 16 when unset) starts as zeros followed by the embeddings
-of the template's first W tokens before the class, W its number of words; where a word splits into more
-tokens ("pet," is "pet" ","), the tokens left over stay fixed words between the context and the class.
+The published prompts are recipe data (promptlearn/recipes/prograd.yaml): per dataset, the teacher's template
+(prograd.templates) and its words before the class as the context's start (prograd.ctx_init, counted in words:
+prograd.ctx_init_words) in prograd.n_ctx = 16 vectors. With ctx_init_words, an n_ctx above the phrase's W words
+starts as n_ctx - W zeros followed by the embeddings of the words' first W tokens; where a word splits into
+more tokens ("pet," is "pet" ","), the tokens left over stay fixed words between the context and the class.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from promptlearn.config import origins
 from promptlearn.data import dataset_templates
+from promptlearn.data.registry import chosen_templates
 from promptlearn.errors import ConfigError
-from promptlearn.methods.base import protocol_problems, register_method
+from promptlearn.methods.base import register_method
 from promptlearn.methods.coop import (
-    DEFAULT_N_CTX,
     ContextStart,
     CoOp,
     CoOpConfig,
+    context_from_config,
     word_context,
     word_count,
 )
 from promptlearn.methods.zeroshot import text_classifier
+from promptlearn.prompts import spoken_name
 from promptlearn.trainer import StepLosses
-
-# The published code's hand-crafted prompt per dataset: the zero-shot teacher's template, whose words
-# before the class also start the context under protocol=reference
-REFERENCE_TEMPLATES = {
-    "oxford_pets": "a type of pet, a photo of a {}.", "oxford_flowers": "a type of flower, a photo of a {}.",
-    "fgvc_aircraft": "a type of aircraft, a photo of a {}.", "dtd": "a texture of {}.",
-    "eurosat": "a centered satellite photo of {}.", "stanford_cars": "a photo of a {}.",
-    "food101": "a type of food, a photo of {}.", "sun397": "a photo of a {}.", "caltech101": "a photo of a {}.",
-    "ucf101": "a photo of a person doing {}.", "imagenet": "a photo of a {}.", "imagenet_sketch": "a photo of a {}.",
-    "imagenet_v2": "a photo of a {}.", "imagenet_a": "a photo of a {}.", "imagenet_r": "a photo of a {}."}
 
 
 @dataclass
 class ProGradConfig(CoOpConfig):
     section: ClassVar[str] = "prograd"
-    protocol: str = "promptlearn"  # promptlearn | reference (the published code's per-dataset prompts and context)
-    ctx_init: str = "a photo of a"  # not read under protocol=reference
+    ctx_init: str = "a photo of a"
+    # the zero-shot teacher's template(s), averaged; empty: the run's (data.template(s), else the dataset's own)
+    templates: list[str] = field(default_factory=list)
     projection: float = 1.0  # lambda: the share of the conflicting component removed (1: all of it)
     temperature: float = 1.0  # of the distillation towards zero-shot CLIP
 
@@ -58,37 +55,26 @@ class ProGradConfig(CoOpConfig):
             found.append(f"prograd.projection must be in [0, 1], got {self.projection}")
         if self.temperature <= 0:
             found.append(f"prograd.temperature must be positive, got {self.temperature}")
-        found += protocol_problems("prograd", self.protocol)
-        if self.protocol == "reference" and (self.class_specific or self.class_position != "end"):
-            found.append("prograd.protocol=reference lays out the published prompt, one context with the class "
-                         "at the end; drop prograd.class_specific and prograd.class_position")
         return found
 
 
-def context_phrase(template: str) -> str:
-    """The template's words before the class."""
-    return template.replace(" {}.", "")
-
-
-def reference_template(cfg) -> str | None:
-    """The published template of the run's dataset under prograd.protocol=reference (None otherwise);
-    refused for a dataset without one, or a context shorter than its words."""
-    own = cfg.prograd
-    if own.protocol != "reference":
-        return None
-    template = REFERENCE_TEMPLATES.get(cfg.data.name)
-    if template is None:
+def teacher_templates(cfg) -> list[str]:
+    """The zero-shot teacher's template(s): prograd.templates, else the run's. A given data.template(s) wins over
+    the recipe's teacher (recipes.apply_recipes); the published context start (prograd.ctx_init from the recipe,
+    that teacher's words) is then refused beside a teacher it was not taken from, rather than kept silently.
+    (A named target's data sets no template (protocols.target_data): a context moved there is not refused.)"""
+    own, data = cfg.prograd, cfg.data
+    templates = list(own.templates) or dataset_templates(data)
+    published = f"{own.ctx_init} {{}}."  # the template whose words a recipe's ctx_init is
+    if (origins(cfg).get("prograd.ctx_init", "").startswith("recipe ") and not own.templates
+            and chosen_templates(data) and templates != [published]):
+        given = f"data.templates {templates}" if data.templates else f"data.template {templates[0]!r}"
         raise ConfigError(
-            f"prograd.protocol=reference knows the published prompts of {', '.join(REFERENCE_TEMPLATES)} only, not "
-            f"data.name={cfg.data.name}; use prograd.protocol=promptlearn (data.template and prograd.ctx_init "
-            "give your own prompt)")
-    phrase, n_ctx = context_phrase(template), own.n_ctx or DEFAULT_N_CTX
-    words = word_count(phrase)
-    if n_ctx < words:
-        raise ConfigError(f"prograd.n_ctx={n_ctx} is fewer than the {words} words of {phrase!r}, which start the "
-                          f"context on {cfg.data.name} under prograd.protocol=reference; set it to {words} or more "
-                          f"(the published code uses {DEFAULT_N_CTX})")
-    return template
+            f"prograd: {given} replaces ProGrad's published teacher template {published!r} for data.name={data.name}, "
+            f"but the context would still start from that template's words, prograd.ctx_init {own.ctx_init!r} (set "
+            f"by the published recipe); set prograd.ctx_init to your prompt's words before the class ('' for a random "
+            f"start), or keep the published teacher with prograd.templates=['{published}'], or run recipe=promptlearn")
+    return templates
 
 
 def distillation(logits: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -111,19 +97,28 @@ class ProGrad(CoOp):  # CoOp's capabilities
 
     @classmethod
     def capabilities_for(cls, cfg):
-        reference_template(cfg)  # a reference protocol it cannot follow stops here, before anything loads
+        teacher_templates(cfg)  # a context start its teacher does not match stops here, before anything loads
         return super().capabilities_for(cfg)
 
     def __init__(self, cfg, backbone, classnames):
-        self.template = reference_template(cfg)  # before CoOp's __init__, whose context_start reads it
         super().__init__(cfg, backbone, classnames)
-        templates = [self.template] if self.template else dataset_templates(cfg.data)
-        self.register_buffer("zero_shot", text_classifier(backbone, classnames, templates), persistent=False)
+        self.register_buffer("zero_shot", text_classifier(backbone, classnames, teacher_templates(cfg)),
+                             persistent=False)
 
     def context_start(self) -> ContextStart:
-        if self.template is None:
+        """CoOp's, except that with ctx_init_words an n_ctx above the phrase's W words is allowed: the context
+        starts as n_ctx - W zeros, then the embeddings of the words' first W tokens (the published code)."""
+        own = self.own
+        phrase = spoken_name(own.ctx_init)
+        words = word_count(phrase) if own.ctx_init_words and own.ctx_init.strip() else None
+        if words is None or own.n_ctx is None or own.n_ctx == words:
             return super().context_start()
-        return word_context(self.backbone, context_phrase(self.template), self.own.n_ctx or DEFAULT_N_CTX)
+        if own.n_ctx < words:
+            raise ConfigError(f"prograd.n_ctx={own.n_ctx} is fewer than the {words} words of prograd.ctx_init "
+                              f"{own.ctx_init!r}, which start the context (prograd.ctx_init_words); set it to "
+                              f"{words} or more, or leave it unset (then {words})")
+        context_from_config(self.backbone, dataclasses.replace(own, n_ctx=None))  # CoOp's checks of the phrase
+        return word_context(self.backbone, phrase, own.n_ctx)
 
     def training_step(self, image_features, labels) -> StepLosses:
         logits = self(image_features).float()
@@ -141,5 +136,5 @@ class ProGrad(CoOp):  # CoOp's capabilities
 
     def checkpoint_meta(self) -> dict:
         meta = {**super().checkpoint_meta(), "projection": self.own.projection, "temperature": self.own.temperature}
-        # named only when not the default, so checkpoints written before the option still load
-        return meta if self.own.protocol == "promptlearn" else {**meta, "protocol": self.own.protocol}
+        # named only when set, so checkpoints written before the key still load
+        return {**meta, "templates": list(self.own.templates)} if self.own.templates else meta

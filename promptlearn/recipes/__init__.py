@@ -23,7 +23,6 @@ File shape:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,15 +62,6 @@ def matching(method: str, protocol: str, dataset: str, shots: int) -> list[Recip
     return sorted(found, key=lambda r: bool(r.protocols) + bool(r.datasets) + bool(r.shots))
 
 
-# keys of a section that make one choice together: a recipe sets them as a whole or, where a file or the command
-# line sets any of them, not at all (a recipe's 16-token context never meets a user's "a photo of a")
-TOGETHER = ({"n_ctx", "ctx_init", "ctx_init_words"},)
-
-
-def together(section: Any, leaf: str) -> set[str]:
-    """The keys of `section` (a dataclass or its instance) that make one choice with `leaf` (itself included)."""
-    fields = {f.name for f in dataclasses.fields(section)}
-    return next((group for group in TOGETHER if leaf in group and group <= fields), {leaf})
 
 
 def apply_recipes(cfg) -> None:
@@ -90,8 +80,7 @@ def apply_recipes(cfg) -> None:
             applied.append(f"{recipe.repository} {recipe.source}")
             for key, value in recipe.settings.items():
                 section, _, leaf = key.partition(".")
-                group = together(cfg.sections[section], leaf)
-                if any(f"{section}.{k}" in set_by_user for k in group) or (own_templates and leaf == "templates"):
+                if key in set_by_user or (own_templates and leaf == "templates"):
                     continue
                 setattr(cfg.sections[section], leaf, copy.deepcopy(value))
                 origins(cfg)[key] = f"recipe {recipe.repository} {recipe.source}"
@@ -197,14 +186,6 @@ def parse_entry(entry: Any, method: str, repository: str, where: str) -> Recipe:
             raise ConfigError(f"{where}: {key} is not a key of {method}'s own section"
                               + (f" ({section}.*)" if section else " (it has none)")
                               + ": a recipe sets only its method's keys")
-    from promptlearn.config import SECTIONS
-
-    for key in settings:
-        group = together(SECTIONS[section], key.partition(".")[2])
-        named = {k.partition(".")[2] for k in settings} & group
-        if named != group:
-            raise ConfigError(f"{where}: sets {', '.join(sorted(named))} without {', '.join(sorted(group - named))}; "
-                              f"{', '.join(sorted(group))} make one choice: an entry sets them all")
     settings = checked_settings(settings, where)
     return Recipe(method, repository, source.strip(), protocols, datasets, tuple(shots), settings, unmapped,
                   entry.get("backbone"), entry.get("note"))
