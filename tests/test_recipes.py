@@ -114,3 +114,19 @@ def test_list_takes_a_method_only_for_recipes():
         main(["list", "methods", "coop"])
     with pytest.raises(ConfigError, match="unknown method 'promptsrcc'"):
         main(["list", "recipes", "promptsrcc"])
+
+
+@pytest.mark.parametrize("given, n_ctx, ctx_init", [
+    (["coop.ctx_init='a photo of a'"], None, "a photo of a"),  # not the recipe's 16 beside a 4-token phrase
+    (["coop.n_ctx=8"], 8, ""),
+    ([], 16, ""),  # nothing given: the recipe's random 16
+])
+def test_a_given_context_start_takes_the_recipes_together(given, n_ctx, ctx_init):
+    """n_ctx and ctx_init say together how CoOp's context starts: setting either leaves both to the user."""
+    from promptlearn.config import load_config
+
+    cfg = load_config([], ["data.name=dtd", "data.shots=16", *given])
+    assert (cfg.coop.n_ctx, cfg.coop.ctx_init) == (n_ctx, ctx_init)
+    assert cfg.coop.epochs == 200  # the rest of the recipe still applies
+    base2novel = load_config([], ["protocol=base2novel", "data.name=dtd", "coop.n_ctx=16"])
+    assert (base2novel.coop.n_ctx, base2novel.coop.ctx_init) == (16, "")  # not the recipe's "a photo of a"

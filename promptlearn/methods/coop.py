@@ -28,6 +28,9 @@ RANDOM_CTX_STD = 0.02
 @dataclass
 class CoOpConfig(TrainingKeys):
     section: ClassVar[str] = "coop"  # the section's name in messages (methods built on CoOp have their own)
+    # keys that say together how the context starts: a recipe's values of them yield together to a file or the
+    # command line that sets any one (a recipe's n_ctx beside a given ctx_init would conflict)
+    recipe_together: ClassVar[tuple[frozenset[str], ...]] = (frozenset({"n_ctx", "ctx_init", "ctx_init_words"}),)
     n_ctx: Optional[int] = None  # context length M (16 when unset); with ctx_init, the phrase's token count
     ctx_init: str = ""  # e.g. "a photo of a"; empty: random normal init, std 0.02
     # M = the phrase's words ("_" read as a space), as the original code counts: its first M tokens learned

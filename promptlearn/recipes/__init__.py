@@ -64,7 +64,9 @@ def matching(method: str, protocol: str, dataset: str, shots: int) -> list[Recip
 
 def apply_recipes(cfg) -> None:
     """Each listed method's matching entries, for every key that no config file, override or given train.<key>
-    set; a recipe's templates yield to a given data.template(s). Records the sources applied."""
+    set; a recipe's templates yield to a given data.template(s), and keys a section says together (its
+    `recipe_together`: CoOp's n_ctx and ctx_init) yield together when any one of them is set. Records the sources
+    applied."""
     from promptlearn.config import applied_recipes, given_keys, origins
     from promptlearn.methods import METHODS
 
@@ -77,9 +79,13 @@ def apply_recipes(cfg) -> None:
         for recipe in matching(method, cfg.protocol, cfg.data.name, cfg.data.shots):
             applied.append(f"{recipe.repository} {recipe.source}")
             for key, value in recipe.settings.items():
-                if key in set_by_user or (own_templates and key.endswith(".templates")):
-                    continue
                 section, _, leaf = key.partition(".")
+                groups = getattr(cfg.sections[section], "recipe_together", ())
+                together = next((keys for keys in groups if leaf in keys), {leaf})
+                if any(f"{section}.{k}" in set_by_user for k in together):
+                    continue
+                if own_templates and key.endswith(".templates"):
+                    continue
                 setattr(cfg.sections[section], leaf, copy.deepcopy(value))
                 origins(cfg)[key] = f"recipe {recipe.repository} {recipe.source}"
 
