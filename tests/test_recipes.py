@@ -130,3 +130,15 @@ def test_a_given_context_start_takes_the_recipes_together(given, n_ctx, ctx_init
     assert cfg.coop.epochs == 200  # the rest of the recipe still applies
     base2novel = load_config([], ["protocol=base2novel", "data.name=dtd", "coop.n_ctx=16"])
     assert (base2novel.coop.n_ctx, base2novel.coop.ctx_init) == (16, "")  # not the recipe's "a photo of a"
+
+
+def test_one_entry_says_the_whole_context_start():
+    """Domain generalisation on 16-shot ImageNet matches two CoOp entries: every protocol's "a photo of a" and the
+    more specific robustness entry's 16 tokens; the specific one says the whole start (16 random tokens), not
+    a mix of the two that CoOp would refuse."""
+    from promptlearn.config import load_config
+
+    dg = load_config([], ["protocol=domain_generalization", "data.name=imagenet", "data.shots=16"])
+    assert (dg.coop.n_ctx, dg.coop.ctx_init, dg.coop.epochs) == (16, "", 50)
+    b2n = load_config([], ["protocol=base2novel", "data.name=imagenet", "data.shots=16"])
+    assert (b2n.coop.n_ctx, b2n.coop.ctx_init) == (None, "a photo of a")

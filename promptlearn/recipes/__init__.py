@@ -64,9 +64,10 @@ def matching(method: str, protocol: str, dataset: str, shots: int) -> list[Recip
 
 def apply_recipes(cfg) -> None:
     """Each listed method's matching entries, for every key that no config file, override or given train.<key>
-    set; a recipe's templates yield to a given data.template(s), and keys a section says together (its
-    `recipe_together`: CoOp's n_ctx and ctx_init) yield together when any one of them is set. Records the sources
-    applied."""
+    set; a recipe's templates yield to a given data.template(s). Keys a section says together (its
+    `recipe_together`: CoOp's n_ctx and ctx_init) come from one place: a file or the command line setting any one
+    of them keeps every recipe's values of them out, and an entry setting any one sets the others to their code
+    defaults where it does not give them (a less specific entry's part of them goes). Records the sources applied."""
     from promptlearn.config import applied_recipes, given_keys, origins
     from promptlearn.methods import METHODS
 
@@ -78,16 +79,18 @@ def apply_recipes(cfg) -> None:
         applied = applied_recipes(cfg).setdefault(method, [])
         for recipe in matching(method, cfg.protocol, cfg.data.name, cfg.data.shots):
             applied.append(f"{recipe.repository} {recipe.source}")
-            for key, value in recipe.settings.items():
+            for key in recipe.settings:
                 section, _, leaf = key.partition(".")
-                groups = getattr(cfg.sections[section], "recipe_together", ())
-                together = next((keys for keys in groups if leaf in keys), {leaf})
+                own = cfg.sections[section]
+                together = next((keys for keys in getattr(own, "recipe_together", ()) if leaf in keys), {leaf})
                 if any(f"{section}.{k}" in set_by_user for k in together):
                     continue
                 if own_templates and key.endswith(".templates"):
                     continue
-                setattr(cfg.sections[section], leaf, copy.deepcopy(value))
-                origins(cfg)[key] = f"recipe {recipe.repository} {recipe.source}"
+                for part in together:
+                    value = recipe.settings.get(f"{section}.{part}", getattr(type(own)(), part))
+                    setattr(own, part, copy.deepcopy(value))
+                    origins(cfg)[f"{section}.{part}"] = f"recipe {recipe.repository} {recipe.source}"
 
 
 def recipes_for(method: str) -> list[Recipe]:
