@@ -95,8 +95,9 @@ def prepare_run(args: argparse.Namespace) -> RunConfig | None:
     setup_logging(args.verbose, args.quiet)
     cfg = config_from_args(args)
     if args.print_config:
-        # the config as files and the command line set it, then what each listed method runs with and why
-        print(dump_yaml(cfg) + yaml.safe_dump({"effective": effective(cfg)}, sort_keys=False), end="")
+        # the config as files and the command line set it, then what each listed method runs with and why (each
+        # source on one line, unwrapped)
+        print(dump_yaml(cfg) + yaml.safe_dump({"effective": effective(cfg)}, sort_keys=False, width=1000), end="")
         return None
     return cfg
 

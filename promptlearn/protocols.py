@@ -189,7 +189,8 @@ class Protocol:
         return [*self.columns, ("macro_f1", "macro-F1 (%)"), ("ece", "ECE (%)")]
 
     # a sweep's report: the values of one result row, derived columns, and published figures to show beside
-    published: dict[str, dict[str, float]] = {}  # paper label -> column -> value (11-dataset or target averages)
+    # method -> column -> the papers' value (11-dataset or target averages), printed as "<method> (published)"
+    published: dict[str, dict[str, float]] = {}
     published_datasets: tuple[str, ...] = ()  # the datasets the published averages cover
 
     def report_values(self, row: dict) -> dict[str, float | None]:
@@ -261,13 +262,13 @@ class BaseToNovel(Protocol):
     published_datasets = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
                           "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
     published = {  # ViT-B/16, 16 shots, 3 seeds, 11-dataset averages: base, novel, HM
-        "CLIP (zero-shot)": {"base": 69.34, "novel": 74.22, "HM": 71.70},
-        "CoOp": {"base": 82.69, "novel": 63.22, "HM": 71.66},
-        "CoCoOp": {"base": 80.47, "novel": 71.69, "HM": 75.83},
-        "ProGrad": {"base": 82.48, "novel": 70.75, "HM": 76.16},
-        "KgCoOp": {"base": 80.73, "novel": 73.60, "HM": 77.00},
-        "MaPLe": {"base": 82.28, "novel": 75.14, "HM": 78.55},
-        "PromptSRC": {"base": 84.26, "novel": 76.10, "HM": 79.97},
+        "zeroshot": {"base": 69.34, "novel": 74.22, "HM": 71.70},  # CLIP
+        "coop": {"base": 82.69, "novel": 63.22, "HM": 71.66},
+        "cocoop": {"base": 80.47, "novel": 71.69, "HM": 75.83},
+        "prograd": {"base": 82.48, "novel": 70.75, "HM": 76.16},
+        "kgcoop": {"base": 80.73, "novel": 73.60, "HM": 77.00},
+        "maple": {"base": 82.28, "novel": 75.14, "HM": 78.55},
+        "promptsrc": {"base": 84.26, "novel": 76.10, "HM": 79.97},
     }
 
     def table_columns(self, metrics):
@@ -296,8 +297,8 @@ class CrossDataset(Protocol):
     default_targets = CROSS_DATASET_TARGETS
     columns = (("source_accuracy", "source (%)"), ("targets_average", "targets average (%)"))
     published_datasets = ("imagenet",)
-    published = {"CoOp": {"average": 63.88}, "CoCoOp": {"average": 65.74}, "MaPLe": {"average": 66.30},
-                 "PromptSRC": {"average": 65.81}}  # ViT-B/16, 10-target averages
+    published = {"coop": {"average": 63.88}, "cocoop": {"average": 65.74}, "maple": {"average": 66.30},
+                 "promptsrc": {"average": 65.81}}  # ViT-B/16, 10-target averages
 
     def report_values(self, row):
         return {"source": row["accuracy"], **row["target_accuracy"], "average": row["targets_average"]}

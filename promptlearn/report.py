@@ -92,25 +92,61 @@ def method_values(protocol: Protocol, rows: list[dict], methods: list[str],
 
 
 def protocol_table(protocol: Protocol, rows: list[dict], methods: list[str], datasets: list[str],
-                   published: bool) -> str:
+                   published: dict[str, dict[str, float]]) -> str:
+    """The methods' rows, then the papers' figures in `published` (method -> column -> value)."""
     columns, by_method = method_values(protocol, rows, methods, datasets)
     lines = ["| method | " + " | ".join(COLUMN_HEADERS.get(c, c) for c in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     for method, values in by_method.items():
         lines.append(f"| {method} | " + " | ".join(cell_text(values[c]) if c in values else "–" for c in columns)
                      + " |")
-    if published:
-        for label, figures in protocol.published.items():
-            lines.append(f"| {label} (published) | "
-                         + " | ".join(cell_text(figures[c]) if c in figures else "–" for c in columns) + " |")
+    for method, figures in published.items():
+        lines.append(f"| {method} (published) | "
+                     + " | ".join(cell_text(figures[c]) if c in figures else "–" for c in columns) + " |")
     return "\n".join(lines)
+
+
+def published_figures(protocol: Protocol, rows: list[dict], datasets: list[str],
+                      cfg: "RunConfig") -> tuple[dict[str, dict[str, float]], list[str]]:
+    """The papers' figures to print beside a sweep's results, and a one-line note for each left out, saying why.
+    They are shown for the papers' setting only (backbone and weights, shots, datasets, targets) under
+    `recipe: published`, and each only beside its own method's runs, every one of which ran the published recipe
+    with no key changed (the `recipe` record of its metrics)."""
+    if not protocol.published:
+        return {}, ["No published figures are shown: promptlearn holds none for this protocol."]
+    if not protocol.published_applies(cfg, datasets):
+        return {}, ["No published figures are shown: they exist only for ViT-B-16 (openai), 16 shots, and the "
+                    "papers' datasets."]
+    if cfg.recipe != "published":
+        return {}, [f"No published figures are shown: this sweep ran `recipe: {cfg.recipe}`, not the authors' "
+                    "published recipes."]
+    shown, notes, not_run = {}, [], []
+    for method, figures in protocol.published.items():
+        records = [r.get("recipe") for r in rows if r["method"] == method and r["dataset"] in datasets]
+        if not records:
+            not_run.append(method)
+        elif None in records:
+            notes.append(f"{method} (published) is left out: some of its runs record no recipe (made before "
+                         "promptlearn recorded one), so they may not have run the published recipe.")
+        elif any(r["recipe"] != "published" for r in records):
+            ran = sorted({r["recipe"] for r in records} - {"published"})
+            notes.append(f"{method} (published) is left out: its runs used `recipe: {', '.join(ran)}`.")
+        elif any(r["changed"] for r in records):
+            changed = sorted({key for r in records for key in r["changed"]})
+            notes.append(f"{method} (published) is left out: its runs changed {', '.join(changed)} from the "
+                         "published recipe.")
+        else:
+            shown[method] = figures
+    if not_run:
+        notes.append(f"Published figures of methods this sweep did not run are left out: {', '.join(not_run)}.")
+    return shown, notes
 
 
 def protocol_summary(protocol: Protocol, rows: list[dict], methods: list[str], datasets: list[str],
                      seeds: list[int], cfg: "RunConfig") -> str:
     """A protocol sweep's summary.md in the papers' layout: the average over datasets, then each dataset;
-    mean ± sample std over seeds; published figures beside ours only for the papers' own setting."""
-    published = protocol.published_applies(cfg, datasets)
+    mean ± sample std over seeds; published figures beside ours only for the papers' own setting and recipes."""
+    published, left_out = published_figures(protocol, rows, datasets, cfg)
     derived = ", ".join(protocol.derived({})) or "none"
     targets = list(dict.fromkeys(t for r in rows for t in r.get("target_accuracy") or {}))
     tested = (f"Source {', '.join(datasets)} ({cfg.data.shots} shots); targets {', '.join(targets) or '-'}. "
@@ -119,15 +155,15 @@ def protocol_summary(protocol: Protocol, rows: list[dict], methods: list[str], d
              f"{tested}Backbone {cfg.backbone.model} ({cfg.backbone.pretrained}); {cfg.data.shots} shots; "
              f"{seeds_text(seeds)}; model selection: "
              f"{SELECTION_TEXT[cfg.selection]}. Derived columns ({derived}) are computed from the mean columns, "
-             "as the papers do. " + ("Rows marked (published) are the papers' figures, for comparison."
-                                     if published else "No published figures are shown: they exist only for "
-                                     "ViT-B-16 (openai), 16 shots, and the papers' datasets."), ""]
+             "as the papers do." + (" Rows marked (published) are the papers' figures, for comparison, beside "
+                                    "methods that ran the published recipe unchanged." if published else ""), "",
+             *(f"- {note}" for note in left_out), *([""] if left_out else [])]
     if len(datasets) > 1:
         lines += [f"## Average over {len(datasets)} datasets", "",
                   protocol_table(protocol, rows, methods, datasets, published), ""]
     for dataset in datasets:
         lines += [f"## {dataset}", "", protocol_table(protocol, rows, methods, [dataset],
-                                                      published and len(datasets) == 1), ""]
+                                                      published if len(datasets) == 1 else {}), ""]
     notes = sorted({f"- {r['method']} on {r['dataset']}: {r['na']}" for r in rows if r["na"]})
     if notes:
         lines += ["## n/a", "", *notes, ""]

@@ -231,7 +231,8 @@ def collect_rows(runs: list[PlannedRun]) -> list[dict]:
                                                         "novel_accuracy", "hm", "targets_average")},
                          "train_seconds": m.get("train_seconds", 0.0),
                          "na": "; ".join(f"{where}: {why}" for where, why in (m.get("na") or {}).items()),
-                         "target_accuracy": m.get("target_accuracy") or {}, "run_dir": str(run.folder)})
+                         "target_accuracy": m.get("target_accuracy") or {}, "recipe": m.get("recipe"),
+                         "run_dir": str(run.folder)})
     if missing:
         log.warning("sweep: %d of %d runs are not finished and are left out of the report", missing, len(runs))
     return rows

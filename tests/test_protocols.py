@@ -188,19 +188,59 @@ def test_bad_protocol_settings_are_one_line_errors(tmp_path, overrides, message)
         run_experiment(quick_config(tmp_path, *overrides))
 
 
+PUBLISHED_RUN = {"recipe": "published", "entries": ["KaiyangZhou/CoOp configs/trainers/CoOp/vit_b16_ctxv1.yaml"],
+                 "changed": []}
+
+
+def base2novel_rows(methods: dict[str, dict | None]) -> list[dict]:
+    """Two seeds of every published dataset per method, each row with the method's `recipe` record."""
+    datasets = PROTOCOLS.get("base2novel").published_datasets
+    return [{"method": m, "dataset": d, "seed": s, "base_accuracy": 80.0 + s + i, "novel_accuracy": 60.0 + s,
+             "na": "", "recipe": record} for m, record in methods.items() for i, d in enumerate(datasets)
+            for s in (1, 2)]
+
+
+VIT_B16 = ["protocol=base2novel", "backbone.model=ViT-B-16", "backbone.pretrained=openai"]
+
+
 def test_protocol_summary_averages_per_seed_and_shows_published_figures():
     datasets = list(PROTOCOLS.get("base2novel").published_datasets)
-    cfg = load_config([], ["protocol=base2novel", "backbone.model=ViT-B-16", "backbone.pretrained=openai"])
-    rows = [{"method": "coop", "dataset": d, "seed": s, "base_accuracy": 80.0 + s + i, "novel_accuracy": 60.0 + s,
-             "na": ""} for i, d in enumerate(datasets) for s in (1, 2)]
-    text = protocol_summary(PROTOCOLS.get("base2novel"), rows, ["coop"], datasets, [1, 2], cfg)
+    cfg = load_config([], VIT_B16)
+    rows = base2novel_rows({"coop": PUBLISHED_RUN, "zeroshot": {**PUBLISHED_RUN, "entries": []}})
+    text = protocol_summary(PROTOCOLS.get("base2novel"), rows, ["zeroshot", "coop"], datasets, [1, 2], cfg)
     average = text.split("## Average over 11 datasets")[1]
     # per seed the mean over datasets: 86 and 87 base, 61 and 62 novel; then mean ± sample std over seeds
     hm = harmonic_mean(86.5, 61.5)
     assert f"| coop | 86.50 ± 0.71 | 61.50 ± 0.71 | {hm:.2f} |" in average
-    assert "| CoOp (published) | 82.69 | 63.22 | 71.66 |" in average
+    assert "| coop (published) | 82.69 | 63.22 | 71.66 |" in average
+    assert "| zeroshot (published) | 69.34 | 74.22 | 71.70 |" in average
+    assert ("- Published figures of methods this sweep did not run are left out: cocoop, prograd, kgcoop, maple, "
+            "promptsrc.") in text
     other = load_config([], ["protocol=base2novel", "backbone.model=RN50"])
-    assert "(published)" not in protocol_summary(PROTOCOLS.get("base2novel"), rows, ["coop"], datasets, [1, 2], other)
+    text = protocol_summary(PROTOCOLS.get("base2novel"), rows, ["coop"], datasets, [1, 2], other)
+    assert "(published)" not in text and "- No published figures are shown: they exist only for ViT-B-16" in text
+
+
+@pytest.mark.parametrize("record, overrides, note", [
+    ({**PUBLISHED_RUN, "changed": ["coop.lr"]}, [],
+     "- coop (published) is left out: its runs changed coop.lr from the published recipe."),
+    ({**PUBLISHED_RUN, "recipe": "promptlearn", "entries": []}, [],
+     "- coop (published) is left out: its runs used `recipe: promptlearn`."),
+    (None, [], "- coop (published) is left out: some of its runs record no recipe"),
+    (PUBLISHED_RUN, ["recipe=promptlearn"],
+     "- No published figures are shown: this sweep ran `recipe: promptlearn`, not the authors' published recipes."),
+])
+def test_published_figures_stand_only_beside_runs_of_the_published_recipe(record, overrides, note):
+    """A paper's figure beside a run of other settings would compare unlike things: the row is left out, with
+    the reason."""
+    datasets = list(PROTOCOLS.get("base2novel").published_datasets)
+    rows = base2novel_rows({"zeroshot": PUBLISHED_RUN, "coop": PUBLISHED_RUN})
+    rows[-1]["recipe"] = record  # coop's last run (one seed of one dataset) is enough to leave its figures out
+    text = protocol_summary(PROTOCOLS.get("base2novel"), rows, ["zeroshot", "coop"], datasets, [1, 2],
+                            load_config([], [*VIT_B16, *overrides]))
+    assert any(line.startswith(note) for line in text.splitlines()), text
+    assert "| coop (published) |" not in text
+    assert ("| zeroshot (published) |" in text) == (not overrides)  # zero-shot's own runs are the published ones
 
 
 def test_protocol_sweeps_run_from_their_configs_and_skip_finished_runs(tmp_path):
@@ -212,6 +252,8 @@ def test_protocol_sweeps_run_from_their_configs_and_skip_finished_runs(tmp_path)
     sweep, base, run_overrides = load_sweep(config, overrides)
     rows = run_sweep(sweep, plan_runs(sweep, base, run_overrides))
     assert {(r["method"], r["novel_accuracy"] is None) for r in rows} == {("zeroshot", False), ("linear_probe", True)}
+    # each row carries its method's recipe record, which decides whether a paper's figure may stand beside it
+    assert {r["method"]: r["recipe"]["recipe"] for r in rows} == {"zeroshot": "published", "linear_probe": "published"}
     summary = (tmp_path / "sweep" / "summary.md").read_text()
     assert "# Protocol base2novel" in summary and "| method | base | novel | HM |" in summary
     assert "linear_probe on fashion_mnist_sample: novel:" in summary

@@ -119,3 +119,29 @@ def test_list_takes_a_method_only_for_recipes():
         main(["list", "methods", "coop"])
     with pytest.raises(ConfigError, match="unknown method 'promptsrcc'"):
         main(["list", "recipes", "promptsrcc"])
+
+
+@pytest.mark.parametrize("given, n_ctx, ctx_init", [
+    (["coop.ctx_init='a photo of a'"], None, "a photo of a"),  # the phrase decides the length
+    (["coop.n_ctx=8"], 8, ""),
+    ([], None, ""),  # nothing given: CoOp's random 16 (N_CTX 16, promptlearn's length when no phrase is given)
+])
+def test_the_recipe_leaves_the_context_length_to_the_phrase(given, n_ctx, ctx_init):
+    """CoOp's entries set ctx_init (none: random) and leave n_ctx unset, so a given phrase never meets a recipe's
+    16 tokens, and a given n_ctx takes random vectors."""
+    from promptlearn.config import load_config
+
+    cfg = load_config([], ["data.name=dtd", "data.shots=16", *given])
+    assert (cfg.coop.n_ctx, cfg.coop.ctx_init) == (n_ctx, ctx_init)
+    assert cfg.coop.epochs == 200  # the rest of the recipe still applies
+
+
+def test_the_more_specific_entry_says_the_context_start():
+    """Domain generalisation on 16-shot ImageNet matches two CoOp entries: every protocol's "a photo of a" and the
+    more specific robustness entry's random 16 tokens, which wins."""
+    from promptlearn.config import load_config
+
+    dg = load_config([], ["protocol=domain_generalization", "data.name=imagenet", "data.shots=16"])
+    assert (dg.coop.n_ctx, dg.coop.ctx_init, dg.coop.epochs) == (None, "", 50)
+    b2n = load_config([], ["protocol=base2novel", "data.name=imagenet", "data.shots=16"])
+    assert (b2n.coop.n_ctx, b2n.coop.ctx_init) == (None, "a photo of a")

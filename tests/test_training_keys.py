@@ -151,7 +151,8 @@ def test_recipe_must_be_published_or_promptlearn():
 
 def test_print_config_shows_each_methods_effective_settings_and_their_sources(tmp_path, capsys):
     assert promptlearn_main(["train", "--config", str(QUICKSTART), "--output-dir", str(tmp_path / "never"),
-                             f"data.path={SAMPLE}", "methods=[coop,clap]", "clap.lr=0.05", "--print-config"]) == 0
+                             f"data.path={SAMPLE}", "methods=[coop,clap]", "clap.lr=0.05", "recipe=published",
+                             "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     coop, clap = printed["effective"]["coop"], printed["effective"]["clap"]
     assert coop["epochs"] == {"value": 50, "from": f"train.epochs ({QUICKSTART})"}

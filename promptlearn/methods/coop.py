@@ -98,7 +98,8 @@ def context_from_config(backbone: FrozenCLIP, cfg: CoOpConfig) -> ContextStart:
     n_ctx, counted = (word_count(phrase), "words") if cfg.ctx_init_words else (len(ids), "tokens")
     if cfg.n_ctx is not None and cfg.n_ctx != n_ctx:
         raise ConfigError(f"{cfg.section}.n_ctx={cfg.n_ctx} conflicts with {cfg.section}.ctx_init {cfg.ctx_init!r}, "
-                          f"which is {n_ctx} {counted}; drop n_ctx or set it to {n_ctx}")
+                          f"which is {n_ctx} {counted}; drop n_ctx or set it to {n_ctx}, or set "
+                          f"{cfg.section}.ctx_init='' for {cfg.n_ctx} random vectors")
     if n_ctx > len(ids):
         raise ConfigError(f"{cfg.section}.ctx_init {cfg.ctx_init!r} has more words ({n_ctx}) than tokens "
                           f"({len(ids)}); separate its words by single spaces")

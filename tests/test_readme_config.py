@@ -1,0 +1,112 @@
+"""The README's configuration text against the code: the option column of "Differences from the original code"
+names only real config keys, and the Recipes part lists the training keys and shows --print-config's output."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+from helpers import REPO
+
+from promptlearn.commands import main as promptlearn_main
+from promptlearn.config import RECIPES, SECTIONS, TRAINING_KEYS, all_keys
+
+README = (REPO / "README.md").read_text(encoding="utf-8")
+# a config key as the README spells one: dotted lowercase names; `<method>.` stands for any method's section and
+# a trailing (s) for the key with and without it (data.template(s)). Capitalised dotted names are code
+# (`features.PooledPasses`, `CoCoOp.per_image_logits`), and a bare word names a method, not a key.
+DOTTED_KEY = re.compile(r"(?:<method>|[a-z_][a-z0-9_]*)(?:\.[a-z_][a-z0-9_]*)+(?:\(s\))?")
+ASSIGNED = re.compile(r"([A-Za-z_<>][\w.<>()]*)\s*(?:=|: )\s*(\S+)")  # key=value or key: value, several a span
+
+
+def section(title: str) -> str:
+    start = README.index(f"\n{title}\n")
+    return README[start:README.index("\n## ", start + 1)]
+
+
+def differences_options() -> list[str]:
+    """The backticked spans of the last column ("option that restores the original") of the Differences table."""
+    rows = [line for line in section("## Differences from the original code").splitlines() if line.startswith("| ")]
+    header, *rows = rows
+    assert header.rstrip(" |").endswith("option that restores the original"), header
+    spans = []
+    for row in rows[1:]:  # the |---| line first
+        cells = row.strip().strip("|").split(" | ")
+        assert len(cells) == 4, f"a Differences row needs 4 cells (a | inside a cell?): {row[:100]}"
+        spans += re.findall(r"`([^`]+)`", cells[3])
+    return spans
+
+
+def named_keys(span: str) -> list[str]:
+    """The config keys a backticked span names: the keys of its assignments, or the span itself if it is a
+    dotted key; the `recipe` key's value must be a recipe."""
+    assigned = ASSIGNED.findall(span)
+    for key, value in assigned:
+        if key == "recipe":
+            assert value in RECIPES, f"`{span}`: recipe must be one of {', '.join(RECIPES)}"
+    keys = [key for key, _ in assigned] if assigned else [span] if DOTTED_KEY.fullmatch(span) else []
+    expanded = []
+    for key in keys:
+        expanded += [key.removesuffix("(s)"), key.removesuffix("(s)") + "s"] if key.endswith("(s)") else [key]
+    return expanded
+
+
+def unknown(key: str, keys: dict) -> bool:
+    if key.startswith("<method>."):
+        return not any(f"{name}.{key.removeprefix('<method>.')}" in keys for name in SECTIONS)
+    return key not in keys
+
+
+def test_the_differences_table_names_only_real_config_keys():
+    keys = all_keys()
+    spans = differences_options()
+    assert len(spans) > 20  # the table was found and read
+    wrong = sorted({f"`{span}`: {key}" for span in spans for key in named_keys(span) if unknown(key, keys)})
+    assert not wrong, ("the Differences table's option column names keys the config does not have (retired? "
+                       "misspelled?): " + "; ".join(wrong))
+
+
+@pytest.mark.parametrize("span, keys", [
+    ("clap.protocol=reference", ["clap.protocol"]),  # a retired switch: refused below once its field is gone
+    ("cocoop.truncate_prompts=false cocoop.share_prefix=false", ["cocoop.truncate_prompts", "cocoop.share_prefix"]),
+    ("train.max_steps=500 K", ["train.max_steps"]),
+    ("data.template(s)", ["data.template", "data.templates"]),
+    ("recipe: published", ["recipe"]),
+    ("recipe=promptlearn", ["recipe"]),
+    ("data.fewshot_import", ["data.fewshot_import"]),
+    ("features.PooledPasses", []),
+    ("CoCoOp.per_image_logits", []),
+    ("linear_probe", []),
+])
+def test_the_spans_read_as_the_keys_they_name(span, keys):
+    assert named_keys(span) == keys
+
+
+def test_a_removed_key_is_caught():
+    keys = {k: v for k, v in all_keys().items() if k != "clap.protocol"}  # as the config reads once it is gone
+    assert [k for k in named_keys("clap.protocol=reference") if unknown(k, keys)] == ["clap.protocol"]
+    assert not [k for k in named_keys("<method>.grad_checkpointing=true") if unknown(k, keys)]
+    assert [k for k in named_keys("<method>.grad_checkpoint=true") if unknown(k, keys)]
+    with pytest.raises(AssertionError, match="recipe must be one of"):
+        named_keys("recipe=reference")
+
+
+def test_the_recipes_part_lists_the_training_keys():
+    recipes = section("#### Recipes")
+    listed = recipes[recipes.index("Every method that trains"):].split("(`coop.lr")[0]
+    assert re.findall(r"`(\w+)`", listed) == list(TRAINING_KEYS)
+
+
+def test_the_recipes_example_is_what_print_config_prints(capsys):
+    recipes = section("#### Recipes")
+    command = re.search(r"`(promptlearn train [^`]+--print-config)`", recipes.replace("\n", " ")).group(1)
+    example = recipes.split("```")[1].strip("\n").splitlines()
+    assert 5 <= len(example) <= 8
+    assert promptlearn_main(command.split()[1:]) == 0
+    printed = capsys.readouterr().out
+    effective = printed[printed.index("\neffective:\n") + 1:].splitlines()
+    at = 0
+    for line in example:  # the example's lines, in order, among the printed ones
+        assert line in effective[at:], f"{line!r} is not printed (after line {at}):\n" + "\n".join(effective)
+        at = effective.index(line, at) + 1
+    assert yaml.safe_load("\n".join(example))["effective"]["coop"]["lr"]["value"] == 0.01
