@@ -426,7 +426,7 @@ def test_a_loss_not_finite_before_any_update_blames_the_inputs_not_the_learning_
 
 @pytest.mark.parametrize("name, overrides, key", [
     ("kgcoop", [], "kgcoop.lr"), ("cocoop", ["cocoop.lr=null"], "train.lr"), ("coop", [], "train.lr"),
-    ("tip_adapter_f", [], "tip_adapter.lr"), ("clip_adapter", [], "train.lr"),
+    ("tip_adapter_f", [], "tip_adapter_f.lr"), ("clip_adapter", [], "train.lr"),
     ("clip_adapter", ["clip_adapter.lr=0.01"], "clip_adapter.lr"), ("clip_lora", [], "clip_lora.lr"),
 ])
 def test_divergence_advice_names_the_key_that_set_the_learning_rate(name, overrides, key):

@@ -43,7 +43,7 @@ def test_every_method_runs_end_to_end(tmp_path, shared_cache, model):
     """Train and evaluate every method on cached features, the decoded prompt included, on the sample."""
     metrics = run_experiment(quick_config(
         tmp_path, f"backbone.model={model}", f"methods=[{', '.join(ON_FEATURES)}]", "data.shots=1",
-        "train.epochs=1", "tip_adapter.epochs=1", "tip_adapter.beta_steps=3", "tip_adapter.alpha_steps=3",
+        "train.epochs=1", *[f"{m}.{k}=3" for m in ("tip_adapter", "tip_adapter_f") for k in ("beta_steps", "alpha_steps")],
         "coop.n_ctx=4", "coop.ctx_init=", "coop.class_specific=false", f"cache_dir={shared_cache}"))
     for name in ON_FEATURES:
         assert math.isfinite(metrics[name]["accuracy"]), (model, name)
