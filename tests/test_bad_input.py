@@ -407,7 +407,7 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_state(tmp_
     checkpoint = tmp_path / "checkpoint.pt"
     with pytest.raises(NonFiniteLoss, match=r"coop: the loss became nan at epoch 3, step 1; training stopped and the "
                                             r"parameters went back to the state after epoch 2, which the checkpoint "
-                                            r"keeps\. Try a lower coop\.lr"):
+                                            r"keeps\. Try a lower train\.lr"):
         Trainer(cfg.train, epochs=5, seed=1).fit(method, BlowsUpAtEpoch(method.backbone.embed_dim, 2), checkpoint)
     saved = load_checkpoint(checkpoint)
     assert saved["epoch"] == 2 and len(saved["history"]) == 2
@@ -425,8 +425,8 @@ def test_a_loss_not_finite_before_any_update_blames_the_inputs_not_the_learning_
 
 
 @pytest.mark.parametrize("name, overrides, key", [
-    ("kgcoop", [], "kgcoop.lr"), ("cocoop", ["cocoop.lr=null"], "train.lr"), ("coop", [], "coop.lr"),
-    ("coop", ["train.lr=0.01"], "train.lr"), ("tip_adapter_f", [], "tip_adapter_f.lr"), ("clip_adapter", [], "train.lr"),
+    ("kgcoop", [], "kgcoop.lr"), ("cocoop", ["cocoop.lr=null"], "train.lr"), ("coop", [], "train.lr"),
+    ("coop", ["recipe=published"], "coop.lr"), ("coop", ["recipe=published", "train.lr=0.01"], "train.lr"), ("tip_adapter_f", [], "tip_adapter_f.lr"), ("clip_adapter", [], "train.lr"),
     ("clip_adapter", ["clip_adapter.lr=0.01"], "clip_adapter.lr"), ("clip_lora", [], "clip_lora.lr"),
 ])
 def test_divergence_advice_names_the_key_that_set_the_learning_rate(name, overrides, key):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import FAMILIES, quick_config, tiny_backbone
 
-from promptlearn.config import TrainConfig, load_config
+from promptlearn.config import TrainConfig, load_config, run_epochs
 from promptlearn.data import build_dataset
 from promptlearn.data.fewshot import load_or_draw
 from promptlearn.errors import ConfigError, DataError
@@ -57,9 +57,11 @@ class NoTestBank:
 
 
 def fitted(name, cfg, backbone, bank, trainer, tmp_path):
+    """The method fitted as the runner fits it: `trainer` under the method's own training settings and epochs."""
     torch.manual_seed(cfg.data.seed)
     method = build_method(name, cfg, backbone, build_dataset(cfg.data).classnames)
-    info = method.fit(NoTestBank(bank), trainer, tmp_path / name / "checkpoint.pt", resume=False)
+    own = trainer.with_recipe(method.train_config, run_epochs(cfg, method.train_config))
+    info = method.fit(NoTestBank(bank), own, tmp_path / name / "checkpoint.pt", resume=False)
     return method, info
 
 
@@ -93,14 +95,14 @@ def test_tip_adapter_cache_and_search_on_validation(tmp_path, shared_cache):
 
 def test_tip_adapter_f_fine_tuning_raises_training_accuracy(tmp_path, shared_cache):
     # alpha and beta held at 1 so that only the fine-tuned keys differ from the training-free cache
-    fixed = ["tip_adapter.alpha_range=[1, 1]", "tip_adapter.alpha_steps=1", "tip_adapter.beta_range=[1, 1]",
-             "tip_adapter.beta_steps=1"]
+    fixed = [f"{section}.{key}" for section in ("tip_adapter", "tip_adapter_f")
+             for key in ("alpha_range=[1, 1]", "alpha_steps=1", "beta_range=[1, 1]", "beta_steps=1")]
     cfg, backbone, bank, trainer = setup(tmp_path, shared_cache, "data.shots=16", "train.augment=false",
-                                         "tip_adapter.lr=0.01", *fixed)
+                                         "tip_adapter_f.lr=0.01", "tip_adapter_f.epochs=20", *fixed)
     tip, _ = fitted("tip_adapter", cfg, backbone, bank, trainer, tmp_path)
     tip_f, info = fitted("tip_adapter_f", cfg, backbone, bank, trainer, tmp_path)
     history = info["history"]
-    assert len(history) == cfg.tip_adapter.epochs == 20 and history[-1]["loss"] < history[0]["loss"]
+    assert len(history) == 20 and history[-1]["loss"] < history[0]["loss"]
     assert tip_f.keys.requires_grad and not torch.allclose(tip_f.keys, tip.keys)
     assert accuracy(tip_f, bank.train) > accuracy(tip, bank.train) + 15
 
@@ -181,7 +183,8 @@ def test_methods_need_a_validation_set(tmp_path, shared_cache):
 @pytest.mark.parametrize("model", FAMILIES)
 def test_every_baseline_fits_on_every_tiny_backbone(tmp_path, shared_cache, model):
     cfg, backbone, bank, trainer = setup(tmp_path, shared_cache, "data.shots=2", "train.epochs=2",
-                                         "tip_adapter.epochs=2", "tip_adapter.beta_steps=5", model=model)
+                                         "tip_adapter_f.epochs=2", "tip_adapter.beta_steps=5",
+                                         "tip_adapter_f.beta_steps=5", model=model)
     for name in ("clip_adapter", "tip_adapter", "tip_adapter_f"):
         method, info = fitted(name, cfg, backbone, bank, trainer, tmp_path)
         logits = method.predict(bank.test.features)
@@ -190,7 +193,8 @@ def test_every_baseline_fits_on_every_tiny_backbone(tmp_path, shared_cache, mode
 
 def test_run_experiment_reports_and_resumes_the_baselines(tmp_path, shared_cache):
     overrides = ["methods=[zeroshot, clip_adapter, tip_adapter, tip_adapter_f]", "train.epochs=3",
-                 "tip_adapter.epochs=3", "tip_adapter.beta_steps=10", f"cache_dir={shared_cache}"]
+                 "tip_adapter_f.epochs=3", "tip_adapter.beta_steps=10", "tip_adapter_f.beta_steps=10",
+                 f"cache_dir={shared_cache}"]
     metrics = run_experiment(quick_config(tmp_path, *overrides))
     out = tmp_path / "run"
     for name in ("clip_adapter", "tip_adapter_f"):

@@ -135,19 +135,6 @@ def test_reference_resumes_to_the_same_prototypes_and_refuses_the_other_protocol
         run_experiment(quick_config(tmp_path, *reference, f"output_dir={tmp_path / 'plain'}"), resume=True)
 
 
-def test_reference_recipes_ignore_a_step_budget_and_floor_meant_for_other_methods(tmp_path):
-    """train.min_lr / train.max_steps set for CoOp must not change the published loops of CLAP and
-    Tip-Adapter-F under their reference protocols (both run their cosine to 0 over whole epochs)."""
-    from promptlearn.methods.tip_adapter import Protocol
-
-    cfg = quick_config(tmp_path, "tip_adapter.protocol=reference", "train.min_lr=1e-4", "train.max_steps=3")
-    cfg.data.name = "dtd"
-    recipe = Protocol(cfg).recipe(cfg.train)
-    assert (recipe.min_lr, recipe.max_steps) == (0.0, None)
-    cfg.tip_adapter.protocol = "promptlearn"
-    assert (Protocol(cfg).recipe(cfg.train).min_lr, Protocol(cfg).recipe(cfg.train).max_steps) == (1e-4, 3)
-
-
 def test_clap_reference_recipe_ignores_train_min_lr_and_max_steps(tmp_path, monkeypatch):
     from promptlearn.trainer import Trainer
 
