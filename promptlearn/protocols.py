@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import yaml
 
 from promptlearn.config import RunConfig, apply, read_yaml
 from promptlearn.data import build_dataset
@@ -189,9 +192,16 @@ class Protocol:
         return [*self.columns, ("macro_f1", "macro-F1 (%)"), ("ece", "ECE (%)")]
 
     # a sweep's report: the values of one result row, derived columns, and published figures to show beside
-    # method -> column -> the papers' value (11-dataset or target averages), printed as "<method> (published)"
-    published: dict[str, dict[str, float]] = {}
-    published_datasets: tuple[str, ...] = ()  # the datasets the published averages cover
+    @property
+    def published(self) -> dict[str, dict[str, float]]:
+        """Method -> column -> the papers' value (promptlearn/data/published.yaml), printed as
+        "<method> (published)"; none for a protocol without published averages."""
+        return published_results().get(self.name, {}).get("figures", {})
+
+    @property
+    def published_datasets(self) -> tuple[str, ...]:
+        """The datasets the published averages cover."""
+        return tuple(published_results().get(self.name, {}).get("datasets", ()))
 
     def report_values(self, row: dict) -> dict[str, float | None]:
         return {"accuracy": row["accuracy"]}
@@ -223,6 +233,14 @@ class Protocol:
 
 
 PROTOCOLS: Registry[Protocol] = Registry("protocol")
+PUBLISHED_FILE = Path(__file__).parent / "data" / "published.yaml"
+
+
+@functools.cache
+def published_results() -> dict:
+    """Protocol -> {setting, datasets, figures}: the papers' averages (promptlearn/data/published.yaml)."""
+    with open(PUBLISHED_FILE, encoding="utf-8") as f:
+        return yaml.safe_load(f)
 
 
 def register_protocol(cls: type[Protocol]) -> type[Protocol]:
@@ -259,18 +277,6 @@ class BaseToNovel(Protocol):
         return [Target("base", keep_classes(dataset, base, f"{dataset.name}-base"), cfg.data, "base"),
                 Target("novel", keep_classes(dataset, novel, f"{dataset.name}-novel"), cfg.data, "novel")]
 
-    published_datasets = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
-                          "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
-    published = {  # ViT-B/16, 16 shots, 3 seeds, 11-dataset averages: base, novel, HM
-        "zeroshot": {"base": 69.34, "novel": 74.22, "HM": 71.70},  # CLIP
-        "coop": {"base": 82.69, "novel": 63.22, "HM": 71.66},
-        "cocoop": {"base": 80.47, "novel": 71.69, "HM": 75.83},
-        "prograd": {"base": 82.48, "novel": 70.75, "HM": 76.16},
-        "kgcoop": {"base": 80.73, "novel": 73.60, "HM": 77.00},
-        "maple": {"base": 82.28, "novel": 75.14, "HM": 78.55},
-        "promptsrc": {"base": 84.26, "novel": 76.10, "HM": 79.97},
-    }
-
     def table_columns(self, metrics):
         return list(self.columns)  # the paper's layout: base / novel / HM
 
@@ -296,9 +302,6 @@ class CrossDataset(Protocol):
                "each target dataset")
     default_targets = CROSS_DATASET_TARGETS
     columns = (("source_accuracy", "source (%)"), ("targets_average", "targets average (%)"))
-    published_datasets = ("imagenet",)
-    published = {"coop": {"average": 63.88}, "cocoop": {"average": 65.74}, "maple": {"average": 66.30},
-                 "promptsrc": {"average": 65.81}}  # ViT-B/16, 10-target averages
 
     def report_values(self, row):
         return {"source": row["accuracy"], **row["target_accuracy"], "average": row["targets_average"]}
@@ -339,7 +342,6 @@ class DomainGeneralization(CrossDataset):
                "ImageNet-V2, -Sketch, -A and -R); a target holding a subset of the trained classes (ImageNet-A "
                "and -R: 200) is scored with those classes' rows")
     default_targets = IMAGENET_VARIANTS
-    published = {}  # the issue quotes no domain-generalisation averages
 
 
 def protocol_for(cfg: "RunConfig") -> Protocol:

@@ -320,3 +320,16 @@ def test_a_method_that_cannot_be_set_up_for_a_target_is_na_not_a_failed_run():
     assert isinstance(score, NotApplicable)
     assert "ivlp cannot be set up for mine" in score.reason and "more than the text tower's context length" in \
         score.reason
+
+
+def test_published_figures_are_data_with_their_setting():
+    """The papers' averages live in promptlearn/data/published.yaml (the protocol notes' tables), not in code."""
+    from promptlearn.protocols import PROTOCOLS, published_results
+
+    b2n, xd = PROTOCOLS["base2novel"], PROTOCOLS["cross_dataset"]
+    assert b2n.published["promptsrc"] == {"base": 84.26, "novel": 76.10, "HM": 79.97}
+    assert b2n.published["zeroshot"]["HM"] == 71.70 and len(b2n.published_datasets) == 11
+    assert xd.published == {"coop": {"average": 63.88}, "cocoop": {"average": 65.74},
+                            "maple": {"average": 66.30}, "promptsrc": {"average": 65.81}}
+    assert xd.published_datasets == ("imagenet",) and PROTOCOLS["domain_generalization"].published == {}
+    assert all("ViT-B/16" in entry["setting"] for entry in published_results().values())
