@@ -422,8 +422,8 @@ def training_settings(cfg: RunConfig, section: str | None) -> TrainConfig:
     own = cfg.sections.get(section) if section else None
     if not isinstance(own, TrainingKeys):
         return copy.deepcopy(cfg.train)
-    return dataclasses.replace(cfg.train, **{k: copy.deepcopy(getattr(own, k)) for k in TRAINING_KEYS
-                                             if getattr(own, k) is not None})
+    return dataclasses.replace(copy.deepcopy(cfg.train), **{k: copy.deepcopy(getattr(own, k)) for k in TRAINING_KEYS
+                                                            if getattr(own, k) is not None})
 
 
 def validate(cfg: RunConfig) -> None:
