@@ -465,12 +465,17 @@ def config_problems(cfg: RunConfig) -> list[str]:
     problems += reach_problems(cfg)
     need(cfg.selection in SELECTIONS,
          f"selection must be one of {', '.join(SELECTIONS)}, got {cfg.selection!r}")
-    for t in [*([cfg.data.template] if cfg.data.template is not None else []), *cfg.data.templates]:
-        need("{}" in t, f"data.template {t!r} must contain {{}} where the class name goes")
-        try:
-            t.format("class name")
-        except (IndexError, KeyError, ValueError):
-            need(False, f"data.template {t!r} must hold exactly one {{}} and no other braces")
+    templates = {"data.template": [cfg.data.template] if cfg.data.template is not None else [],
+                 "data.templates": cfg.data.templates,
+                 **{f"{name}.templates": section.templates for name, section in cfg.sections.items()
+                    if isinstance(getattr(section, "templates", None), list)}}  # a method's own (clap.templates)
+    for key, given in templates.items():
+        for t in given:
+            need("{}" in t, f"{key} {t!r} must contain {{}} where the class name goes")
+            try:
+                t.format("class name")
+            except (IndexError, KeyError, ValueError):
+                need(False, f"{key} {t!r} must hold exactly one {{}} and no other braces")
     for section in cfg.sections.values():  # each method section checks its own values
         problems.extend(getattr(section, "problems", lambda: [])())
     return problems
