@@ -52,8 +52,9 @@ def test_published_facts_read_from_the_files():
     assert entry("tip_adapter_f", "fewshot", "eurosat", 16).settings["tip_adapter_f.epochs"] == 100
     assert entry("tip_adapter_f", "fewshot", "dtd", 16).settings["tip_adapter_f.init_alpha"] == 2.0
     assert entry("coop", "fewshot", "caltech101", 2).settings["coop.epochs"] == 100
-    lpclip = recipes_for("linear_probe")[0].unmapped
-    assert lpclip["c_grid"] == [1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6] and lpclip["bisection_steps"] == 8
+    lpclip = entry("linear_probe", "fewshot", "dtd", 16).settings
+    assert lpclip["linear_probe.c_grid"] == [1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6]
+    assert (lpclip["linear_probe.bisection_steps"], lpclip["linear_probe.features"]) == (8, "raw")
 
 
 def write(tmp_path: Path, text: str) -> Path:
