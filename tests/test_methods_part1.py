@@ -215,6 +215,15 @@ def test_published_defaults():
     assert (lp.epochs, lp.alpha_every, lp.alpha_init_scale, lp.templates, lp.crop_scale) == (300, 10, 250.0, [], None)
 
 
+@pytest.mark.parametrize("dataset", ["imagenet", "oxford_pets", "image_folder"])
+def test_recipe_promptlearn_gives_the_code_defaults_of_clap_lp_pp_and_the_linear_probe(dataset):
+    listed = ["methods=[clap,lp_pp,linear_probe]", f"data.name={dataset}"]
+    promptlearn, published = load_config([], [*listed, "recipe=promptlearn"]), load_config([], listed)
+    for name in ("clap", "lp_pp", "linear_probe"):
+        default = type(getattr(promptlearn, name))()
+        assert getattr(promptlearn, name) == default and getattr(published, name) != default, name
+
+
 def test_bad_values_name_their_own_section(tmp_path):
     with pytest.raises(ConfigError, match="kgcoop.n_ctx must be at least 1.*prograd.projection must be in"):
         quick_config(tmp_path, "kgcoop.n_ctx=0", "prograd.projection=2")
