@@ -416,7 +416,7 @@ class TrainingFeatures(EpochFeatures):
         return [self.bank.train_pass(p, self.augment, crop_scale=self.crop_scale) for p in range(passes)]
 
     def pooled(self) -> SplitFeatures:
-        """The cached passes end to end, pass after pass (CLAP's zero-shot multipliers and reference epochs)."""
+        """The cached passes end to end, pass after pass (CLAP's zero-shot multipliers and pooled epochs)."""
         splits = self.cached_passes()
         return SplitFeatures(torch.cat([s.features for s in splits]), torch.cat([s.labels for s in splits]),
                              [path for s in splits for path in s.paths])

@@ -504,13 +504,14 @@ def test_a_cache_file_holding_nan_features_is_named(tmp_path, train_coop, capsys
 
 
 class FiniteFeatures:
-    """A stand-in feature bank: four finite test features."""
+    """A stand-in feature bank: four finite test features (with their norms, which the published linear probe
+    scores them by)."""
 
     dataset = DatasetSplits("pets", ["cat", "dog"])
 
     def test_of(self, dataset=None):
         x = F.normalize(torch.randn(4, 32, generator=torch.Generator().manual_seed(0)), dim=-1)  # tiny-clip's
-        return SplitFeatures(x, torch.tensor([0, 1, 0, 1]), [f"/img/{i}.png" for i in range(4)])
+        return SplitFeatures(x, torch.tensor([0, 1, 0, 1]), [f"/img/{i}.png" for i in range(4)], torch.ones(4))
 
 
 def test_a_method_whose_logits_are_not_finite_is_named_and_writes_nothing(tmp_path):

@@ -14,7 +14,7 @@ from promptlearn.data.fewshot import load_or_draw
 from promptlearn.errors import ConfigError, DataError
 from promptlearn.features import FeatureBank, FeatureCache, SplitFeatures, TrainingFeatures
 from promptlearn.methods import build_method
-from promptlearn.methods.linear_probe import COARSE_C, search_c
+from promptlearn.methods.linear_probe import COARSE_C, bisected, search_c
 from promptlearn.methods.tip_adapter import search_grid
 from promptlearn.runner import run_experiment
 from promptlearn.trainer import Trainer, build_optimizer
@@ -121,9 +121,32 @@ def test_clip_adapter_learning_raises_training_accuracy(tmp_path, shared_cache):
 
 
 def test_linear_probe_chooses_a_searched_c(tmp_path, shared_cache):
-    cfg, backbone, bank, trainer = setup(tmp_path, shared_cache)
+    cfg, backbone, bank, trainer = setup(tmp_path, shared_cache, "recipe=promptlearn")
     _, info = fitted("linear_probe", cfg, backbone, bank, trainer, tmp_path)
     assert info["C"] in info["searched_C"] and set(COARSE_C) <= set(info["searched_C"])
+
+
+LPCLIP_GRID = [1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6]
+
+
+def test_the_published_linear_probe_is_lpclips_search_on_raw_features(tmp_path, shared_cache):
+    """CoOp's lpclip: the encoder's raw (unnormalised) features, L-BFGS, the 7-value grid, 8 bisection steps; the
+    test images are scored on their raw features too."""
+    cfg, backbone, bank, trainer = setup(tmp_path, shared_cache, "recipe=published")
+    own = cfg.linear_probe
+    assert (own.features, own.solver, own.c_grid, own.search, own.bisection_steps) == (
+        "raw", "lbfgs", LPCLIP_GRID, "bisection", 8)
+    probe, info = fitted("linear_probe", cfg, backbone, bank, trainer, tmp_path)
+
+    def raw(split):
+        return (split.features * split.norms[:, None]).numpy()
+
+    best, hits, model = search_c(raw(bank.train), bank.train.labels.numpy(), raw(bank.val), bank.val.labels.numpy(),
+                                 "lbfgs", LPCLIP_GRID, "bisection", 8)
+    assert info["C"] == best and info["searched_C"] == sorted(hits) and set(LPCLIP_GRID) <= set(hits)
+    test = probe.test_features(bank)
+    assert np.array_equal(test.features.numpy(), raw(bank.test))
+    assert probe.predict(test.features).argmax(-1).tolist() == model.predict(raw(bank.test).astype(np.float64)).tolist()
 
 
 def probe_inputs(tmp_path, shared_cache) -> tuple[np.ndarray, ...]:
@@ -169,6 +192,37 @@ def test_the_linear_probe_breaks_ties_towards_stronger_regularisation():
     y = np.array([0, 1, 0, 1])
     best, hits, _ = search_c(x, y, x, y)
     assert set(hits.values()) == {4} and best == min(hits)
+    # lpclip: ties go to the first of its grid, 1e6 (the larger C); each bisection step's tie to its left end, whose
+    # end never moves: after 8 steps from [1e5, 1e7], 1e5
+    best, hits, _ = search_c(x, y, x, y, "lbfgs", LPCLIP_GRID, "bisection", 8)
+    assert set(hits.values()) == {4} and best == 1e5 and 1e7 in hits
+    assert search_c(x, y, x, y, "lbfgs", LPCLIP_GRID, "bisection", 0)[0] == 1e6  # no steps: the grid's best
+
+
+class LogHits:
+    """Validation hits as a function of C: highest at log10 C = 0.3, falling 1000 per decade; records each C asked."""
+
+    def __init__(self):
+        self.asked: list[float] = []
+
+    def __call__(self, c: float) -> float:
+        self.asked.append(c)
+        return -1000 * abs(np.log10(c) - 0.3)
+
+
+def test_lpclip_bisection_keeps_the_better_end_and_moves_the_other_to_the_log_midpoint():
+    """From the grid's best C = 1, the interval starts at [0.1, 10]; each step scores both ends, chooses the better
+    (ties: the left) and moves the other end to the midpoint in log10. With hits peaking at log10 C = 0.3 the 8
+    steps score, in log10 C: [-1, 1] (right better), [0, 1] (left), [0, 0.5] (right), [0.25, 0.5] (left),
+    [0.25, 0.375] (left), [0.25, 0.3125] (right), [0.28125, 0.3125] (right), [0.296875, 0.3125] (left): the last
+    step's choice, 10^0.296875, is the C."""
+    score = LogHits()
+    chosen = bisected(score, 1.0, 8)
+    assert len(score.asked) == 16 and np.log10(score.asked).tolist() == pytest.approx(
+        [-1, 1, 0, 1, 0, 0.5, 0.25, 0.5, 0.25, 0.375, 0.25, 0.3125, 0.28125, 0.3125, 0.296875, 0.3125])
+    assert np.log10(chosen) == pytest.approx(0.296875)
+    flat = bisected(lambda c: 7, 1.0, 8)  # every end ties: the left end, 0.1, is chosen at every step
+    assert flat == pytest.approx(0.1)
 
 
 def test_methods_need_a_validation_set(tmp_path, shared_cache):

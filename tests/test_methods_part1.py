@@ -11,7 +11,7 @@ from helpers import FAMILIES, quick_config, tiny_backbone
 
 from promptlearn.benchmark_methods import MethodsBenchmarkSpec, measure
 from promptlearn.checkpoint import load_checkpoint
-from promptlearn.config import RunConfig
+from promptlearn.config import RunConfig, load_config
 from promptlearn.data import build_dataset
 from promptlearn.data.fewshot import load_or_draw
 from promptlearn.errors import ConfigError
@@ -27,7 +27,8 @@ from promptlearn.trainer import Trainer
 
 METHODS = ["cocoop", "kgcoop", "prograd", "clap", "lp_pp"]
 QUICK = ["train.epochs=3", "cocoop.epochs=3", "cocoop.batch_size=16", "kgcoop.epochs=3", "kgcoop.batch_size=32",
-         "clap.epochs=3", "clap.feature_passes=2", "lp_pp.epochs=20", "train.feature_passes=2"]
+         "clap.epochs=3", "clap.feature_passes=2", "lp_pp.epochs=20", "cocoop.feature_passes=2",
+         "kgcoop.feature_passes=2", "prograd.feature_passes=2"]  # lp_pp caches no passes: train.feature_passes is refused
 
 
 # ----------------------------------------------------------------------------- formulas
@@ -44,7 +45,7 @@ def test_kgcoop_teacher_prompts_are_the_authors(tmp_path):
     """KgCoOp's CUSTOM_TEMPLATES: DTD's teacher is "a photo of a {}, a type of texture." (CoOp's "{} texture." is
     the dataset's zero-shot template); other datasets keep theirs; a template the run sets wins."""
     def teacher(*overrides):
-        return teacher_templates(quick_config(tmp_path, "methods=[kgcoop]", *overrides))
+        return teacher_templates(quick_config(tmp_path, "recipe=published", "methods=[kgcoop]", *overrides))
 
     assert teacher("data.name=dtd", "data.template=null") == ["a photo of a {}, a type of texture."]
     assert teacher("data.name=eurosat", "data.template=null") == ["a centered satellite photo of {}."]
@@ -211,9 +212,19 @@ def test_published_defaults():
         (8.0, "a photo of a", 0.002, 128, 100)
     assert (prograd.ctx_init, prograd.projection, prograd.temperature, prograd.templates) == \
         ("a photo of a", 1.0, 1.0, [])
-    assert (clap.lr, clap.batch_size, clap.epochs, clap.feature_passes, clap.weight_decay, clap.protocol) == \
-        (0.1, 256, 300, 20, 0.0, "promptlearn")
-    assert (lp.epochs, lp.alpha_every, lp.alpha_init_scale, lp.protocol) == (300, 10, 250.0, "promptlearn")
+    assert (clap.lr, clap.batch_size, clap.epochs, clap.feature_passes, clap.weight_decay, clap.batches) == \
+        (0.1, 256, 300, 20, 0.0, "passes")
+    assert (clap.templates, clap.underscores, clap.min_lr) == ([], False, None)  # the run's templates and train.min_lr
+    assert (lp.epochs, lp.alpha_every, lp.alpha_init_scale, lp.templates, lp.crop_scale) == (300, 10, 250.0, [], None)
+
+
+@pytest.mark.parametrize("dataset", ["imagenet", "oxford_pets", "image_folder"])
+def test_recipe_promptlearn_gives_the_code_defaults_of_clap_lp_pp_and_the_linear_probe(dataset):
+    listed = ["methods=[clap,lp_pp,linear_probe]", f"data.name={dataset}"]
+    promptlearn, published = load_config([], [*listed, "recipe=promptlearn"]), load_config([], listed)
+    for name in ("clap", "lp_pp", "linear_probe"):
+        default = type(getattr(promptlearn, name))()
+        assert getattr(promptlearn, name) == default and getattr(published, name) != default, name
 
 
 def test_bad_values_name_their_own_section(tmp_path):
@@ -291,24 +302,29 @@ IMAGENET_7 = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a pho
               "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
 
 
-def test_lp_pp_reference_uses_imagenet_seven_templates_and_crops_of_half_the_image(tmp_path):
+def test_lp_pp_published_recipe_uses_imagenet_seven_templates_and_crops_of_half_the_image(tmp_path):
     names = ["shirt", "ankle boot", "bag"]
-    cfg = quick_config(tmp_path, "methods=[lp_pp]", "lp_pp.protocol=reference", "lp_pp.epochs=2")
-    cfg.data.name, cfg.data.template = "imagenet", None  # the templates follow the dataset's name
     backbone = tiny_backbone()
-    reference = build_method("lp_pp", cfg, backbone, names)
-    torch.testing.assert_close(reference.text, text_classifier(backbone, names, IMAGENET_7), atol=0, rtol=0)
-    cfg.data.template = "a {} photo."  # a template the user sets wins
-    assert torch.equal(build_method("lp_pp", cfg, backbone, names).text,
+
+    def text(*overrides):  # no config file: the recipe's templates apply unless the overrides set data.template
+        return build_method("lp_pp", load_config([], ["methods=[lp_pp]", *overrides]), backbone, names).text
+
+    torch.testing.assert_close(text("data.name=imagenet"), text_classifier(backbone, names, IMAGENET_7), atol=0, rtol=0)
+    # a template the user sets wins; lp_pp.templates given is used as given
+    assert torch.equal(text("data.name=imagenet", "data.template=a {} photo."),
                        text_classifier(backbone, names, ["a {} photo."]))
-    cfg.data.template, cfg.lp_pp.protocol = None, "promptlearn"
-    torch.testing.assert_close(build_method("lp_pp", cfg, backbone, names).text,
-                               text_classifier(backbone, names, ["a photo of a {}."]), atol=0, rtol=0)
+    assert torch.equal(text("data.name=imagenet", "data.template=a {} photo.", "lp_pp.templates=art of the {}."),
+                       text_classifier(backbone, names, ["art of the {}."]))
+    for other in (["data.name=imagenet", "recipe=promptlearn"], ["data.name=caltech101"]):
+        torch.testing.assert_close(text(*other), text_classifier(backbone, names, ["a photo of a {}."]), atol=0, rtol=0)
 
     crops = []
-    for protocol, scale in (("reference", None), ("promptlearn", None), ("promptlearn", "[0.3,1.0]")):
-        overrides = ["methods=[lp_pp]", f"lp_pp.protocol={protocol}", "lp_pp.epochs=2", "train.augment=true"]
-        run = quick_config(tmp_path / f"{protocol}{scale}", *overrides, *([f"train.crop_scale={scale}"] if scale else []))
+    runs = {"published": [], "promptlearn": ["recipe=promptlearn"],
+            "promptlearn with train.crop_scale": ["recipe=promptlearn", "train.crop_scale=[0.3,1.0]"],
+            "published with train.crop_scale": ["train.crop_scale=[0.3,1.0]"], "own": ["lp_pp.crop_scale=[0.2,1.0]"]}
+    for name, overrides in runs.items():
+        run = quick_config(tmp_path / name, "recipe=published", "methods=[lp_pp]", "lp_pp.epochs=2", "train.augment=true",
+                           *overrides)
         seen = []
         original = FeatureBank.train_pass
         with pytest.MonkeyPatch.context() as patch:
@@ -316,9 +332,16 @@ def test_lp_pp_reference_uses_imagenet_seven_templates_and_crops_of_half_the_ima
                           seen.append(tuple(crop_scale)) or original(self, i, augment, cached, crop_scale))
             run_experiment(run)
         crops.append(seen)
-    assert crops == [[(0.5, 1.0)], [(0.08, 1.0)], [(0.3, 1.0)]]  # the user's train.crop_scale is honoured
+    # the recipe's (0.5, 1); promptlearn's train.crop_scale; a given train.crop_scale or lp_pp.crop_scale is honoured
+    assert crops == [[(0.5, 1.0)], [(0.08, 1.0)], [(0.3, 1.0)], [(0.3, 1.0)], [(0.2, 1.0)]]
 
 
-def test_lp_pp_protocol_is_checked(tmp_path):
-    with pytest.raises(ConfigError, match="lp_pp.protocol must be one of promptlearn, reference, got 'original'"):
-        quick_config(tmp_path, "lp_pp.protocol=original")
+def test_lp_pp_reads_only_epochs_augment_and_crop_scale(tmp_path):
+    with pytest.raises(ConfigError, match=r"lp_pp.batch_size is read by no method: lp_pp reads no batch_size: it takes "
+                                          r"full-batch SGD steps \(momentum 0.9, no schedule, no weight decay\)"):
+        quick_config(tmp_path, "lp_pp.batch_size=8")
+    with pytest.raises(ConfigError, match=r"train.lr would not reach lp_pp \(lp_pp reads no lr: .*whose sizes it "
+                                          r"computes from the features"):
+        quick_config(tmp_path, "methods=[lp_pp]", "train.lr=0.1")
+    with pytest.raises(ConfigError, match=r"lp_pp.protocol was removed: .*`recipe: promptlearn`"):
+        quick_config(tmp_path, "lp_pp.protocol=reference")

@@ -11,7 +11,7 @@ from promptlearn.commands import main
 from promptlearn.config import all_keys
 from promptlearn.errors import ConfigError
 from promptlearn.methods import METHODS
-from promptlearn.recipes import RECIPE_DIR, Recipe, all_recipes, load_recipe_file, matching, recipes_for
+from promptlearn.recipes import RECIPE_DIR, Recipe, all_recipes, load_recipe_file, matching
 
 
 def entry(method: str, protocol: str, dataset: str, shots: int) -> Recipe:
@@ -54,8 +54,9 @@ def test_published_facts_read_from_the_files():
     assert entry("tip_adapter_f", "fewshot", "eurosat", 16).settings["tip_adapter_f.epochs"] == 100
     assert entry("tip_adapter_f", "fewshot", "dtd", 16).settings["tip_adapter_f.init_alpha"] == 2.0
     assert entry("coop", "fewshot", "caltech101", 2).settings["coop.epochs"] == 100
-    lpclip = recipes_for("linear_probe")[0].unmapped
-    assert lpclip["c_grid"] == [1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6] and lpclip["bisection_steps"] == 8
+    lpclip = entry("linear_probe", "fewshot", "dtd", 16).settings
+    assert lpclip["linear_probe.c_grid"] == [1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6]
+    assert (lpclip["linear_probe.bisection_steps"], lpclip["linear_probe.features"]) == (8, "raw")
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -145,3 +146,20 @@ def test_the_more_specific_entry_says_the_context_start():
     assert (dg.coop.n_ctx, dg.coop.ctx_init, dg.coop.epochs) == (None, "", 50)
     b2n = load_config([], ["protocol=base2novel", "data.name=imagenet", "data.shots=16"])
     assert (b2n.coop.n_ctx, b2n.coop.ctx_init) == (None, "a photo of a")
+
+
+def test_every_recipe_that_gives_imagenet_an_ensemble_gives_the_authors_seven():
+    """Tip-Adapter's, LP++'s and CLAP's recipes write ImageNet's templates out; they must be the 7 of
+    promptlearn/data/templates.yaml (CLAP's code adds ImageNet's own "a photo of a {}." after them)."""
+    from promptlearn.data.registry import ensemble
+
+    seven = ensemble("imagenet_7")
+    found = {}
+    for method, entries in all_recipes().items():
+        for r in entries:
+            for key, value in r.settings.items():
+                if key.endswith(".templates") and "imagenet" in r.datasets and len(value) > 1:  # an ensemble
+                    found[method] = value
+    assert set(found) == {"tip_adapter", "tip_adapter_f", "lp_pp", "clap"}
+    assert all(value[:7] == seven for value in found.values())
+    assert found["clap"][7:] == ["a photo of a {}."] and all(len(v) == 7 for m, v in found.items() if m != "clap")

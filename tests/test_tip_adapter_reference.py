@@ -12,7 +12,7 @@ from test_baselines import NoTestBank, setup, shared_cache  # noqa: F401 (a fixt
 
 from promptlearn import trainer as trainer_module
 from promptlearn.config import load_config, run_epochs
-from promptlearn.data.registry import IMAGENET_ENSEMBLE
+from promptlearn.data.registry import ensemble
 from promptlearn.data.transforms import train_transform
 from promptlearn.errors import CheckpointError, ConfigError, PromptlearnError
 from promptlearn.features import batch_order
@@ -116,7 +116,7 @@ def test_the_recipes_set_every_published_value_per_dataset(tmp_path):
             assert cfg.sections[name].beta_range == [0.1, SEARCH_SCALE[dataset][0]]
         assert cfg.tip_adapter_f.epochs == files["tip_adapter_f"][dataset]["tip_adapter_f.epochs"]
     assert files["tip_adapter_f"]["eurosat"]["tip_adapter_f.epochs"] == 100
-    assert files["tip_adapter_f"]["imagenet"]["tip_adapter_f.templates"] == IMAGENET_ENSEMBLE == IMAGENET_7
+    assert files["tip_adapter_f"]["imagenet"]["tip_adapter_f.templates"] == ensemble("imagenet_7") == IMAGENET_7
     f = published_config(tmp_path, "dtd").tip_adapter_f
     assert (f.optimizer, f.lr, f.eps, f.weight_decay, f.batch_size, f.warmup_epochs, f.min_lr) == \
         ("adamw", 0.001, 1e-4, 0.01, 256, 0, 0.0)

@@ -159,7 +159,7 @@ def test_print_config_shows_each_methods_effective_settings_and_their_sources(tm
     assert coop["ctx_init"] == {"value": "a photo of a", "from": str(QUICKSTART)}
     assert clap["lr"] == {"value": 0.05, "from": "command line"}
     assert clap["batch_size"]["value"] == 256 and clap["batch_size"]["from"].startswith("recipe jusiro/CLAP")
-    assert clap["momentum"] == {"value": 0.9, "from": "train.momentum (default)"}
+    assert coop["momentum"] == {"value": 0.9, "from": "train.momentum (default)"}
     assert coop["recipe"]["value"] == "published"
     assert coop["crop_scale"] == {"value": [0.08, 1.0], "from": "train.crop_scale (default)"}  # no YAML alias
     cfg = load_config([])

@@ -27,8 +27,6 @@ def ensemble(name: str) -> list[str]:
         return list(yaml.safe_load(f)[name]["templates"])
 
 
-IMAGENET_ENSEMBLE = ensemble("imagenet_7")  # the 7 templates several authors use for ImageNet in place of its own
-
 
 @dataclass(frozen=True)
 class DatasetInfo:
@@ -63,11 +61,8 @@ def chosen_templates(cfg: "DataConfig") -> list[str]:
     return [cfg.template] if cfg.template is not None else []
 
 
-def dataset_templates(cfg: "DataConfig", imagenet_ensemble: bool = False) -> list[str]:
-    """The zero-shot template(s): those the run sets, else the dataset's own (with imagenet_ensemble,
-    ImageNet's is IMAGENET_ENSEMBLE)."""
+def dataset_templates(cfg: "DataConfig") -> list[str]:
+    """The zero-shot template(s): those the run sets, else the dataset's own."""
     if chosen_templates(cfg):
         return chosen_templates(cfg)
-    if imagenet_ensemble and cfg.name == "imagenet":
-        return list(IMAGENET_ENSEMBLE)
     return [DATASETS.get(cfg.name).template]

@@ -6,7 +6,6 @@ entry-point group): a Method subclass decorated with `register_method(name, conf
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -77,22 +76,6 @@ def method_class(name: str) -> type["Method"]:
 
 def build_method(name: str, cfg: "RunConfig", backbone: "FrozenCLIP", classnames: list[str]) -> "Method":
     return method_class(name)(cfg, backbone, classnames).to(backbone.device)
-
-
-PROTOCOLS = ("promptlearn", "reference")  # <method>.protocol: promptlearn's defaults or the published code's
-
-
-def protocol_problems(section: str, protocol: str) -> list[str]:
-    if protocol in PROTOCOLS:
-        return []
-    return [f"{section}.protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}"]
-
-
-def own_recipe(trainer: "Trainer", train: "TrainConfig", epochs: int | None = None, **fields) -> "Trainer":
-    """`trainer` under a method's published recipe: each field given (not None) replaces train.<field>,
-    and `epochs` (not None) the run's epochs."""
-    recipe = dataclasses.replace(train, **{k: v for k, v in fields.items() if v is not None})
-    return trainer.with_recipe(recipe, trainer.epochs if epochs is None else epochs)
 
 
 class Method(nn.Module):

@@ -10,15 +10,16 @@ cosine stepped per epoch), 20 augmented passes of cached features.
 `clap.constraint=false` is the authors' ZS-LP baseline (the same probe with no penalty). Loaded for
 other classes (base-to-novel, a checkpoint), a class it never trained on keeps its zero-shot prototype.
 
-Epochs: promptlearn trains epoch e on cached pass e mod 20. clap.protocol=reference draws every epoch from the
-pool of all 20 passes as the published code does (features.PooledPasses: N // 256 batches, at least one, of a
-fresh shuffle of the pool; the lr schedule still steps per epoch, as there), and on ImageNet starts from the
-published code's 8 templates: the 7-template ensemble and "a photo of a {}." (unless data.template(s) is set).
+Epochs (`clap.batches`): `passes` trains epoch e on cached pass e mod `clap.feature_passes`; `pooled` draws every
+epoch from the pool of all the passes as the authors' code does (features.PooledPasses: N // B batches, at least
+one, of a fresh shuffle of the pool; the lr schedule still steps per epoch, as there). The prototypes average
+`clap.templates` (empty: the run's data.template(s), else the dataset's own), and with `clap.underscores` spell
+every space of a class name as "_", as the authors' code formats the underscored names of its datasets.
+The published recipe (promptlearn/recipes/clap.yaml) sets all three.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -28,19 +29,22 @@ from torch import nn
 from promptlearn.checkpoint import check_meta, load_checkpoint
 from promptlearn.config import TRAINING_KEYS, TrainingKeys
 from promptlearn.data import dataset_templates
-from promptlearn.data.registry import IMAGENET_ENSEMBLE, chosen_templates
 from promptlearn.errors import CheckpointError
 from promptlearn.features import PooledPasses, TrainingFeatures
-from promptlearn.methods.base import Capabilities, Method, protocol_problems, register_method
+from promptlearn.methods.base import Capabilities, Method, register_method
+from promptlearn.prompts import spoken_name
 from promptlearn.trainer import StepLosses
 
 PROTOTYPE_NAMES = "prototype_classnames"  # in the trainable state: the class of each prototype row
+BATCHES = {"passes": TrainingFeatures, "pooled": PooledPasses}  # clap.batches: how epochs draw the cached passes
 
 
 @dataclass
 class ClapConfig(TrainingKeys):
-    protocol: str = "promptlearn"  # promptlearn | reference (the published code's epochs and ImageNet templates)
     constraint: bool = True  # the class-adaptive penalty (false: ZS-LP)
+    batches: str = "passes"  # passes: epoch e on cached pass e mod P | pooled: every epoch from the pool of all P
+    templates: list[str] = field(default_factory=list)  # the prototypes'; empty: the run's, else the dataset's
+    underscores: bool = False  # spell every space of a class name as "_" in the prototypes' prompts
     lr: Optional[float] = 0.1
     batch_size: Optional[int] = 256
     epochs: Optional[int] = 300
@@ -48,12 +52,12 @@ class ClapConfig(TrainingKeys):
     feature_passes: Optional[int] = 20  # augmented passes of the training images
 
     def problems(self) -> list[str]:
-        found = []
-        found += protocol_problems("clap", self.protocol)
-        if self.protocol == "reference" and self.feature_passes == 0:
-            found.append("clap.protocol=reference draws from a pool of cached passes: clap.feature_passes must be "
-                         "at least 1 (the published code's is 20)")
-        return found
+        if self.batches not in BATCHES:
+            return [f"clap.batches must be one of {', '.join(BATCHES)}, got {self.batches!r}"]
+        if self.batches == "pooled" and self.feature_passes == 0:
+            return ["clap.batches=pooled draws from a pool of cached passes: clap.feature_passes must be at least 1 "
+                    "(the published recipe's is 20), or use clap.batches=passes"]
+        return []
 
 
 def raw_text_prototypes(backbone, classnames: list[str], templates: list[str]) -> torch.Tensor:
@@ -62,12 +66,16 @@ def raw_text_prototypes(backbone, classnames: list[str], templates: list[str]) -
                         for t in templates]).mean(0)
 
 
-def clap_templates(data, reference: bool) -> list[str]:
-    """The templates the prototypes average: the dataset's; under the reference on ImageNet, the published
-    code's 7-template ensemble followed by ImageNet's own "a photo of a {}." (unless data.template(s) is set)."""
-    if reference and data.name == "imagenet" and not chosen_templates(data):
-        return [*IMAGENET_ENSEMBLE, *dataset_templates(data)]
-    return dataset_templates(data)
+def prototype_templates(cfg) -> list[str]:
+    """clap.templates as given; else the run's data.template(s), else the dataset's own."""
+    return list(cfg.clap.templates) or dataset_templates(cfg.data)
+
+
+def prompt_names(classnames: list[str], underscores: bool) -> list[str]:
+    """Class names as the prototypes' prompts spell them: "_" read as a space (as every promptlearn prompt), or
+    with `underscores` every space written as "_" ("american bulldog" -> "american_bulldog")."""
+    spoken = [spoken_name(c) for c in classnames]
+    return [c.replace(" ", "_") for c in spoken] if underscores else spoken
 
 
 def class_adaptive_multipliers(zero_shot_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -90,8 +98,8 @@ class Clap(Method):
 
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
-        anchors = raw_text_prototypes(backbone, classnames,
-                                      clap_templates(cfg.data, cfg.clap.protocol == "reference"))
+        anchors = raw_text_prototypes(backbone, prompt_names(classnames, cfg.clap.underscores),
+                                      prototype_templates(cfg))
         self.register_buffer("anchors", anchors, persistent=False)
         self.register_buffer("multipliers", torch.zeros(len(classnames), device=anchors.device), persistent=False)
         self.prototypes = nn.Parameter(anchors.clone())
@@ -108,18 +116,15 @@ class Clap(Method):
 
     def training_features(self, bank) -> TrainingFeatures:
         train = self.train_config
-        features = PooledPasses if self.cfg.clap.protocol == "reference" else TrainingFeatures
-        return features(bank, train.feature_passes, train.augment, train.crop_scale)
+        return BATCHES[self.cfg.clap.batches](bank, train.feature_passes, train.augment, train.crop_scale)
 
     def fit(self, bank, trainer, checkpoint, resume) -> dict:
-        own, data = self.cfg.clap, self.training_features(bank)
+        data = self.training_features(bank)
         pool = data.pooled()  # every cached pass: the multipliers see all augmented views
         features, labels = pool.features.to(self.device), pool.labels.to(self.device)
         with torch.no_grad():  # the prototypes are still the zero-shot ones here, also on --resume
             zero_shot = self.backbone.logits(features, F.normalize(self.anchors, dim=-1))
         self.multipliers = class_adaptive_multipliers(zero_shot, labels)
-        if own.protocol == "reference":  # the published loop: a schedule to 0 over whole epochs
-            trainer = trainer.with_recipe(dataclasses.replace(trainer.cfg, min_lr=0.0, max_steps=None), trainer.epochs)
         info = trainer.fit(self, data, checkpoint, resume)
         return {**info, "multipliers_mean": float(self.multipliers.mean())}
 

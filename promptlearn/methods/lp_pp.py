@@ -10,14 +10,14 @@ trained full batch on one augmented pass of the few-shot features with the autho
 The state of the last epoch with the best few-shot validation accuracy is kept (300 epochs). The authors
 validate on K images per class (`data.val_shots=shots`), not the protocol's min(K, 4).
 
-lp_pp.protocol=reference follows the published code where promptlearn's default differs: the training pass
-is cropped to area (0.5, 1) instead of train.crop_scale, and ImageNet's text embeddings average the
-7-template ensemble (unless data.template(s) is set).
+The training pass is cropped to `lp_pp.crop_scale` (the published recipe: area (0.5, 1)); the text embeddings
+average `lp_pp.templates` (empty: the run's data.template(s), else the dataset's own; the published recipe gives
+ImageNet the authors' 7 templates).
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -26,26 +26,23 @@ from torch import nn
 
 from promptlearn.config import TrainingKeys
 from promptlearn.data import dataset_templates
-from promptlearn.data.transforms import HALF_AREA_CROP_SCALE
 from promptlearn.errors import DataError
-from promptlearn.methods.base import Capabilities, Method, protocol_problems, register_method
+from promptlearn.methods.base import Capabilities, Method, register_method
 from promptlearn.methods.zeroshot import text_classifier
 from promptlearn.progress import progress
 
 
 @dataclass
 class LpPlusPlusConfig(TrainingKeys):
-    protocol: str = "promptlearn"  # promptlearn | reference (the published code's crops and ImageNet templates)
+    templates: list[str] = field(default_factory=list)  # the text embeddings'; empty: the run's, else the dataset's
     epochs: Optional[int] = 300
     alpha_every: int = 10  # epochs between updates of the blending weights
     alpha_init_scale: float = 250.0
 
     def problems(self) -> list[str]:
-        found = []
         if self.alpha_init_scale < 0:
-            found.append(f"lp_pp.alpha_init_scale must be 0 or more, got {self.alpha_init_scale}")
-        found += protocol_problems("lp_pp", self.protocol)
-        return found
+            return [f"lp_pp.alpha_init_scale must be 0 or more, got {self.alpha_init_scale}"]
+        return []
 
 
 def class_sums(features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -77,13 +74,13 @@ def initial_blend(features: torch.Tensor, labels: torch.Tensor, text: torch.Tens
 class LinearProbePlusPlus(Method):
     capabilities = Capabilities(learns=True, uses_validation=True)
     training_keys = frozenset({"epochs", "augment", "crop_scale"})
-    unread_training = ("it takes full-batch steps whose sizes it computes from the features, on one augmented "
-                       "pass, keeping the epoch of best validation accuracy")
+    unread_training = ("it takes full-batch SGD steps (momentum 0.9, no schedule, no weight decay) whose sizes it "
+                       "computes from the features, on one augmented pass, keeping the epoch of best validation "
+                       "accuracy")
 
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
-        self.reference = cfg.lp_pp.protocol == "reference"
-        templates = dataset_templates(cfg.data, imagenet_ensemble=self.reference)
+        templates = list(cfg.lp_pp.templates) or dataset_templates(cfg.data)
         self.register_buffer("text", text_classifier(backbone, classnames, templates))
         self.visual = nn.Linear(backbone.embed_dim, len(classnames)).to(self.text.device)
         self.alpha = nn.Parameter(torch.zeros(len(classnames), device=self.text.device))
@@ -94,8 +91,7 @@ class LinearProbePlusPlus(Method):
     def fit(self, bank, trainer, checkpoint, resume) -> dict:
         # one augmented pass of the training images, as the authors' loader gives
         settings = self.train_config
-        crop_scale = HALF_AREA_CROP_SCALE if self.reference else settings.crop_scale
-        own, train, val = self.cfg.lp_pp, bank.train_pass(0, settings.augment, crop_scale=crop_scale), bank.val
+        own, train, val = self.cfg.lp_pp, bank.train_pass(0, settings.augment, crop_scale=settings.crop_scale), bank.val
         if len(val) == 0:
             raise DataError("lp_pp needs a few-shot validation set to choose its epoch, but the draw has none; "
                             "the dataset has no val split and no training images left over")
