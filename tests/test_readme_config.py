@@ -110,3 +110,24 @@ def test_the_recipes_example_is_what_print_config_prints(capsys):
         assert line in effective[at:], f"{line!r} is not printed (after line {at}):\n" + "\n".join(effective)
         at = effective.index(line, at) + 1
     assert yaml.safe_load("\n".join(example))["effective"]["coop"]["lr"]["value"] == 0.01
+
+
+def test_a_difference_the_published_recipe_restores_is_set_by_a_recipe_file():
+    """Where the Differences table says the published recipe (the default) restores the original, each key it
+    names is one that some recipe file sets: the table and promptlearn/recipes/ cannot drift apart."""
+    from promptlearn.recipes import all_recipes
+
+    recipe_keys = {key for entries in all_recipes().values() for r in entries for key in r.settings}
+    rows = [line for line in section("## Differences from the original code").splitlines() if line.startswith("| ")]
+    checked, unset = 0, []
+    for row in rows[2:]:
+        option = row.strip().strip("|").split(" | ")[3]
+        if not option.startswith("the default"):
+            continue
+        for span in re.findall(r"`([^`]+)`", option):
+            for key in named_keys(span):
+                if key.partition(".")[0] in SECTIONS:  # a method's key (not train.*, data.template, ...)
+                    checked += 1
+                    if key not in recipe_keys:
+                        unset.append(f"{row.split(' | ')[0].strip('| ')}: {key}")
+    assert checked >= 10 and not unset, f"keys no recipe file sets: {unset}"
