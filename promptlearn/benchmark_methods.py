@@ -116,7 +116,7 @@ def measure(spec: MethodsBenchmarkSpec, method_name: str, classes: int, referenc
         return {**measure_lp_pp(cfg, method, x, y, spec.steps), **step_memory(backbone.device, before)}
     if reference and method_name == "cocoop":
         method.forward = method.per_image_logits  # the original's loop: one text pass per image
-    optimizer = build_optimizer([p for p in method.parameters() if p.requires_grad], cfg.train)
+    optimizer = build_optimizer([p for p in method.parameters() if p.requires_grad], method.train_config)
     scaler = grad_scaler(backbone.device, backbone.precision)
     method.train()
     stamps = []

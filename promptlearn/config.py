@@ -320,7 +320,9 @@ def read_sources(files: list[str | Path] = (), overrides: list[str] = ()) -> lis
     return layers + [("command line", dict([parse_override(text)])) for text in overrides]
 
 
-# keys that no longer exist, with what replaced them (a config file written for an older promptlearn)
+# keys that no longer exist, with what replaced them (a config file written for an older promptlearn), and the
+# sections that had them
+RETIRED_FROM = ("clap", "clip_lora", "lp_pp", "prograd", "tip_adapter", "tip_adapter_f")
 RETIRED = {"protocol": "the published code's settings are now the default for every method: `recipe: published` "
                        "applies its authors' recipe for the run's protocol, dataset and shots "
                        "(promptlearn list recipes {method}); `recipe: promptlearn` runs promptlearn's common one"}
@@ -328,7 +330,7 @@ RETIRED = {"protocol": "the published code's settings are now the default for ev
 
 def retired_key(key: str, source: str) -> ConfigError | None:
     section, _, leaf = key.partition(".")
-    if leaf in RETIRED and section in SECTIONS:
+    if leaf in RETIRED and section in RETIRED_FROM:
         return ConfigError(f"{source}: {key} was removed: " + RETIRED[leaf].format(method=section))
     return None
 
@@ -411,8 +413,8 @@ def origins(cfg: RunConfig) -> dict[str, str]:
     return cfg.__dict__.setdefault("_origins", {})
 
 
-def applied_recipes(cfg: RunConfig) -> dict[str, list[str]]:
-    """Listed method -> the sources of the published entries applied to it (recipe=published)."""
+def applied_recipes(cfg: RunConfig) -> dict[str, list]:
+    """Listed method -> the published entries (recipes.Recipe) applied to it (recipe=published)."""
     return cfg.__dict__.setdefault("_recipes", {})
 
 
@@ -499,22 +501,36 @@ def run_epochs(cfg: RunConfig, train: TrainConfig) -> int:
     return protocol_epochs(cfg.data.shots, fixed)
 
 
-def method_recipe(cfg: RunConfig, method: str) -> dict[str, Any]:
-    """Which recipe a method ran (metrics.json, run_info.json): published or promptlearn's, the published
-    entries applied, and the keys a file or the command line changed in its section (the run then is not the
-    published recipe as it stands)."""
+def unread(method: str, key: str) -> bool:
+    """Whether a section key is a training key its method does not read (a given train.<key> lands there too)."""
     from promptlearn.methods import METHODS
 
+    leaf = key.partition(".")[2]
+    return method in METHODS and leaf in TRAINING_KEYS and leaf not in METHODS[method].training_keys
+
+
+def method_recipe(cfg: RunConfig, method: str) -> dict[str, Any]:
+    """Which recipe a method ran (metrics.json, run_info.json): published or promptlearn's, the published
+    entries applied, whether their settings were published for the run's backbone (`for_backbone`: every entry
+    that sets values names this backbone or none), and the keys it reads that a file or the
+    command line changed in its section (the run then is not the published recipe as it stands)."""
+    from promptlearn.methods import METHODS
+    from promptlearn.recipes import same_model
+
     section = METHODS[method].section if method in METHODS else None
-    changed = sorted(k for k, v in origins(cfg).items()
-                     if section and k.startswith(f"{section}.") and not v.startswith("recipe "))
-    return {"recipe": cfg.recipe, "entries": list(applied_recipes(cfg).get(method, [])), "changed": changed}
+    changed = sorted(k for k, v in origins(cfg).items() if section and k.startswith(f"{section}.")
+                     and not v.startswith("recipe ") and not unread(method, k))
+    entries = applied_recipes(cfg).get(method, [])
+    setting = [r for r in entries if r.settings]
+    return {"recipe": cfg.recipe, "entries": [f"{r.repository} {r.source}" for r in entries],
+            "for_backbone": all(same_model(r.backbone, cfg.backbone.model) for r in setting),
+            "changed": changed}
 
 
 def effective(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     """Per listed method, every setting of its section as it runs (training keys resolved through train.* and
-    the protocol's epochs) with where the value came from: default, recipe (its source), a file, the command
-    line, or the train.<key> it followed."""
+    the protocol's epochs; a training key the method does not read is left out) with where the value came from:
+    default, recipe (its source), a file, the command line, or the train.<key> it followed."""
     from promptlearn.methods import METHODS
 
     out: dict[str, dict[str, Any]] = {}
@@ -522,10 +538,12 @@ def effective(cfg: RunConfig) -> dict[str, dict[str, Any]]:
         section = METHODS[method].section if method in METHODS else None
         own = cfg.sections.get(section) if section else None
         settings: dict[str, Any] = {"recipe": {"value": cfg.recipe,
-                                               "from": "; ".join(applied_recipes(cfg).get(method, [])) or "-"}}
+                                               "from": "; ".join(method_recipe(cfg, method)["entries"]) or "-"}}
         train = training_settings(cfg, section)
         for f in dataclasses.fields(own) if own is not None else ():
             key, value = f"{section}.{f.name}", getattr(own, f.name)
+            if unread(method, key):
+                continue
             source = origins(cfg).get(key, "default")
             if isinstance(own, TrainingKeys) and f.name in TRAINING_KEYS and value is None:
                 value = getattr(train, f.name)

@@ -74,7 +74,7 @@ def _measure(name: str, model: str, reference: bool, checkpointing: bool, batch:
     backbone = load_backbone(cfg.backbone)
     after_load = peak_memory_mb(backbone.device)
     method = build_method(name, cfg, backbone, CLASSNAMES).train()
-    optimizer = build_optimizer([p for p in method.parameters() if p.requires_grad], cfg.train)
+    optimizer = build_optimizer([p for p in method.parameters() if p.requires_grad], method.train_config)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     size = backbone.image_size
     images = torch.randn(batch, 3, size, size, device=backbone.device)

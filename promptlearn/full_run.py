@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from promptlearn.benchmark import device_name
-from promptlearn.config import load_config
+from promptlearn.config import load_config, training_settings
 from promptlearn.errors import ConfigError
 from promptlearn.features import steps_per_epoch
 
@@ -106,7 +106,8 @@ def run_full(spec: FullRunSpec, work_dir: Path, beside: dict | None = None) -> d
     info = json.loads((work_dir / "run" / "run_info.json").read_text())
     coop = metrics["coop"]
     history = json.loads((work_dir / "run" / "coop" / "history.json").read_text())
-    steps = len(history) * steps_per_epoch(spec.classes * spec.shots, cfg.train.batch_size, cfg.train.drop_last)
+    settings = training_settings(cfg, "coop")  # what CoOp's trainer ran with
+    steps = len(history) * steps_per_epoch(spec.classes * spec.shots, settings.batch_size, settings.drop_last)
     device = torch.device(info["environment"]["device"])
     result = {"device": device_name(device), "torch": torch.__version__, "backbone": spec.model,
               "classes": spec.classes, "class_names": "imagenet", "shots": spec.shots, "epochs": len(history),

@@ -131,6 +131,9 @@ def published_figures(protocol: Protocol, rows: list[dict], datasets: list[str],
         elif any(r["recipe"] != "published" for r in records):
             ran = sorted({r["recipe"] for r in records} - {"published"})
             notes.append(f"{method} (published) is left out: its runs used `recipe: {', '.join(ran)}`.")
+        elif not all(r.get("for_backbone") for r in records):
+            notes.append(f"{method} (published) is left out: no published recipe of it was applied for this backbone "
+                         "and setting (promptlearn list recipes " + method + ").")
         elif any(r["changed"] for r in records):
             changed = sorted({key for r in records for key in r["changed"]})
             notes.append(f"{method} (published) is left out: its runs changed {', '.join(changed)} from the "

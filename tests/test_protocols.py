@@ -189,7 +189,7 @@ def test_bad_protocol_settings_are_one_line_errors(tmp_path, overrides, message)
 
 
 PUBLISHED_RUN = {"recipe": "published", "entries": ["KaiyangZhou/CoOp configs/trainers/CoOp/vit_b16_ctxv1.yaml"],
-                 "changed": []}
+                 "for_backbone": True, "changed": []}
 
 
 def base2novel_rows(methods: dict[str, dict | None]) -> list[dict]:
@@ -227,6 +227,8 @@ def test_protocol_summary_averages_per_seed_and_shows_published_figures():
     ({**PUBLISHED_RUN, "recipe": "promptlearn", "entries": []}, [],
      "- coop (published) is left out: its runs used `recipe: promptlearn`."),
     (None, [], "- coop (published) is left out: some of its runs record no recipe"),
+    ({**PUBLISHED_RUN, "for_backbone": False}, [],
+     "- coop (published) is left out: no published recipe of it was applied for this backbone and setting"),
     (PUBLISHED_RUN, ["recipe=promptlearn"],
      "- No published figures are shown: this sweep ran `recipe: promptlearn`, not the authors' published recipes."),
 ])

@@ -71,7 +71,8 @@ def test_a_train_key_reaches_the_method_or_is_refused(method, key):
             load_config([], [f"methods=[{method}]", override])
     else:  # a method that trains nothing is not concerned: the value waits for methods that train
         cfg = load_config([], [f"methods=[{method}]", override])
-        assert getattr(cfg.train, key) == value
+        assert getattr(cfg.train, key) == value and key not in effective(cfg)[method]
+        assert f"{cls.section}.{key}" not in method_recipe(cfg, method)["changed"]
 
 
 def test_train_lr_reaches_every_method_named_in_the_issue():
@@ -140,8 +141,11 @@ def test_published_recipes_of_the_issue_are_what_runs():
 def test_a_method_key_set_by_the_user_is_recorded_as_a_change_of_the_recipe():
     cfg = load_config([], ["methods=[coop,kgcoop]", "coop.lr=0.01"])
     assert method_recipe(cfg, "coop")["changed"] == ["coop.lr"]
-    assert method_recipe(cfg, "kgcoop") == {"recipe": "published", "changed": [],
-                                            "entries": method_recipe(cfg, "kgcoop")["entries"]}
+    kgcoop = method_recipe(cfg, "kgcoop")
+    assert (kgcoop["recipe"], kgcoop["changed"], kgcoop["for_backbone"]) == ("published", [], True)
+    # KgCoOp's base-to-novel script names the RN50 config: run on ViT-B/16, the record says so
+    vit = load_config([], ["methods=[kgcoop]", "protocol=base2novel", "backbone.model=ViT-B-16"])
+    assert method_recipe(vit, "kgcoop")["for_backbone"] is False and vit.kgcoop.epochs == 100
 
 
 def test_recipe_must_be_published_or_promptlearn():

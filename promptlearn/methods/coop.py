@@ -278,6 +278,13 @@ class CoOpClassSpecificConfig(CoOpConfig):
     section: ClassVar[str] = "coop_csc"
     class_specific: bool = True  # always: the method is CoOp with one context per class
 
+    def problems(self) -> list[str]:
+        found = super().problems()
+        if not self.class_specific:
+            found.append("coop_csc.class_specific=false: coop_csc is CoOp with one context per class; list coop "
+                         "for a unified context")
+        return found
+
 
 @register_method("coop_csc", config=CoOpClassSpecificConfig)
 class CoOpClassSpecific(CoOp):

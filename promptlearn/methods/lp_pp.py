@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptlearn.config import TrainingKeys
+from promptlearn.config import TrainingKeys, run_epochs
 from promptlearn.data import dataset_templates
 from promptlearn.errors import DataError
 from promptlearn.methods.base import Capabilities, Method, register_method
@@ -104,7 +104,7 @@ class LinearProbePlusPlus(Method):
         optimizer = torch.optim.SGD(self.visual.parameters(), lr=lr_visual, momentum=0.9)
         best, best_epoch, best_state = -1.0, 0, copy.deepcopy(self.state_dict())
         history = []
-        for epoch in progress(range(settings.epochs), desc="lp_pp", leave=False):
+        for epoch in progress(range(run_epochs(self.cfg, settings)), desc="lp_pp", leave=False):
             self.train()
             loss = F.cross_entropy(self(x), y)
             optimizer.zero_grad()

@@ -53,20 +53,30 @@ class Recipe:
     note: str | None = None
 
 
-def matching(method: str, protocol: str, dataset: str, shots: int) -> list[Recipe]:
+def same_model(published: str | None, model: str) -> bool:
+    """Whether an entry's backbone is the run's (open_clip's -quickgelu twin is the same model); an entry that
+    names none fits every backbone."""
+    return published is None or published.lower().removesuffix("-quickgelu") == model.lower().removesuffix(
+        "-quickgelu")
+
+
+def matching(method: str, protocol: str, dataset: str, shots: int, model: str | None = None) -> list[Recipe]:
     """The entries of `method` that apply to a run, least specific first (an entry restricting more of protocol,
-    dataset and shots comes later and so wins; equals keep file order)."""
+    dataset and shots comes later and so wins; equals keep file order). Where some entry was published for the
+    run's backbone (`model`), entries published for another backbone are left out: the authors ran that one."""
     found = [r for r in all_recipes().get(method, [])
              if (not r.protocols or protocol in r.protocols) and (not r.datasets or dataset in r.datasets)
              and (not r.shots or shots in r.shots)]
+    if model is not None and any(r.backbone is not None and same_model(r.backbone, model) for r in found):
+        found = [r for r in found if same_model(r.backbone, model)]
     return sorted(found, key=lambda r: bool(r.protocols) + bool(r.datasets) + bool(r.shots))
-
-
 
 
 def apply_recipes(cfg) -> None:
     """Each listed method's matching entries, for every key that no config file, override or given train.<key>
-    set; a recipe's templates yield to the run's own data.template(s). Records the sources applied."""
+    set; a recipe's templates yield to the run's own data.template(s), and a recipe's context phrase to a given
+    context length (the recipe's phrase would fix another; ProGrad's padded words take any length). Records the
+    sources applied, with the backbone each was published for."""
     from promptlearn.config import applied_recipes, origins
     from promptlearn.methods import METHODS
 
@@ -76,13 +86,17 @@ def apply_recipes(cfg) -> None:
         if method not in METHODS:
             continue  # validate names it
         applied = applied_recipes(cfg).setdefault(method, [])
-        for recipe in matching(method, cfg.protocol, cfg.data.name, cfg.data.shots):
-            applied.append(f"{recipe.repository} {recipe.source}")
+        for recipe in matching(method, cfg.protocol, cfg.data.name, cfg.data.shots, cfg.backbone.model):
+            applied.append(recipe)
             for key, value in recipe.settings.items():
                 section, _, leaf = key.partition(".")
+                own = cfg.sections[section]
                 if key in set_by_user or (own_templates and leaf == "templates"):
                     continue
-                setattr(cfg.sections[section], leaf, copy.deepcopy(value))
+                if leaf == "ctx_init" and value and f"{section}.n_ctx" in set_by_user and not (
+                        recipe.settings.get(f"{section}.ctx_init_words", getattr(own, "ctx_init_words", False))):
+                    continue
+                setattr(own, leaf, copy.deepcopy(value))
                 origins(cfg)[key] = f"recipe {recipe.repository} {recipe.source}"
 
 
