@@ -286,8 +286,13 @@ def saved_changes(saved_file: Path, cfg: "RunConfig", neutral: set[str]) -> list
     """The settings in which a saved config.yaml differs from cfg, neutral keys and keys it lacks aside."""
     saved = read_yaml(saved_file)  # as a config file is read: no aliases of mappings to expand
     now = flatten_tree(to_dict(cfg), "config")
-    return [f"{key}: {saved[key]!r} there, {value!r} now" for key, value in now.items()
-            if key in saved and key not in neutral and saved[key] != value]
+    changes = [f"{key}: {saved[key]!r} there, {value!r} now" for key, value in now.items()
+               if key in saved and key not in neutral and saved[key] != value]
+    # a listed method whose whole section the saved config lacks ran under keys of another section (before
+    # coop_csc and tip_adapter_f had their own): not the same setup
+    sections = {key.partition(".")[0] for key in saved}
+    return changes + [f"{name}: no section there" for name in cfg.methods
+                      if name in SECTIONS and name not in sections and "methods" not in neutral]
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -474,8 +479,9 @@ def config_problems(cfg: RunConfig) -> list[str]:
     problems += template_problems("data.templates", cfg.data.templates)
     for name, section in cfg.sections.items():  # a method's own templates (kgcoop.templates, ...)
         problems += template_problems(f"{name}.templates", getattr(section, "templates", []))
-    for section in cfg.sections.values():  # each method section checks its own values
+    for section in cfg.sections.values():  # each method section checks its own values (and against given keys)
         problems.extend(getattr(section, "problems", lambda: [])())
+        problems.extend(getattr(section, "given_problems", lambda given: [])(given_keys(cfg).keys()))
     return problems
 
 

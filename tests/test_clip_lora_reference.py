@@ -40,11 +40,11 @@ def lora_config(tmp_path, cache, *overrides):
                             f"output_dir={tmp_path / 'run'}", *overrides])
 
 
-def lora_setup(tmp_path, shared_cache, *overrides):  # noqa: F811
+def lora_setup(tmp_path, shared_cache, *overrides, iterations: bool = True):  # noqa: F811
     """clip_lora in batches of 4, for 7 iterations: with the last short batch kept, 2 epochs of 3 batches (4, 4,
     2) and 1 batch of a third; with it dropped, 2 batches an epoch. The method, its bank and a trainer."""
-    cfg = lora_config(tmp_path, shared_cache, "clip_lora.batch_size=4", "clip_lora.iterations_per_shot=7",
-                      *overrides)
+    cfg = lora_config(tmp_path, shared_cache, "clip_lora.batch_size=4",
+                      *(["clip_lora.iterations_per_shot=7"] if iterations else []), *overrides)
     dataset = build_dataset(cfg.data)
     fewshot = load_or_draw(dataset, cfg.data, tmp_path / "fewshot")
     backbone = tiny_backbone()
@@ -150,7 +150,7 @@ def test_every_training_key_it_reads_reaches_its_trainer(tmp_path, shared_cache,
 
 
 def test_given_epochs_train_whole_epochs_instead_of_the_iterations(tmp_path, shared_cache, monkeypatch):  # noqa: F811
-    method, bank, trainer = lora_setup(tmp_path, shared_cache, "train.epochs=2")
+    method, bank, trainer = lora_setup(tmp_path, shared_cache, "train.epochs=2", iterations=False)
     seen = {}
     monkeypatch.setattr(Trainer, "fit", lambda self, method, data, checkpoint, resume: seen.update(
         cfg=self.cfg, epochs=self.epochs) or {})

@@ -169,3 +169,23 @@ def test_print_config_shows_each_methods_effective_settings_and_their_sources(tm
     cfg = load_config([])
     assert training_settings(cfg, "coop").crop_scale is not cfg.train.crop_scale  # a method's copy, never train's
     assert not (tmp_path / "never").exists()
+
+
+def test_clip_lora_epochs_beside_a_given_stop_or_iteration_count_is_refused():
+    assert load_config([], ["methods=[clip_lora]", "train.epochs=3"]).clip_lora.epochs == 3  # epochs decide
+    with pytest.raises(ConfigError, match=r"clip_lora.epochs=3 trains whole epochs, so the given "
+                                          r"clip_lora.iterations_per_shot would do nothing"):
+        load_config([], ["methods=[clip_lora]", "train.epochs=3", "clip_lora.iterations_per_shot=10"])
+
+
+def test_a_run_saved_before_a_method_had_its_own_section_is_not_the_same_setup(tmp_path):
+    from promptlearn.config import NEUTRAL_KEYS, dump_yaml, saved_changes
+
+    cfg = load_config([], ["methods=[coop,coop_csc]"])
+    saved = tmp_path / "config.yaml"
+    tree = yaml.safe_load(dump_yaml(cfg))
+    saved.write_text(yaml.safe_dump(tree), encoding="utf-8")
+    assert saved_changes(saved, cfg, NEUTRAL_KEYS - {"methods"}) == []
+    del tree["coop_csc"]  # as promptlearn wrote it when coop_csc read coop.*
+    saved.write_text(yaml.safe_dump(tree), encoding="utf-8")
+    assert saved_changes(saved, cfg, NEUTRAL_KEYS - {"methods"}) == ["coop_csc: no section there"]

@@ -52,6 +52,14 @@ class ClipLoraConfig(TrainingKeys):
     grad_checkpointing: bool = False
     logit_scale: Optional[float] = None  # a fixed scale of the cosines (the authors' code: 100); None: the backbone's
 
+    def given_problems(self, given) -> list[str]:
+        """Epochs, where set, decide the length: a stop or iteration count given beside them would do nothing."""
+        ignored = [k for k in ("clip_lora.stop", "clip_lora.iterations_per_shot") if k in given]
+        if self.epochs is None or not ignored:
+            return []
+        return [f"clip_lora.epochs={self.epochs} trains whole epochs, so the given {' and '.join(ignored)} would "
+                "do nothing: drop one of them (unset epochs: iterations_per_shot x shots iterations)"]
+
     def problems(self) -> list[str]:
         found = []
         if not 0 <= self.dropout < 1:
