@@ -38,6 +38,12 @@ def test_quickstart_tool_writes_everything(tmp_path):
         assert 0 <= m["accuracy"] <= 100 and {"macro_f1", "ece", "predictions", "per_class_accuracy"} <= set(m)
         assert len(predicted(m["predictions"])) == 200
     assert metrics["linear_probe"]["C"] in metrics["linear_probe"]["searched_C"]
+    # the recipe each method ran: the quickstart's promptlearn recipe, and --epochs changed CoOp's
+    assert metrics["coop"]["recipe"] == {"recipe": "promptlearn", "entries": [], "for_backbone": True,
+                                         "changed": ["coop.augment", "coop.class_specific", "coop.ctx_init",
+                                                     "coop.epochs"]}
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["recipes"]["coop"] == metrics["coop"]["recipe"] and info["recipes"]["zeroshot"]["recipe"] == "promptlearn"
     for f in ["config.yaml", "log.txt", "summary.md", "coop/checkpoint.pt", "coop/history.json",
               "fewshot/shot_16-seed_1.json", "zeroshot/confusion_matrix.csv"]:
         assert (out / f).is_file(), f
