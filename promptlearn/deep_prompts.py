@@ -160,3 +160,87 @@ def checkpointed(fn, *args, enabled: bool):
     if enabled and torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
+
+
+# ----------------------------------------------------------------------------- tokens inserted at a deeper layer
+# MMRL's representation tokens join the sequence at the input of a deeper block (not before the first), right
+# after the leading token(s), are replaced at the input of later listed blocks, ride unchanged through blocks in
+# between, and leave the sequence at the tower's exit, where the method reads them.
+
+def _insert_block_input(tokens: torch.Tensor | None, n: int, at: int, seq_dim: int, carried: bool, causal: bool):
+    """A pre-hook putting `tokens` [n, D] at positions at..at+n of a block's input: inserted where the input does
+    not carry them yet, else replacing them (None: left as they are). With `causal`, the block's attention mask
+    is rebuilt causal over the grown sequence."""
+
+    def hook(module, args, kwargs):
+        x = args[0]
+        if tokens is not None:
+            skip = at + n if carried else at
+            x = torch.cat([x.narrow(seq_dim, 0, at), _as_tokens(tokens, x, seq_dim),
+                           x.narrow(seq_dim, skip, x.shape[seq_dim] - skip)], dim=seq_dim)
+        if causal and kwargs.get("attn_mask") is not None:
+            mask, length = kwargs["attn_mask"], x.shape[seq_dim]
+            kwargs = {**kwargs, "attn_mask": torch.full((length, length), float("-inf"), dtype=mask.dtype,
+                                                        device=mask.device).triu_(1)}
+        return (x, *args[1:]), kwargs
+
+    return hook
+
+
+def _layer_hooks(blocks: Sequence[nn.Module], layers: Sequence[int], tokens: Sequence[torch.Tensor], at: int,
+                 seq_dim: int, causal: bool) -> list:
+    """Pre-hooks from block layers[0]-1 on (1-based layer numbers, the authors' convention): tokens[j] inserted
+    at layer layers[0], replacing at layer layers[j]; every later block gets the grown causal mask where
+    `causal`."""
+    by_layer, n = dict(zip(layers, tokens)), tokens[0].shape[0]
+    handles = []
+    for index in range(layers[0] - 1, len(blocks)):
+        own = by_layer.get(index + 1)
+        if own is not None or causal:
+            hook = _insert_block_input(own, n, at, seq_dim, index + 1 > layers[0], causal)
+            handles.append(blocks[index].register_forward_pre_hook(hook, with_kwargs=True))
+    return handles
+
+
+def check_layers(layers: Sequence[int], tower_depth: int, tower: str, method: str) -> None:
+    if max(layers) > tower_depth:
+        raise ConfigError(f"{method}.rep_layers={list(layers)} reaches layer {max(layers)}, beyond the {tower} "
+                          f"tower's {tower_depth} layers")
+
+
+@contextlib.contextmanager
+def vision_inserted_tokens(tower: ImageTower, layers: Sequence[int], tokens: Sequence[torch.Tensor], at: int,
+                           taken: list) -> Iterator[None]:
+    """Run the image tower with tokens[j] [n, D] at positions at..at+n of the input of layer layers[j] (1-based):
+    inserted at the first, replaced at the later ones; at the exit they leave the sequence and are appended to
+    `taken` as [N, n, D], so the tower's own pooling sees its usual tokens."""
+    n = tokens[0].shape[0]
+
+    def take(x: torch.Tensor) -> torch.Tensor:  # [N, L, D]
+        taken.append(x[:, at:at + n])
+        return torch.cat([x[:, :at], x[:, at + n:]], dim=1)
+
+    exit_hook = (tower.exit.register_forward_hook(lambda module, args, out: take(out))
+                 if isinstance(tower.exit, Transformer)
+                 else tower.exit.register_forward_pre_hook(lambda module, args: (take(args[0]), *args[1:])))
+    handles = [exit_hook, *_layer_hooks(tower.blocks, layers, tokens, at, tower.seq_dim, causal=False)]
+    with _removing(handles):
+        yield
+
+
+@contextlib.contextmanager
+def text_inserted_tokens(transformer: Transformer, layers: Sequence[int], tokens: Sequence[torch.Tensor],
+                         at: int, causal: bool) -> Iterator[None]:
+    """Run the text transformer with tokens[j] [n, D] at positions at..at+n of the input of layer layers[j]
+    (1-based), inserted at the first and replaced later, under a causal mask over the grown sequence where the
+    tower is causal; they leave the sequence at the transformer's output, so the final norm and the pooling
+    read the prompt's own positions (the authors read the end token at its position + n: the same row)."""
+    n = tokens[0].shape[0]
+
+    def drop(module, args, out):  # open_clip's transformer returns [N, L, D]
+        return torch.cat([out[:, :at], out[:, at + n:]], dim=1)
+
+    handles = [transformer.register_forward_hook(drop),
+               *_layer_hooks(transformer.resblocks, layers, tokens, at, _seq_dim(transformer), causal)]
+    with _removing(handles):
+        yield

@@ -21,14 +21,18 @@ DEEP = ("ivlp", "maple", "promptsrc", "vpt_deep")
 # every section's epochs and batches small, so that each method trains 3 epochs of a few steps; augmentation
 # on, so that crops and flips are drawn too (Tip-Adapter-F's fresh crops: a new pass every epoch); CLIP-LoRA
 # keeps its default dropout: 2 x 6 iterations in batches of 4 (5 per epoch) are 3 epochs
-CHEAP = ["data.shots=2", "train.epochs=3", "train.batch_size=8", "train.augment=true", "train.feature_passes=2",
+CHEAP = ["data.shots=2", "train.epochs=3", "train.batch_size=8", "train.augment=true",
          "cocoop.epochs=3", "cocoop.batch_size=4", "kgcoop.epochs=3", "kgcoop.batch_size=8",
          "clap.epochs=3", "clap.batch_size=8", "clap.feature_passes=2",
          "tip_adapter_f.epochs=3", "tip_adapter_f.batch_size=8", "tip_adapter_f.alpha_steps=2",
          "tip_adapter_f.beta_steps=2", "tip_adapter_f.fresh_crops=true",
          "clip_lora.iterations_per_shot=6", "clip_lora.batch_size=4", "promptsrc.gpa_mean=2",
          *[f"{m}.{key}" for m in DEEP for key in ("epochs=3", "batch_size=4", "depth_vision=2")],
-         *[f"{m}.depth_text=2" for m in DEEP if m != "vpt_deep"]]
+         *[f"{m}.depth_text=2" for m in DEEP if m != "vpt_deep"],
+         "mmrl.epochs=3", "mmrl.batch_size=4", "mmrl.rep_layers=[1,2]"]
+# cached passes for the methods that train on cached features (a method streaming images refuses the key)
+FEATURE_PASSES = {name: ["train.feature_passes=2"] if "feature_passes" in METHODS.get(name).training_keys else []
+                  for name in TRAINING}
 STOP_AT = 2  # epochs done before the interruption
 
 
@@ -65,8 +69,8 @@ def test_the_methods_tested_are_the_registry_s_trainers_with_clip_lora_s_dropout
 @pytest.mark.parametrize("name", TRAINING)
 def test_a_resumed_run_ends_bit_for_bit_as_an_uninterrupted_one(name, tmp_path, cache, one_thread):
     def config(folder):
-        return quick_config(tmp_path, *CHEAP, f"methods=[{name}]", f"output_dir={tmp_path / folder}",
-                            f"cache_dir={cache}")
+        return quick_config(tmp_path, *CHEAP, *FEATURE_PASSES[name], f"methods=[{name}]",
+                            f"output_dir={tmp_path / folder}", f"cache_dir={cache}")
 
     run_experiment(config("whole"))
     with interrupted_at_epoch(STOP_AT), pytest.raises(PromptlearnError, match=f"state after epoch {STOP_AT}"):
@@ -85,7 +89,7 @@ def test_a_resumed_run_ends_bit_for_bit_as_an_uninterrupted_one(name, tmp_path, 
 def test_a_checkpoint_without_random_states_resumes_with_a_warning(tmp_path, cache, caplog):
     """Checkpoints written before the random-number states were saved still resume: nothing is restored, and
     the warning says that a method drawing at random will not end bit for bit."""
-    cfg = quick_config(tmp_path, *CHEAP, "methods=[coop]", f"cache_dir={cache}")
+    cfg = quick_config(tmp_path, *CHEAP, *FEATURE_PASSES["coop"], "methods=[coop]", f"cache_dir={cache}")
     with interrupted_at_epoch(STOP_AT), pytest.raises(PromptlearnError, match=f"state after epoch {STOP_AT}"):
         run_experiment(cfg)
     checkpoint = tmp_path / "run" / "coop" / "checkpoint.pt"
@@ -105,7 +109,7 @@ def test_the_fp16_loss_scale_resumes_where_it_was(tmp_path, cache, monkeypatch):
                         lambda device, precision: torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=1))
 
     def config(folder):
-        return quick_config(tmp_path, *CHEAP, "methods=[coop]", f"output_dir={tmp_path / folder}", f"cache_dir={cache}")
+        return quick_config(tmp_path, *CHEAP, *FEATURE_PASSES["coop"], "methods=[coop]", f"output_dir={tmp_path / folder}", f"cache_dir={cache}")
 
     run_experiment(config("whole"))
     with interrupted_at_epoch(STOP_AT), pytest.raises(PromptlearnError, match=f"state after epoch {STOP_AT}"):
