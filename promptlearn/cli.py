@@ -10,7 +10,7 @@ from typing import Callable
 
 import yaml
 
-from promptlearn.config import BackboneConfig, DataConfig, RunConfig, dump_yaml, effective, load_config
+from promptlearn.config import BackboneConfig, DataConfig, RunConfig, dump_yaml, load_config
 from promptlearn.errors import PromptlearnError, error_line
 from promptlearn.progress import set_quiet
 
@@ -97,6 +97,8 @@ def prepare_run(args: argparse.Namespace) -> RunConfig | None:
     if args.print_config:
         # the config as files and the command line set it, then what each listed method runs with and why (each
         # source on one line, unwrapped)
+        from promptlearn.settings import effective  # beside the methods: read once the config is built
+
         print(dump_yaml(cfg) + yaml.safe_dump({"effective": effective(cfg)}, sort_keys=False, width=1000), end="")
         return None
     return cfg

@@ -19,10 +19,13 @@ from typing import Any, Optional
 import yaml
 
 from promptlearn.errors import ConfigError, nearest
-from promptlearn.registry import Registry
+from promptlearn.registry import METHODS, Registry
 
 # method config sections: name -> dataclass (defaults); a section may define problems() -> list[str]
 SECTIONS: Registry[type] = Registry("config section", filled_by="promptlearn.methods")
+# recipe name -> what applies it to a built config (promptlearn.recipes registers "published"; the files are read
+# at the first build, never at import)
+RECIPE_BOOKS: Registry = Registry("recipe book", filled_by="promptlearn.recipes")
 
 
 def register_section(name: str, cls: type) -> type:
@@ -384,10 +387,8 @@ def build_config(layers: list[tuple[str, dict[str, Any]]], base: RunConfig | Non
     cfg.__dict__["_layers"] = [(source, {k: v for k, v in flat.items() if k.partition(".")[0] not in (extra or {})})
                                for source, flat in layers]
     spread_training_keys(cfg)
-    if cfg.recipe == "published":
-        from promptlearn.recipes import apply_recipes  # the recipe files are read here, never at import
-
-        apply_recipes(cfg)
+    if cfg.recipe in RECIPE_BOOKS:  # "promptlearn" has none: the code defaults
+        RECIPE_BOOKS[cfg.recipe](cfg)
     validate(cfg)
     return cfg
 
@@ -497,73 +498,6 @@ def template_problems(key: str, templates: list[str]) -> list[str]:
     return problems
 
 
-def run_epochs(cfg: RunConfig, train: TrainConfig) -> int:
-    """The epochs a trainer runs: the method's (or train.epochs), else the protocol's for the run's shots."""
-    if train.epochs is not None:
-        return train.epochs
-    from promptlearn.data import DATASETS
-
-    fixed = DATASETS[cfg.data.name].epochs if cfg.data.name in DATASETS else None
-    return protocol_epochs(cfg.data.shots, fixed)
-
-
-def unread(method: str, key: str) -> bool:
-    """Whether a section key is a training key its method does not read (a given train.<key> lands there too)."""
-    from promptlearn.methods import METHODS
-
-    leaf = key.partition(".")[2]
-    return method in METHODS and leaf in TRAINING_KEYS and leaf not in METHODS[method].training_keys
-
-
-def method_recipe(cfg: RunConfig, method: str) -> dict[str, Any]:
-    """Which recipe a method ran (metrics.json, run_info.json): published or promptlearn's, the published
-    entries applied, whether their settings were published for the run's backbone (`for_backbone`: every entry
-    that sets values names this backbone or none), and the keys it reads that a file or the
-    command line changed in its section (the run then is not the published recipe as it stands)."""
-    from promptlearn.methods import METHODS
-    from promptlearn.recipes import same_model
-
-    section = METHODS[method].section if method in METHODS else None
-    changed = sorted(k for k, v in origins(cfg).items() if section and k.startswith(f"{section}.")
-                     and not v.startswith("recipe ") and not unread(method, k))
-    entries = applied_recipes(cfg).get(method, [])
-    setting = [r for r in entries if r.settings]
-    return {"recipe": cfg.recipe, "entries": [f"{r.repository} {r.source}" for r in entries],
-            "for_backbone": all(same_model(r.backbone, cfg.backbone.model) for r in setting),
-            "changed": changed}
-
-
-def effective(cfg: RunConfig) -> dict[str, dict[str, Any]]:
-    """Per listed method, every setting of its section as it runs (training keys resolved through train.* and
-    the protocol's epochs; a training key the method does not read is left out) with where the value came from:
-    default, recipe (its source), a file, the command line, or the train.<key> it followed."""
-    from promptlearn.methods import METHODS
-
-    out: dict[str, dict[str, Any]] = {}
-    for method in cfg.methods:
-        section = METHODS[method].section if method in METHODS else None
-        own = cfg.sections.get(section) if section else None
-        settings: dict[str, Any] = {"recipe": {"value": cfg.recipe,
-                                               "from": "; ".join(method_recipe(cfg, method)["entries"]) or "-"}}
-        train = training_settings(cfg, section)
-        for f in dataclasses.fields(own) if own is not None else ():
-            key, value = f"{section}.{f.name}", getattr(own, f.name)
-            if unread(method, key):
-                continue
-            source = origins(cfg).get(key, "default")
-            if isinstance(own, TrainingKeys) and f.name in TRAINING_KEYS and value is None:
-                value = getattr(train, f.name)
-                source = f"train.{f.name} ({origins(cfg).get(f'train.{f.name}', 'default')})"
-                if f.name == "epochs" and value is None and METHODS[method].unset_epochs:
-                    source = METHODS[method].unset_epochs
-                elif f.name == "epochs" and value is None:
-                    value = run_epochs(cfg, train)
-                    source = f"protocol {cfg.protocol}'s epochs for {cfg.data.shots} shots"
-            settings[f.name] = {"value": value, "from": source}
-        out[method] = settings
-    return out
-
-
 def training_problems(train: TrainConfig, prefix: str, own: TrainingKeys | None = None,
                       followers: set[str] = frozenset()) -> list[str]:
     """Out-of-range training values, each named by the key that set it (the section's own, else train's); train's
@@ -597,8 +531,6 @@ def training_problems(train: TrainConfig, prefix: str, own: TrainingKeys | None 
 def reach_problems(cfg: RunConfig) -> list[str]:
     """A given training key that some method it names would not read: `train.<key>` with a listed method that
     trains without reading it, or `<section>.<key>` that no method of the section reads. Never ignored silently."""
-    from promptlearn.methods import METHODS
-
     problems, given = [], given_keys(cfg)
     listed = [METHODS[name] for name in cfg.methods if name in METHODS]
     for key in TRAINING_KEYS:

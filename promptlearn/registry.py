@@ -62,3 +62,8 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return list(self._items)
+
+
+# every method by name (promptlearn.methods fills it on first read): here, below config and the methods, so that
+# the config can ask what a method reads without importing the methods
+METHODS: Registry = Registry("method", filled_by="promptlearn.methods")

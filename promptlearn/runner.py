@@ -11,7 +11,7 @@ import torch
 
 from promptlearn import distributed
 from promptlearn.backbone import backbone_problems, load_backbone
-from promptlearn.config import NEUTRAL_KEYS, RunConfig, dump_yaml, method_recipe, run_epochs, saved_changes, to_dict
+from promptlearn.config import NEUTRAL_KEYS, RunConfig, dump_yaml, saved_changes, to_dict
 from promptlearn.data import DATASETS, build_dataset
 from promptlearn.data.fewshot import FewShotSplit, load_or_draw
 from promptlearn.data.loader import check_images
@@ -22,6 +22,7 @@ from promptlearn.methods import METHODS, build_method, method_class
 from promptlearn.protocols import evaluate_on, protocol_for
 from promptlearn.report import run_table
 from promptlearn.runinfo import PhaseClock, environment, peak_memory
+from promptlearn.settings import method_recipe, run_epochs
 from promptlearn.tracking import check_trackers, open_tracking
 from promptlearn.trainer import Trainer
 

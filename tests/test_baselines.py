@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import FAMILIES, quick_config, tiny_backbone
 
-from promptlearn.config import TrainConfig, load_config, run_epochs
+from promptlearn.config import TrainConfig, load_config
 from promptlearn.data import build_dataset
 from promptlearn.data.fewshot import load_or_draw
 from promptlearn.errors import ConfigError, DataError
@@ -17,6 +17,7 @@ from promptlearn.methods import build_method
 from promptlearn.methods.linear_probe import COARSE_C, bisected, search_c
 from promptlearn.methods.tip_adapter import search_grid
 from promptlearn.runner import run_experiment
+from promptlearn.settings import run_epochs
 from promptlearn.trainer import Trainer, build_optimizer
 
 

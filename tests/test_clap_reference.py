@@ -11,12 +11,13 @@ from helpers import interrupted_at_epoch, quick_config, tiny_backbone
 
 from promptlearn import distributed
 from promptlearn.checkpoint import load_checkpoint
-from promptlearn.config import effective, load_config
+from promptlearn.config import load_config
 from promptlearn.errors import CheckpointError, ConfigError
 from promptlearn.features import PooledPasses, SplitFeatures, TrainingFeatures, batch_order
 from promptlearn.methods import build_method
 from promptlearn.methods.clap import prompt_names, raw_text_prototypes
 from promptlearn.runner import run_experiment
+from promptlearn.settings import effective
 from promptlearn.trainer import Trainer
 
 CPU = torch.device("cpu")

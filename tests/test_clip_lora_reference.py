@@ -13,13 +13,14 @@ from test_baselines import NoTestBank, shared_cache  # noqa: F401 (a fixture)
 from test_trainer_schedule import cosine, record_steps
 
 from promptlearn.checkpoint import load_checkpoint
-from promptlearn.config import load_config, run_epochs
+from promptlearn.config import load_config
 from promptlearn.data import build_dataset
 from promptlearn.data.fewshot import load_or_draw
 from promptlearn.errors import ConfigError
 from promptlearn.features import FeatureBank, FeatureCache
 from promptlearn.methods import build_method
 from promptlearn.methods.clip_lora import ClipLora, ClipLoraConfig
+from promptlearn.settings import run_epochs
 from promptlearn.trainer import Trainer
 
 ETA_MIN = 1e-6

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from helpers import SAMPLE, quick_config, tiny_backbone
 
-from promptlearn.config import effective, load_config
+from promptlearn.config import load_config
 from promptlearn.data import build_dataset
 from promptlearn.data.base import DatasetSplits
 from promptlearn.data.fewshot import load_or_draw
@@ -30,6 +30,7 @@ from promptlearn.methods import build_method
 from promptlearn.methods.zeroshot import text_classifier
 from promptlearn.protocols import Target, scorer_for
 from promptlearn.recipes import matching, recipes_for
+from promptlearn.settings import effective
 from promptlearn.trainer import Trainer
 
 PUBLISHED_TEMPLATES = {

@@ -8,7 +8,8 @@ import pytest
 import yaml
 from helpers import QUICKSTART, REPO
 
-from promptlearn.config import effective, load_config, method_recipe
+from promptlearn.config import load_config
+from promptlearn.settings import effective, method_recipe
 from promptlearn.sweep import load_sweep
 
 CONFIGS = REPO / "configs"

@@ -11,7 +11,7 @@ from helpers import interrupted_at_epoch, tiny_backbone
 from test_baselines import NoTestBank, setup, shared_cache  # noqa: F401 (a fixture)
 
 from promptlearn import trainer as trainer_module
-from promptlearn.config import load_config, run_epochs
+from promptlearn.config import load_config
 from promptlearn.data.registry import ensemble
 from promptlearn.data.transforms import train_transform
 from promptlearn.errors import CheckpointError, ConfigError, PromptlearnError
@@ -20,6 +20,7 @@ from promptlearn.methods import build_method
 from promptlearn.methods.tip_adapter import TipAdapterConfig, TipAdapterFConfig, search_grid
 from promptlearn.methods.zeroshot import text_classifier
 from promptlearn.recipes import RECIPE_DIR
+from promptlearn.settings import run_epochs
 from promptlearn.trainer import Trainer
 
 # [S_beta, S_alpha] and Tip-Adapter-F's initial alpha per dataset, from the published configs

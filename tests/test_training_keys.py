@@ -14,15 +14,14 @@ from promptlearn.config import (
     TRAINING_KEYS,
     RunConfig,
     TrainingKeys,
-    effective,
     load_config,
-    method_recipe,
     origins,
     training_settings,
 )
 from promptlearn.errors import ConfigError
 from promptlearn.methods import METHODS
 from promptlearn.recipes import matching
+from promptlearn.settings import effective, method_recipe
 
 # a valid value for each training key that no method's code default or recipe uses
 OTHER_VALUE = {"epochs": 7, "batch_size": 3, "lr": 0.0123, "momentum": 0.5, "weight_decay": 0.0007,

@@ -17,7 +17,7 @@ from promptlearn.checkpoint import check_meta, load_checkpoint
 from promptlearn.config import TRAINING_KEYS, origins, register_section, training_settings
 from promptlearn.errors import CheckpointError
 from promptlearn.features import TrainingFeatures, TrainingImages
-from promptlearn.registry import Registry
+from promptlearn.registry import METHODS
 from promptlearn.trainer import StepLosses, backward_sum, cross_entropy_step
 
 if TYPE_CHECKING:
@@ -51,9 +51,6 @@ class AfterTraining:
 
     metrics: dict
     report: str = ""
-
-
-METHODS: Registry[type["Method"]] = Registry("method", filled_by="promptlearn.methods")
 
 
 def register_method(name: str, config: type | None = None) -> Callable:

@@ -24,12 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptlearn.config import TrainingKeys, run_epochs
+from promptlearn.config import TrainingKeys
 from promptlearn.data import dataset_templates
 from promptlearn.errors import DataError
 from promptlearn.methods.base import Capabilities, Method, register_method
 from promptlearn.methods.zeroshot import text_classifier
 from promptlearn.progress import progress
+from promptlearn.settings import run_epochs
 
 
 @dataclass

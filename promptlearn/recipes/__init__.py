@@ -30,8 +30,9 @@ from typing import Any
 
 import yaml
 
-from promptlearn.config import UniqueKeyLoader, build_config
+from promptlearn.config import RECIPE_BOOKS, UniqueKeyLoader, build_config
 from promptlearn.errors import ConfigError, unknown_name_message
+from promptlearn.settings import same_model
 
 RECIPE_DIR = Path(__file__).parent
 FILE_KEYS = ("method", "source", "recipes")
@@ -53,13 +54,6 @@ class Recipe:
     note: str | None = None
 
 
-def same_model(published: str | None, model: str) -> bool:
-    """Whether an entry's backbone is the run's (open_clip's -quickgelu twin is the same model); an entry that
-    names none fits every backbone."""
-    return published is None or published.lower().removesuffix("-quickgelu") == model.lower().removesuffix(
-        "-quickgelu")
-
-
 def matching(method: str, protocol: str, dataset: str, shots: int, model: str | None = None) -> list[Recipe]:
     """The entries of `method` that apply to a run, least specific first (an entry restricting more of protocol,
     dataset and shots comes later and so wins; equals keep file order). Where some entry was published for the
@@ -78,7 +72,7 @@ def apply_recipes(cfg) -> None:
     context length (the recipe's phrase would fix another; ProGrad's padded words take any length). Records the
     sources applied, with the backbone each was published for."""
     from promptlearn.config import applied_recipes, origins
-    from promptlearn.methods import METHODS
+    from promptlearn.registry import METHODS
 
     set_by_user = origins(cfg).keys() - {k for k, v in origins(cfg).items() if v.startswith("recipe ")}
     own_templates = cfg.data.template is not None or bool(cfg.data.templates)  # the run's prompt: never replaced
@@ -100,9 +94,12 @@ def apply_recipes(cfg) -> None:
                 origins(cfg)[key] = f"recipe {recipe.repository} {recipe.source}"
 
 
+RECIPE_BOOKS.add("published", apply_recipes)
+
+
 def recipes_for(method: str) -> list[Recipe]:
     """The published entries for `method` (a registered method name), in file order; [] when none is known."""
-    from promptlearn.methods import METHODS
+    from promptlearn.registry import METHODS
 
     if method not in METHODS:
         raise ConfigError(unknown_name_message("method", method, METHODS))
@@ -138,7 +135,7 @@ def read_recipe_yaml(path: Path) -> dict[str, Any]:
 def load_recipe_file(path: str | Path) -> list[Recipe]:
     """One file's entries, each checked: known method, protocols and datasets; settings that build a valid
     config; a named source. The first problem is an error naming the file and the entry."""
-    from promptlearn.methods import METHODS
+    from promptlearn.registry import METHODS
 
     path = Path(path)
     tree = read_recipe_yaml(path)
@@ -163,8 +160,8 @@ def load_recipe_file(path: str | Path) -> list[Recipe]:
 
 def parse_entry(entry: Any, method: str, repository: str, where: str) -> Recipe:
     from promptlearn.data import DATASETS
-    from promptlearn.methods import METHODS
     from promptlearn.protocols import PROTOCOLS
+    from promptlearn.registry import METHODS
 
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: an entry must be a mapping with keys {', '.join(ENTRY_KEYS)}")
@@ -236,7 +233,7 @@ def recipe_table(recipes: list[Recipe], width: int) -> str:
     column; the source follows each entry on its own line."""
     import textwrap
 
-    from promptlearn.methods import METHODS
+    from promptlearn.registry import METHODS
 
     if not recipes:
         return "(no published recipe recorded)"
