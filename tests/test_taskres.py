@@ -161,6 +161,10 @@ def test_enhanced_base_replaces_the_text_projection(tmp_path):
     torch.save({"state_dict": {"weight": projection[:, :-1]}}, wrong)
     with pytest.raises(ConfigError, match="text projection maps"):
         build_method("taskres", taskres_config(tmp_path, f"taskres.enhanced_base={wrong}"), backbone, NAMES)
+    hf = tiny_backbone("tiny-hf-clip")
+    with pytest.raises(ConfigError, match="Hugging Face text tower does not have"):
+        build_method("taskres", taskres_config(tmp_path, f"taskres.enhanced_base={same}", "backbone.model=tiny-hf-clip"),
+                     hf, NAMES)
     with pytest.raises(ConfigError, match="taskres.enhanced_base: no file"):
         taskres_config(tmp_path, f"taskres.enhanced_base={tmp_path / 'absent.pth.tar'}")
 

@@ -77,8 +77,9 @@ def projected_text_features(backbone, texts: list[str], projection: torch.Tensor
     tower = backbone.text
     own = tower.text_projection
     if own is None or isinstance(own, nn.Linear) or own.dim() != 2:
-        raise ConfigError(f"taskres.enhanced_base needs a text tower with a projection matrix; {backbone.name}'s "
-                          "has none to replace")
+        kind = "Hugging Face text tower" if tower.hf else "text tower"
+        raise ConfigError(f"taskres.enhanced_base replaces the text projection matrix, which {backbone.name}'s {kind} "
+                          "does not have (use the regular base: taskres.enhanced_base empty)")
     if tuple(projection.t().shape) != tuple(own.shape):
         raise ConfigError(f"taskres.enhanced_base: its projection is {tuple(projection.shape)}, {backbone.name}'s "
                           f"text projection maps {own.shape[0]} to {own.shape[1]} (expects {own.shape[1]} x "
