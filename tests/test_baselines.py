@@ -277,7 +277,7 @@ def test_baseline_config_errors():
         load_config([], ["tip_adapter.alpha_rang=[0, 1]"])
     with pytest.raises(ConfigError, match="tip_adapter.beta_range must be"):
         load_config([], ["tip_adapter.beta_range=[5, 1]"])
-    with pytest.raises(ConfigError, match="train.optimizer must be one of sgd, adamw"):
-        load_config([], ["train.optimizer=adam"])
+    with pytest.raises(ConfigError, match="train.optimizer must be one of sgd, adamw, adam"):
+        load_config([], ["train.optimizer=rmsprop"])
     with pytest.raises(ConfigError, match="clip_adapter.alpha must be in"):
         load_config([], ["clip_adapter.alpha=1.5"])

@@ -149,8 +149,8 @@ def test_the_more_specific_entry_says_the_context_start():
 
 
 def test_every_recipe_that_gives_imagenet_an_ensemble_gives_the_authors_seven():
-    """Tip-Adapter's, LP++'s and CLAP's recipes write ImageNet's templates out; they must be the 7 of
-    promptlearn/data/templates.yaml (CLAP's code adds ImageNet's own "a photo of a {}." after them)."""
+    """Tip-Adapter's, LP++'s, CLAP's and TaskRes's recipes write ImageNet's templates out; they must be the 7 of
+    promptlearn/data/templates.yaml (CLAP's and TaskRes's code add ImageNet's own "a photo of a {}." after them)."""
     from promptlearn.data.registry import ensemble
 
     seven = ensemble("imagenet_7")
@@ -160,6 +160,8 @@ def test_every_recipe_that_gives_imagenet_an_ensemble_gives_the_authors_seven():
             for key, value in r.settings.items():
                 if key.endswith(".templates") and "imagenet" in r.datasets and len(value) > 1:  # an ensemble
                     found[method] = value
-    assert set(found) == {"tip_adapter", "tip_adapter_f", "lp_pp", "clap"}
+    assert set(found) == {"tip_adapter", "tip_adapter_f", "lp_pp", "clap", "taskres"}
     assert all(value[:7] == seven for value in found.values())
-    assert found["clap"][7:] == ["a photo of a {}."] and all(len(v) == 7 for m, v in found.items() if m != "clap")
+    eight = ("clap", "taskres")
+    assert all(found[m][7:] == ["a photo of a {}."] for m in eight)
+    assert all(len(v) == 7 for m, v in found.items() if m not in eight)
