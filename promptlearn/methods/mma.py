@@ -95,6 +95,21 @@ def _block_norm(block: nn.Module, tower: str) -> nn.Module:
     return norm
 
 
+def _image_blocks(model: nn.Module, method: str) -> tuple[list[nn.Module], int]:
+    """The image tower's transformer blocks and width: deep prompts' towers (open_clip's ViT, timm's ViT), and a
+    timm trunk of pre-norm blocks (EVA, PE-Core), which adapters reach though prompts do not; else image_tower's
+    refusal, naming the tower."""
+    try:
+        tower = image_tower(model, method)
+        return list(tower.blocks), tower.width
+    except ConfigError:
+        trunk = getattr(model.visual, "trunk", None)
+        blocks = getattr(trunk, "blocks", None)
+        if blocks is None or not hasattr(trunk, "norm_pre") or not all(hasattr(b, "norm1") for b in blocks):
+            raise
+        return list(blocks), trunk.embed_dim
+
+
 def _image_input_norm(visual: nn.Module) -> nn.Module:
     """The norm before the image tower's first block (open_clip's ln_pre, timm's norm_pre)."""
     return getattr(visual, "ln_pre", None) or visual.trunk.norm_pre
@@ -105,15 +120,15 @@ class MMA(ImageMethod):
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
         own = self.own = cfg.mma
-        image = image_tower(backbone.model, self.name)
-        blocks = {"image": list(image.blocks),
+        image_blocks, image_width = _image_blocks(backbone.model, self.name)
+        blocks = {"image": image_blocks,
                   "text": list(check_text_tower(backbone.text, self.name).resblocks)}
         for tower in TOWERS:
             if own.adapter_end > len(blocks[tower]):
                 raise ConfigError(f"mma.adapter_end={own.adapter_end} exceeds the {tower} tower's "
                                   f"{len(blocks[tower])} layers of {backbone.name}; set mma.adapter_end (and "
                                   f"adapter_start) within them")
-        widths = {"text": backbone.text.width, "image": image.width}
+        widths = {"text": backbone.text.width, "image": image_width}
         self.layers = list(range(own.adapter_start, own.adapter_end + 1))
         self.blocks = {t: {layer: blocks[t][layer - 1] for layer in self.layers if layer > 0} for t in TOWERS}
         # built (and initialised) in the authors' order: the text tower's, the image tower's, the shared layers
