@@ -128,6 +128,17 @@ def test_the_adapters_act_only_inside_the_method_s_own_forward(tmp_path):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    grads = []
+    for flag in ("false", "true"):
+        method, images, labels = reference_method(tmp_path / flag)
+        method.own.grad_checkpointing = flag == "true"
+        method.training_step(images, labels).losses["cross_entropy"].backward()
+        grads.append([p.grad for p in method.parameters()])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("model, tower", [("tiny-rn-clip", "ModifiedResNet"), ("tiny-timm-convnet-clip", "ConvNeXt"),
                                           ("tiny-hf-clip", "HFTextEncoder")])
 def test_towers_without_transformer_blocks_are_refused_by_name(tmp_path, model, tower):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptlearn.config import TrainingKeys
-from promptlearn.deep_prompts import check_text_tower, image_tower
+from promptlearn.deep_prompts import check_text_tower, checkpointed, image_tower
 from promptlearn.errors import ConfigError
 from promptlearn.methods.base import ImageMethod, register_method
 from promptlearn.prompts import END_OF_PROMPT, spoken_name
@@ -47,6 +47,7 @@ class MMAConfig(TrainingKeys):
     batch_size: Optional[int] = 16
     epochs: Optional[int] = 5
     warmup_epochs: Optional[int] = 0
+    grad_checkpointing: bool = False  # recompute each tower's activations in backward: less memory
 
     def problems(self) -> list[str]:
         found = []
@@ -184,18 +185,20 @@ class MMA(ImageMethod):
                 handle.remove()
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        with self.attached("image"):
-            out = self.backbone.model.visual(images)
-        out = out[0] if isinstance(out, tuple) else out  # CoCa's tower also returns its tokens
-        return F.normalize(out.float(), dim=-1)
+        def run(x: torch.Tensor) -> torch.Tensor:  # the hooks inside, so that a recomputation sees them
+            with self.attached("image"):
+                out = self.backbone.model.visual(x)
+            return out[0] if isinstance(out, tuple) else out  # CoCa's tower also returns its tokens
+        return F.normalize(checkpointed(run, images, enabled=self.own.grad_checkpointing).float(), dim=-1)
 
     def text_features(self) -> torch.Tensor:
-        embeds = self.token_embeds
-        if 0 in self.layers:
-            embeds = embeds + self.adapt("text", 0, embeds)
-        with self.attached("text"):
-            features = self.backbone.text.encode(embeds, self.token_ids)
-        return F.normalize(features.float(), dim=-1)
+        def run() -> torch.Tensor:
+            embeds = self.token_embeds
+            if 0 in self.layers:
+                embeds = embeds + self.adapt("text", 0, embeds)
+            with self.attached("text"):
+                return self.backbone.text.encode(embeds, self.token_ids)
+        return F.normalize(checkpointed(run, enabled=self.own.grad_checkpointing).float(), dim=-1)
 
     def fit(self, bank, trainer, checkpoint, resume) -> dict:
         return trainer.fit(self, self.training_images(bank), checkpoint, resume)
