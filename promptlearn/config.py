@@ -480,9 +480,10 @@ def config_problems(cfg: RunConfig) -> list[str]:
     problems += template_problems("data.templates", cfg.data.templates)
     for name, section in cfg.sections.items():  # a method's own templates (kgcoop.templates, ...)
         problems += template_problems(f"{name}.templates", getattr(section, "templates", []))
-    for section in cfg.sections.values():  # each method section checks its own values (and against given keys)
+    for name, section in cfg.sections.items():  # each method section checks its own values
         problems.extend(getattr(section, "problems", lambda: [])())
-        problems.extend(getattr(section, "given_problems", lambda given: [])(given_keys(cfg).keys()))
+        if name in cfg.methods:  # and, for a method that runs, the keys given together (a section is its method's)
+            problems.extend(getattr(section, "given_problems", lambda given: [])(given_keys(cfg).keys()))
     return problems
 
 

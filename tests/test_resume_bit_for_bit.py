@@ -20,16 +20,17 @@ TRAINING = [name for name in METHODS if METHODS.get(name).capabilities.trains]
 DEEP = ("ivlp", "maple", "promptsrc", "vpt_deep")
 # every section's epochs and batches small, so that each method trains 3 epochs of a few steps; augmentation
 # on, so that crops and flips are drawn too (Tip-Adapter-F's fresh crops: a new pass every epoch); CLIP-LoRA
-# keeps its default dropout: 2 x 6 iterations in batches of 4 (5 per epoch) are 3 epochs
+# keeps its default dropout and trains the 3 epochs whole, in batches of 4
 CHEAP = ["data.shots=2", "train.epochs=3", "train.batch_size=8", "train.augment=true",
          "cocoop.epochs=3", "cocoop.batch_size=4", "kgcoop.epochs=3", "kgcoop.batch_size=8",
          "clap.epochs=3", "clap.batch_size=8", "clap.feature_passes=2",
          "tip_adapter_f.epochs=3", "tip_adapter_f.batch_size=8", "tip_adapter_f.alpha_steps=2",
          "tip_adapter_f.beta_steps=2", "tip_adapter_f.fresh_crops=true",
-         "clip_lora.iterations_per_shot=6", "clip_lora.batch_size=4", "promptsrc.gpa_mean=2",
+         "clip_lora.batch_size=4", "promptsrc.gpa_mean=2",
          *[f"{m}.{key}" for m in DEEP for key in ("epochs=3", "batch_size=4", "depth_vision=2")],
          *[f"{m}.depth_text=2" for m in DEEP if m != "vpt_deep"],
-         "mmrl.epochs=3", "mmrl.batch_size=4", "mmrl.rep_layers=[1,2]"]
+         "mmrl.epochs=3", "mmrl.batch_size=4", "mmrl.rep_layers=[1,2]",
+         "mma.epochs=3", "mma.batch_size=4", "mma.adapter_start=1", "mma.adapter_end=2"]
 # cached passes for the methods that train on cached features (a method streaming images refuses the key)
 FEATURE_PASSES = {name: ["train.feature_passes=2"] if "feature_passes" in METHODS.get(name).training_keys else []
                   for name in TRAINING}

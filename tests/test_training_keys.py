@@ -188,3 +188,9 @@ def test_a_run_saved_before_a_method_had_its_own_section_is_not_the_same_setup(t
     del tree["coop_csc"]  # as promptlearn wrote it when coop_csc read coop.*
     saved.write_text(yaml.safe_dump(tree), encoding="utf-8")
     assert saved_changes(saved, cfg, NEUTRAL_KEYS - {"methods"}) == ["coop_csc: no section there"]
+
+
+def test_a_section_of_a_method_not_listed_keeps_its_given_keys_unjudged():
+    """A config file covering many methods may give clip_lora.iterations_per_shot beside a train.epochs for the
+    others: refused only where clip_lora runs."""
+    assert load_config([], ["methods=[coop]", "train.epochs=3", "clip_lora.iterations_per_shot=10"]).coop.epochs == 3
