@@ -78,8 +78,9 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
-    optimizer: str = "sgd"  # sgd | adamw (AdamW: Tip-Adapter-F's recipe)
-    eps: float = 1e-8  # AdamW's epsilon
+    optimizer: str = "sgd"  # sgd | adam | adamw (Adam, weight decay added to the gradient: Dassl's, TCP's recipe;
+    # AdamW: Tip-Adapter-F's recipe)
+    eps: float = 1e-8  # Adam's and AdamW's epsilon
     augment: bool = True  # random resized crop + flip on training images
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop's area range
     lr_per_step: bool = False  # step the schedule every iteration, not every epoch (Tip-Adapter-F's code)
@@ -154,7 +155,7 @@ class RunConfig:
 PROTOCOL_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
 CLASS_POSITIONS = ("end", "middle", "front")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp16_reference")
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 DRAWS = ("reference", "sorted")  # few-shot draws, see promptlearn.data.fewshot
 SELECTIONS = ("validation", "none")
 RECIPES = ("published", "promptlearn")

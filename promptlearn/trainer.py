@@ -1,4 +1,4 @@
-"""One trainer for every method that learns: SGD (or AdamW) with a constant warm-up and a cosine schedule,
+"""One trainer for every method that learns: SGD (or Adam, AdamW) with a constant warm-up and a cosine schedule,
 mixed precision on GPU, deterministic batches, atomic checkpoints, resume (bit for bit: the checkpoint keeps
 the random-number states), Ctrl-C safe."""
 from __future__ import annotations
@@ -99,6 +99,8 @@ def lr_factor(epoch: float, cfg: TrainConfig, epochs: float) -> float:
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":  # betas (0.9, 0.999), the decay as an L2 term of the gradient: Dassl's build_optimizer
+        return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
