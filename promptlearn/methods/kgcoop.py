@@ -52,8 +52,8 @@ class KgCoOp(CoOp):  # CoOp's capabilities
 
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
-        self.register_buffer("hand_crafted", text_classifier(backbone, classnames, teacher_templates(cfg, self.section)),
-                             persistent=False)
+        hand_crafted = text_classifier(backbone, classnames, teacher_templates(cfg, self.section))
+        self.register_buffer("hand_crafted", hand_crafted, persistent=False)
 
     def training_step(self, image_features, labels) -> StepLosses:
         text = self.text_features()
