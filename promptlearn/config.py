@@ -81,7 +81,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
-    optimizer: str = "sgd"  # sgd | adamw (Tip-Adapter-F's recipe) | adam (L2 in the gradient: Dassl's, TaskRes)
+    optimizer: str = "sgd"  # sgd | adamw (Tip-Adapter-F's recipe) | adam (L2 in the gradient: Dassl's, TaskRes and TCP)
     eps: float = 1e-8  # AdamW's and Adam's epsilon
     augment: bool = True  # random resized crop + flip on training images
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop's area range

@@ -81,16 +81,18 @@ def _seq_dim(transformer: Transformer) -> int:
 
 
 def _as_tokens(prompt: torch.Tensor, like: torch.Tensor, seq_dim: int) -> torch.Tensor:
-    """[n, D] prompts broadcast over the batch of `like` in its layout and dtype."""
-    batch = like.shape[1 - seq_dim]
-    tokens = prompt.to(like.dtype)[None].expand(batch, -1, -1)
+    """[n, D] prompts broadcast over the batch of `like`, or [N, n, D] one set per row of it, in its layout and
+    dtype."""
+    tokens = prompt.to(like.dtype)
+    if tokens.dim() == 2:
+        tokens = tokens[None].expand(like.shape[1 - seq_dim], -1, -1)
     return tokens if seq_dim == 1 else tokens.transpose(0, 1)
 
 
 def _replace_block_input(block: nn.Module, prompt: torch.Tensor, start: int | None, seq_dim: int):
-    """A pre-hook on `block` putting `prompt` [n, D] at positions start..start+n of its input
-    (start None: the last n positions)."""
-    n = prompt.shape[0]
+    """A pre-hook on `block` putting `prompt` [n, D] (or [N, n, D], one set per row) at positions start..start+n
+    of its input (start None: the last n positions)."""
+    n = prompt.shape[-2]
 
     def hook(module, args, kwargs):
         x = args[0]
@@ -149,6 +151,17 @@ def text_prompts(transformer: Transformer, start: int, deep: Sequence[torch.Tens
         raise ConfigError(f"a prompt depth of {len(deep) + 1} exceeds the text tower's {len(blocks)} layers")
     seq_dim = _seq_dim(transformer)
     with _removing([_replace_block_input(blocks[j + 1], p, start, seq_dim) for j, p in enumerate(deep)]):
+        yield
+
+
+@contextlib.contextmanager
+def text_tokens_at(transformer: Transformer, block: int, start: int, tokens: torch.Tensor) -> Iterator[None]:
+    """Run the text transformer with tokens [N, n, D], one set per prompt, replacing positions start..start+n at
+    the input of block `block` (TCP's class-aware tokens)."""
+    if block >= len(transformer.resblocks):
+        raise ConfigError(f"tokens at the input of text block {block} need more than the text tower's "
+                          f"{len(transformer.resblocks)} layers")
+    with _removing([_replace_block_input(transformer.resblocks[block], tokens, start, _seq_dim(transformer))]):
         yield
 
 

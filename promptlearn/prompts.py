@@ -6,6 +6,7 @@ import torch
 from promptlearn.tokens import PromptTokenizer
 
 END_OF_PROMPT = "."
+CLASS_AT_END = "{}" + END_OF_PROMPT  # the words after the context when the class is at the end
 
 
 def spoken_name(name: str) -> str:
@@ -15,18 +16,19 @@ def spoken_name(name: str) -> str:
 
 
 def layout_prompt(tok: PromptTokenizer, ctx_ids: list[int], name: str,
-                  position: str) -> tuple[list[int], list[int]]:
+                  position: str, after: str = CLASS_AT_END) -> tuple[list[int], list[int]]:
     """Token ids of [SOS] context name . [EOS] (class at the end; the context split around the name for
     `middle`; the name first for `front`) and the positions of the context tokens in them.
 
     The ids are those of the whole sentence the layout spells ("X X X X name.", "X X name X X.",
     "name X X X X."), as zero-shot CLIP tokenises it: text after a space never merges with the
     text before it, but a name ending in punctuation merges with the final "." ("kite (bird of
-    prey)." ends in the one token ")."), so the name and the "." that follows it are encoded together."""
+    prey)." ends in the one token ")."), so the name and the "." that follows it are encoded together.
+    With the class at the end, `after` spells what follows the context ({} the name; TCP's "{}, a type of pet.")."""
     name = spoken_name(name)
     half = len(ctx_ids) // 2
     if position == "end":
-        pieces = [("c", ctx_ids), ("n", tok.encode(name + END_OF_PROMPT))]
+        pieces = [("c", ctx_ids), ("n", tok.encode(after.format(name)))]
     elif position == "middle":
         pieces = [("c", ctx_ids[:half]), ("n", tok.encode(name)), ("c", ctx_ids[half:])]
     else:  # front

@@ -31,6 +31,8 @@ def shared_cache(tmp_path_factory):
 
 
 ON_FEATURES = sorted(n for n, m in METHODS.items() if m.capabilities.cached_features)
+# on cached image features, but with tokens put inside the text transformer: a Hugging Face text tower is refused
+INSIDE_TEXT_TOWER = ("tcp",)
 INSIDE_TOWERS = sorted(n for n, m in METHODS.items() if not m.capabilities.cached_features)
 # the tiny towers have 2 layers: prompts at depth 2, few iterations
 SHALLOW = [f"{m}.depth_vision=2" for m in ("ivlp", "maple", "promptsrc", "vpt_deep")] + \
@@ -41,13 +43,20 @@ SHALLOW = [f"{m}.depth_vision=2" for m in ("ivlp", "maple", "promptsrc", "vpt_de
 
 @pytest.mark.parametrize("model", TOWER_KINDS.values(), ids=TOWER_KINDS.keys())
 def test_every_method_runs_end_to_end(tmp_path, shared_cache, model):
-    """Train and evaluate every method on cached features, the decoded prompt included, on the sample."""
+    """Train and evaluate every method on cached features, the decoded prompt included, on the sample; TCP's
+    tokens at text block 1 of 2 (a Hugging Face text tower is refused, naming it)."""
+    methods = [m for m in ON_FEATURES if model != "tiny-hf-clip" or m not in INSIDE_TEXT_TOWER]
     metrics = run_experiment(quick_config(
-        tmp_path, f"backbone.model={model}", f"methods=[{', '.join(ON_FEATURES)}]", "data.shots=1",
+        tmp_path, f"backbone.model={model}", f"methods=[{', '.join(methods)}]", "data.shots=1", "tcp.layer=1",
         "train.epochs=1", *[f"{m}.{k}_steps=3" for m in ("tip_adapter", "tip_adapter_f") for k in ("alpha", "beta")],
         "coop.n_ctx=4", "coop.ctx_init=", "coop.class_specific=false", f"cache_dir={shared_cache}"))
-    for name in ON_FEATURES:
+    for name in methods:
         assert math.isfinite(metrics[name]["accuracy"]), (model, name)
+    if model == "tiny-hf-clip":
+        for name in INSIDE_TEXT_TOWER:
+            with pytest.raises(PromptlearnError, match="text tower is a HFTextEncoder"):
+                run_experiment(quick_config(tmp_path, f"backbone.model={model}", f"methods=[{name}]", "data.shots=1",
+                                            f"cache_dir={shared_cache}", f"output_dir={tmp_path / name}"))
     assert json.loads((tmp_path / "run" / "coop" / "decoded_prompt.json").read_text())
 
 

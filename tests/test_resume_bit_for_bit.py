@@ -23,6 +23,7 @@ DEEP = ("ivlp", "maple", "promptsrc", "vpt_deep")
 # keeps its default dropout and trains the 3 epochs whole, in batches of 4
 CHEAP = ["data.shots=2", "train.epochs=3", "train.batch_size=8", "train.augment=true",
          "cocoop.epochs=3", "cocoop.batch_size=4", "kgcoop.epochs=3", "kgcoop.batch_size=8",
+         "tcp.epochs=3", "tcp.batch_size=8", "tcp.layer=1",
          "clap.epochs=3", "clap.batch_size=8", "clap.feature_passes=2",
          "tip_adapter_f.epochs=3", "tip_adapter_f.batch_size=8", "tip_adapter_f.alpha_steps=2",
          "tip_adapter_f.beta_steps=2", "tip_adapter_f.fresh_crops=true",

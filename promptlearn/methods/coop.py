@@ -18,7 +18,7 @@ from promptlearn.config import CLASS_POSITIONS, TRAINING_KEYS, TrainingKeys
 from promptlearn.decoder import save_decoded_prompt
 from promptlearn.errors import ConfigError, PromptlearnError
 from promptlearn.methods.base import AfterTraining, Capabilities, Method, register_method
-from promptlearn.prompts import layout_prompt, padded_ids, spoken_name
+from promptlearn.prompts import CLASS_AT_END, layout_prompt, padded_ids, spoken_name
 from promptlearn.text_tower import Packing
 
 DEFAULT_N_CTX = 16
@@ -115,7 +115,7 @@ class PromptLearner(nn.Module):
     """The learnable context and the frozen embeddings of everything else in the prompts."""
 
     def __init__(self, backbone: FrozenCLIP, classnames: list[str], cfg: CoOpConfig, class_specific: bool,
-                 start: ContextStart):
+                 start: ContextStart, after: str = CLASS_AT_END):
         super().__init__()
         tok, tower = backbone.tokenizer, backbone.text
         n_ctx = start.n_ctx
@@ -132,7 +132,7 @@ class PromptLearner(nn.Module):
 
         rows, positions = [], []
         for name in classnames:
-            ids, pos = layout_prompt(tok, start.ids, name, cfg.class_position)
+            ids, pos = layout_prompt(tok, start.ids, name, cfg.class_position, after)
             if len(ids) > tower.context_length:
                 raise PromptlearnError(
                     f"the prompt for class {name!r} is {len(ids)} tokens ({n_ctx} of them context), more than the "
@@ -188,6 +188,7 @@ class CoOp(Method):
                                 eval_from_checkpoint=True, static_step=True)
     training_keys = frozenset(TRAINING_KEYS)
     force_class_specific: bool | None = None
+    packs = True  # prompts may run packed (TextTower.encode_packed), which runs no hooks inside the text tower
 
     @classmethod
     def capabilities_for(cls, cfg) -> Capabilities:
@@ -200,14 +201,19 @@ class CoOp(Method):
         super().__init__(cfg, backbone, classnames)
         self.own = own = getattr(cfg, self.section)  # coop, or the section of a method built on CoOp
         specific = own.class_specific if self.force_class_specific is None else self.force_class_specific
-        self.prompts = PromptLearner(backbone, classnames, own, specific, self.context_start())
+        self.prompts = PromptLearner(backbone, classnames, own, specific, self.context_start(), self.words_after())
         text, ids, prefix = backbone.text, self.prompts.token_ids, self.prompts.prefix_length
-        self.share_prefix = own.share_prefix and prefix is not None and text.can_share_prefix(ids, prefix)
+        packs = self.packs and text.can_pack
+        self.share_prefix = packs and own.share_prefix and prefix is not None and text.can_share_prefix(ids, prefix)
         self.own_lengths = own.truncate_prompts and text.can_truncate
         # packed rows: each prompt through its own pooled position, after the shared start when there is one
-        self.packed = text.can_pack and (self.own_lengths or self.share_prefix)
+        self.packed = packs and (self.own_lengths or self.share_prefix)
         self.chunks = [(rows, self.packing(rows) if self.packed else None)
                        for rows in class_chunks(len(ids), own.class_chunk)]
+
+    def words_after(self) -> str:
+        """Hook: what follows the context when the class is at the end, {} the name (CoOp: "{}.")."""
+        return CLASS_AT_END
 
     def context_start(self) -> ContextStart:
         """Hook: where the context sits and what it starts from (CoOp: <section>.ctx_init or n_ctx)."""

@@ -32,14 +32,14 @@ class KgCoOpConfig(CoOpConfig):
     def problems(self) -> list[str]:
         found = super().problems()
         if self.weight < 0:
-            found.append(f"kgcoop.weight must be 0 or more, got {self.weight}")
+            found.append(f"{self.section}.weight must be 0 or more, got {self.weight}")
         return found
 
 
-def teacher_templates(cfg) -> list[str]:
-    """The hand-crafted prompt(s) the learned class features are kept near: kgcoop.templates (the authors' where
+def teacher_templates(cfg, section: str = "kgcoop") -> list[str]:
+    """The hand-crafted prompt(s) the learned class features are kept near: <section>.templates (the authors' where
     they differ from the dataset's, set by the published recipe), else the run's zero-shot template(s)."""
-    return list(cfg.kgcoop.templates) or dataset_templates(cfg.data)
+    return list(getattr(cfg, section).templates) or dataset_templates(cfg.data)
 
 
 def knowledge_guidance(text_features: torch.Tensor, hand_crafted: torch.Tensor) -> torch.Tensor:
@@ -52,8 +52,8 @@ class KgCoOp(CoOp):  # CoOp's capabilities
 
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
-        self.register_buffer("hand_crafted", text_classifier(backbone, classnames, teacher_templates(cfg)),
-                             persistent=False)
+        hand_crafted = text_classifier(backbone, classnames, teacher_templates(cfg, self.section))
+        self.register_buffer("hand_crafted", hand_crafted, persistent=False)
 
     def training_step(self, image_features, labels) -> StepLosses:
         text = self.text_features()
