@@ -272,7 +272,7 @@ def test_runs_train_on_streamed_images_and_evaluate_through_their_own_encoder(tm
     falls), saves its checkpoint and is evaluated through its own encoder."""
     cfg = quick_config(tmp_path, *SHALLOW, f"methods=[zeroshot,{','.join(IMAGE_METHODS)}]", "data.shots=4",
                        *[f"{m}.epochs=6" for m in PROMPTED], *[f"{m}.lr=0.05" for m in PROMPTED], "promptsrc.lr=0.005",
-                       "clip_lora.iterations_per_shot=3", "clip_lora.lr=0.01", "clip_lora.batch_size=8")
+                       "clip_lora.epochs=null", "clip_lora.iterations_per_shot=3", "clip_lora.lr=0.01", "clip_lora.batch_size=8")
     metrics = run_experiment(cfg)
     for name in IMAGE_METHODS:
         history = json.loads((tmp_path / "run" / name / "history.json").read_text())

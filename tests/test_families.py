@@ -38,7 +38,7 @@ INSIDE_TOWERS = sorted(n for n, m in METHODS.items() if not m.capabilities.cache
 SHALLOW = [f"{m}.depth_vision=2" for m in ("ivlp", "maple", "promptsrc", "vpt_deep")] + \
           [f"{m}.depth_text=2" for m in ("ivlp", "maple", "promptsrc")] + \
           [f"{m}.epochs=1" for m in ("ivlp", "maple", "promptsrc", "vpt_deep", "mmrl", "mma")] + \
-          ["clip_lora.iterations_per_shot=1", "mmrl.rep_layers=[2]", "mma.adapter_start=1", "mma.adapter_end=2"]
+          ["clip_lora.epochs=null", "clip_lora.iterations_per_shot=1", "mmrl.rep_layers=[2]", "mma.adapter_start=1", "mma.adapter_end=2"]
 
 
 @pytest.mark.parametrize("model", TOWER_KINDS.values(), ids=TOWER_KINDS.keys())

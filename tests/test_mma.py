@@ -18,7 +18,7 @@ from helpers import SAMPLE, quick_config, tiny_backbone
 from test_baselines import NoTestBank, shared_cache  # noqa: F401 (a fixture)
 from test_trainer_schedule import cosine, record_steps
 
-from promptlearn.config import load_config, run_epochs
+from promptlearn.config import load_config
 from promptlearn.data import build_dataset
 from promptlearn.data.fewshot import load_or_draw
 from promptlearn.errors import ConfigError, PromptlearnError
@@ -26,6 +26,7 @@ from promptlearn.features import FeatureBank, FeatureCache
 from promptlearn.methods import build_method
 from promptlearn.methods.mma import MMA, MMAConfig
 from promptlearn.recipes import matching
+from promptlearn.settings import run_epochs
 from promptlearn.trainer import Trainer, build_optimizer, grad_scaler, optimizer_step
 
 REFERENCE = json.loads((Path(__file__).parent / "reference" / "mma_authors.json").read_text())

@@ -172,7 +172,7 @@ def test_enhanced_base_replaces_the_text_projection(tmp_path):
 def test_config_problems(tmp_path):
     with pytest.raises(ConfigError, match="taskres.alpha must be above 0"):
         taskres_config(tmp_path, "taskres.alpha=0")
-    with pytest.raises(ConfigError, match="must hold exactly one"):
+    with pytest.raises(ConfigError, match="must contain {} where the class name goes"):
         taskres_config(tmp_path, "taskres.templates=['a photo']")
 
 

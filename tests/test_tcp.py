@@ -182,7 +182,7 @@ def test_towers_it_cannot_reach_and_bad_settings_are_refused(tmp_path):
     for override, message in [("tcp.class_position=middle", "class_position must be end"),
                               ("tcp.class_specific=true", "class_specific must be false"),
                               ("tcp.share_prefix=true", "share_prefix must be false"),
-                              ("tcp.prompt_template='a {} b {}'", "one {} for the class name"),
+                              ("tcp.prompt_template='a {} b {}'", "must hold exactly one {} and no other braces"),
                               ("tcp.layer=-1", "tcp.layer must be 0 or more")]:
         with pytest.raises(ConfigError, match=message):
             quick_config(tmp_path, "methods=[tcp]", override)

@@ -208,6 +208,12 @@ class ImageMethod(Method):
     training_keys = frozenset(TRAINING_KEYS) - {"feature_passes"}
     unread_training = "it streams images through its own encoder at every step, so caches no feature passes"
 
+    @property
+    def visual(self) -> nn.Module:
+        """The shared frozen image tower, read, never registered: the method's train() leaves it in eval mode and
+        its parameters out of the method's."""
+        return self.backbone.model.visual
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image features through the method's own (prompted or adapted) image encoder."""
         raise NotImplementedError

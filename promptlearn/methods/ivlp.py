@@ -115,7 +115,7 @@ class DeepPromptMethod(ImageMethod):
         super().__init__(cfg, backbone, classnames)
         own = getattr(cfg, self.section)
         self.own = own
-        self.visual, self.tower = backbone.model.visual, image_tower(backbone.model, self.name)
+        self.tower = image_tower(backbone.model, self.name)
         check_text_tower(backbone.text, self.name)
         if own.depth_vision > len(self.tower.blocks) or own.depth_text > len(backbone.text.transformer.resblocks):
             raise ConfigError(f"{self.name}.depth_vision={own.depth_vision} / depth_text={own.depth_text} exceed "

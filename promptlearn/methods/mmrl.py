@@ -96,7 +96,7 @@ class MMRL(ImageMethod):
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
         own = self.own = cfg.mmrl
-        self.visual, self.tower = backbone.model.visual, image_tower(backbone.model, self.name)
+        self.tower = image_tower(backbone.model, self.name)
         text = backbone.text
         check_text_tower(text, self.name)
         if text.use_pad_mask or text.cls_emb is not None:

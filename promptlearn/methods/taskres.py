@@ -48,9 +48,6 @@ class TaskResConfig(TrainingKeys):
         found = []
         if self.alpha <= 0:
             found.append(f"taskres.alpha must be above 0 (the residual's scale), got {self.alpha}")
-        for t in self.templates:
-            if t.count("{}") != 1:
-                found.append(f"taskres.templates: {t!r} must hold exactly one {{}}, where the class name goes")
         if self.enhanced_base and not Path(self.enhanced_base).expanduser().is_file():
             found.append(f"taskres.enhanced_base: no file {self.enhanced_base} (an enhanced base of the authors, "
                          "strong_base/<Dataset>/<backbone>_<K>shots/model.pth.tar); empty for the regular base")

@@ -22,6 +22,7 @@ from open_clip.transformer import QuickGELU
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from promptlearn.config import template_problems
 from promptlearn.deep_prompts import check_text_tower, text_tokens_at
 from promptlearn.errors import ConfigError
 from promptlearn.methods.base import Capabilities, register_method
@@ -55,8 +56,7 @@ class TCPConfig(KgCoOpConfig):
             found.append("tcp.class_specific must be false: the class-aware tokens are what is per class")
         if self.share_prefix:
             found.append("tcp.share_prefix must be false: from tcp.layer on no two prompts share their start")
-        if self.prompt_template.count("{}") != 1:
-            found.append(f"tcp.prompt_template must hold one {{}} for the class name, got {self.prompt_template!r}")
+        found += template_problems("tcp.prompt_template", [self.prompt_template])
         return found
 
 
@@ -121,5 +121,5 @@ class TCP(KgCoOp):
         return None  # from block `layer` on, class-aware tokens stand where the context was: no prompt to read
 
     def checkpoint_meta(self) -> dict:
-        return {**super().checkpoint_meta(), "layer": self.own.layer}
+        return {**super().checkpoint_meta(), "layer": self.own.layer, "prompt_template": self.own.prompt_template}
 
