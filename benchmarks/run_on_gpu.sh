@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of the README's performance section, in one call on a GPU machine (issue 17):
+# The GPU figures of the performance page (docs/performance.md), in one call on a GPU machine (issue 17):
 # the CUDA tests, `promptlearn benchmark` at 1000, 100 and 10 real ImageNet class names (RN50, 16 shots,
 # ImageNet's 50 epochs) and a whole 1000-class run timed end to end (`promptlearn benchmark-full-run`).
 # Results go to $OUT (default output/gpu). MODEL, CLASSES, SHOTS, EPOCHS, STEPS and TRAIN_PER_CLASS shrink

@@ -347,13 +347,29 @@ def test_print_config_prints_the_merged_yaml_and_runs_nothing(tmp_path, capsys):
 
 
 def readme_quickstart() -> tuple[list[str], list[str], list[str]]:
-    """The README's quickstart command, its results table and the decoded-prompt table it shows."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    """The README's quickstart command and its results table, and the decoded-prompt table that the documentation's
+    "Reading a learned prompt" shows."""
+    command, table = main_job(REPO / "README.md")
+    text = (REPO / "docs" / "methods" / "reading-a-prompt.md").read_text(encoding="utf-8")
+    decoded = text[text.index("The quickstart ends with:"):].split("```")[1].strip().splitlines()
+    return command, table, decoded
+
+
+def main_job(path: Path) -> tuple[list[str], list[str]]:
+    """The command and the results table of a page's "## The main job"."""
+    text = path.read_text(encoding="utf-8")
     blocks = text[text.index("## The main job"):].split("```")
     command = blocks[1].removeprefix("bash").strip().split()
     table = [line for line in blocks[3].splitlines() if line.startswith("| ")]
-    decoded = text[text.index("The quickstart ends with:"):].split("```")[1].strip().splitlines()
-    return command, table, decoded
+    return command, table
+
+
+def test_the_documentation_shows_the_readme_quickstart():
+    """Getting started repeats the README's main job: the same command and the same table."""
+    assert main_job(REPO / "docs" / "getting-started.md") == main_job(REPO / "README.md")
+    command, table, decoded = readme_quickstart()
+    assert command == ["promptlearn", "train", "--config", "configs/quickstart.yaml"]
+    assert len(table) == 4 and decoded[0].startswith("mean distance to the nearest token")
 
 
 def without_time(row: str) -> str:

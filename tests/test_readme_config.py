@@ -1,5 +1,6 @@
-"""The README's configuration text against the code: the option column of "Differences from the original code"
-names only real config keys, and the Recipes part lists the training keys and shows --print-config's output."""
+"""The documentation's configuration text against the code (pages moved out of the README into docs/): the option
+column of "Differences from the original code" (docs/differences.md) names only real config keys, and the Recipes part
+of docs/configuration.md lists the training keys and shows --print-config's output."""
 from __future__ import annotations
 
 import re
@@ -11,22 +12,37 @@ from helpers import REPO
 from promptlearn.commands import main as promptlearn_main
 from promptlearn.config import RECIPES, SECTIONS, TRAINING_KEYS, all_keys
 
-README = (REPO / "README.md").read_text(encoding="utf-8")
-# a config key as the README spells one: dotted lowercase names; `<method>.` stands for any method's section and
+DOCS = REPO / "docs"
+# a config key as the documentation spells one: dotted lowercase names; `<method>.` stands for any method's section and
 # a trailing (s) for the key with and without it (data.template(s)). Capitalised dotted names are code
 # (`features.PooledPasses`, `CoCoOp.per_image_logits`), and a bare word names a method, not a key.
 DOTTED_KEY = re.compile(r"(?:<method>|[a-z_][a-z0-9_]*)(?:\.[a-z_][a-z0-9_]*)+(?:\(s\))?")
 ASSIGNED = re.compile(r"([A-Za-z_<>][\w.<>()]*)\s*(?:=|: )\s*(\S+)")  # key=value or key: value, several a span
 
 
-def section(title: str) -> str:
-    start = README.index(f"\n{title}\n")
-    return README[start:README.index("\n## ", start + 1)]
+def section(page: str, title: str) -> str:
+    """A section of a page of docs/, from its heading to the next heading of its level or above (or the end)."""
+    text = "\n" + (DOCS / page).read_text(encoding="utf-8")
+    start = text.index(f"\n{title}\n")
+    level = title.split(" ")[0]
+    ends = [m.start() for m in re.finditer(r"\n(#+) ", text[start + 1:]) if len(m.group(1)) <= len(level)]
+    fences = [m.start() for m in re.finditer(r"\n```", text[start + 1:])]
+    # a heading inside a fenced block (a comment in a bash example) ends nothing
+    ends = [e for e in ends if sum(f < e for f in fences) % 2 == 0]
+    return text[start:start + 1 + ends[0]] if ends else text[start:]
+
+
+def differences() -> str:
+    return section("differences.md", "# Differences from the original code")
+
+
+def recipes_part() -> str:
+    return section("configuration.md", "### Recipes")
 
 
 def differences_options() -> list[str]:
     """The backticked spans of the last column ("option that restores the original") of the Differences table."""
-    rows = [line for line in section("## Differences from the original code").splitlines() if line.startswith("| ")]
+    rows = [line for line in differences().splitlines() if line.startswith("| ")]
     header, *rows = rows
     assert header.rstrip(" |").endswith("option that restores the original"), header
     spans = []
@@ -92,13 +108,13 @@ def test_a_removed_key_is_caught():
 
 
 def test_the_recipes_part_lists_the_training_keys():
-    recipes = section("#### Recipes")
+    recipes = recipes_part()
     listed = recipes[recipes.index("Every method that trains"):].split("(`coop.lr")[0]
     assert re.findall(r"`(\w+)`", listed) == list(TRAINING_KEYS)
 
 
 def test_the_recipes_example_is_what_print_config_prints(capsys):
-    recipes = section("#### Recipes")
+    recipes = recipes_part()
     command = re.search(r"`(promptlearn train [^`]+--print-config)`", recipes.replace("\n", " ")).group(1)
     example = recipes.split("```")[1].strip("\n").splitlines()
     assert 5 <= len(example) <= 8
@@ -118,7 +134,7 @@ def test_a_difference_the_published_recipe_restores_is_set_by_a_recipe_file():
     from promptlearn.recipes import all_recipes
 
     recipe_keys = {key for entries in all_recipes().values() for r in entries for key in r.settings}
-    rows = [line for line in section("## Differences from the original code").splitlines() if line.startswith("| ")]
+    rows = [line for line in differences().splitlines() if line.startswith("| ")]
     checked, unset = 0, []
     for row in rows[2:]:
         option = row.strip().strip("|").split(" | ")[3]

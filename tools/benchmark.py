@@ -2,7 +2,7 @@
 """CoOp's speed and memory: promptlearn beside a loop faithful to the reference recipe; writes a JSON.
 
 Example: python tools/benchmark.py --class-names imagenet --classes 10 --output benchmarks/bench.json
-See promptlearn/benchmark.py for what each path does and README.md ("Performance") for results.
+See promptlearn/benchmark.py for what each path does and docs/performance.md for results.
 
 The same as `promptlearn benchmark`; kept so that every documented command still works."""
 import sys

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Few-shot CoOp with zero-shot CLIP and a linear probe alongside; see README.md.
+"""Few-shot CoOp with zero-shot CLIP and a linear probe alongside; see README.md and docs/.
 
 The same as `promptlearn train`; kept so that every documented command still works."""
 import sys
