@@ -529,26 +529,44 @@ def training_problems(train: TrainConfig, prefix: str, own: TrainingKeys | None 
     return problems
 
 
+# training keys only some optimizers read: SGD has no epsilon, Adam and AdamW no momentum (their betas are torch's)
+OPTIMIZER_KEYS = {"momentum": ("sgd",), "eps": ("adam", "adamw")}
+
+
+def reads(cfg: RunConfig, method: Any, key: str) -> bool:
+    """Whether a method reads a training key in this run: it declares it, and its optimizer uses it."""
+    optimizers = OPTIMIZER_KEYS.get(key)
+    return key in method.training_keys and (
+        optimizers is None or training_settings(cfg, method.section).optimizer in optimizers)
+
+
 def reach_problems(cfg: RunConfig) -> list[str]:
     """A given training key that some method it names would not read: `train.<key>` with a listed method that
-    trains without reading it, or `<section>.<key>` that no method of the section reads. Never ignored silently."""
+    trains without reading it (or whose optimizer has no use for it), or `<section>.<key>` that no method of the
+    section reads. Never ignored silently."""
     problems, given = [], given_keys(cfg)
     listed = [METHODS[name] for name in cfg.methods if name in METHODS]
+
+    def reason(m: Any, key: str) -> str:
+        if key in m.training_keys:
+            return f"{m.name} trains with {training_settings(cfg, m.section).optimizer}, which reads no {key}"
+        return m.unread_reason(key)
+
     for key in TRAINING_KEYS:
         if f"train.{key}" in given:
-            missed = [m for m in listed if m.trains() and key not in m.training_keys]
+            missed = [m for m in listed if m.trains() and not reads(cfg, m, key)]
             if missed:
-                reached = [f"{m.section}.{key}" for m in listed if key in m.training_keys]
+                reached = [f"{m.section}.{key}" for m in listed if reads(cfg, m, key)]
                 problems.append(f"train.{key} would not reach {', '.join(m.name for m in missed)} ("
-                                + "; ".join(m.unread_reason(key) for m in missed) + "): "
+                                + "; ".join(reason(m, key) for m in missed) + "): "
                                 + (f"set {', '.join(reached)} instead, " if reached else "")
                                 + "or leave those methods out of this run")
     for key in given:
         section, _, leaf = key.partition(".")
         if leaf in TRAINING_KEYS and section in SECTIONS:
             users = [m for _, m in METHODS.items() if m.section == section]
-            if users and not any(leaf in m.training_keys for m in users):
-                problems.append(f"{key} is read by no method: " + "; ".join(m.unread_reason(leaf) for m in users))
+            if users and not any(reads(cfg, m, leaf) for m in users):
+                problems.append(f"{key} is read by no method: " + "; ".join(reason(m, leaf) for m in users))
     return problems
 
 

@@ -218,14 +218,14 @@ def test_clap_ends_its_cosine_at_its_own_min_lr_and_stops_at_the_runs_step_cap(t
 def test_every_training_key_reaches_claps_training(tmp_path, monkeypatch):
     seen = trained_with(monkeypatch)
     run_experiment(quick_config(tmp_path, "recipe=published", "methods=[clap]", "clap.epochs=2", "clap.batch_size=16", "clap.lr=0.05",
-                                "clap.momentum=0.8", "clap.weight_decay=1e-4", "clap.warmup_epochs=1",
+                                "clap.weight_decay=1e-4", "clap.warmup_epochs=1",
                                 "clap.warmup_lr=1e-4", "clap.optimizer=adamw", "clap.eps=1e-6", "clap.augment=true",
                                 "clap.crop_scale=[0.3,1.0]", "clap.lr_per_step=true", "clap.min_lr=1e-3",
                                 "clap.drop_last=false", "clap.feature_passes=3"))
     (cfg, epochs, data), = seen
     assert epochs == 2 and (cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.warmup_epochs, cfg.warmup_lr,
                             cfg.optimizer, cfg.eps, cfg.lr_per_step, cfg.min_lr, cfg.drop_last) == (
-        16, 0.05, 0.8, 1e-4, 1, 1e-4, "adamw", 1e-6, True, 1e-3, False)
+        16, 0.05, 0.9, 1e-4, 1, 1e-4, "adamw", 1e-6, True, 1e-3, False)  # AdamW reads no momentum: unset
     assert isinstance(data, PooledPasses) and (data.passes, data.augment, data.crop_scale) == (3, True, (0.3, 1.0))
 
 
