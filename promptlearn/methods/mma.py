@@ -132,6 +132,8 @@ class MMA(ImageMethod):
         widths = {"text": backbone.text.width, "image": image_width}
         self.layers = list(range(own.adapter_start, own.adapter_end + 1))
         self.blocks = {t: {layer: blocks[t][layer - 1] for layer in self.layers if layer > 0} for t in TOWERS}
+        # each block's pre-attention norm, found here: a tower without one is refused before anything attaches
+        self.norms = {t: {layer: _block_norm(block, t) for layer, block in self.blocks[t].items()} for t in TOWERS}
         # built (and initialised) in the authors' order: the text tower's, the image tower's, the shared layers
         self.text = nn.ModuleDict({str(layer): TowerAdapter(widths["text"], own.adapter_dim) for layer in self.layers})
         self.image = nn.ModuleDict({str(layer): TowerAdapter(widths["image"], own.adapter_dim)
@@ -172,13 +174,14 @@ class MMA(ImageMethod):
     def attached(self, tower: str) -> Iterator[None]:
         """The tower's adapters on its blocks (and, at layer 0, on the image tower's input norm) for the duration
         of the `with`: the backbone is shared by a run's other methods, so nothing stays attached."""
-        handles = [block.register_forward_hook(self._block_hook(tower, layer, _block_norm(block, tower)),
-                                               with_kwargs=True)
-                   for layer, block in self.blocks[tower].items()]
-        if tower == "image" and 0 in self.layers:
-            handles.append(_image_input_norm(self.backbone.model.visual).register_forward_hook(
-                lambda module, args, out: out + self.adapt("image", 0, out)))
-        try:
+        handles = []
+        try:  # every hook registered inside: a failure part-way still removes those already attached
+            for layer, block in self.blocks[tower].items():
+                handles.append(block.register_forward_hook(self._block_hook(tower, layer, self.norms[tower][layer]),
+                                                           with_kwargs=True))
+            if tower == "image" and 0 in self.layers:
+                handles.append(_image_input_norm(self.backbone.model.visual).register_forward_hook(
+                    lambda module, args, out: out + self.adapt("image", 0, out)))
             yield
         finally:
             for handle in handles:
