@@ -433,7 +433,7 @@ def load_tokenizer(cfg: BackboneConfig):
 # ----------------------------------------------------------------------------- model listing
 
 def tower_kinds(model_cfg: dict) -> tuple[str, str]:
-    """(vision tower kind, text tower kind) of an open_clip model config, as the README's family table
+    """(vision tower kind, text tower kind) of an open_clip model config, as the docs' family table (docs/backbones.md)
     names them."""
     vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
     if vision.get("timm_model_name"):
