@@ -346,6 +346,7 @@ def check_model_name(name: str) -> None:
 
 
 def load_backbone(cfg: BackboneConfig) -> FrozenCLIP:
+    _locate_shipped_hf_files()  # again: open_clip.add_model_config rescans every config, relative names and all
     check_model_name(cfg.model)
     pretrained = _resolve_pretrained(cfg)
     device = resolve_device(cfg.device)

@@ -187,3 +187,10 @@ def test_model_listing_rows():
     assert rows["tiny-hf-clip"]["parameters"] == sum(p.numel() for p in built.parameters())
     with pytest.raises(PromptlearnError, match="open_clip model"):
         model_listing(["no-such-model"])
+
+
+def test_a_rescan_of_open_clips_configs_keeps_the_shipped_hugging_face_folders(tmp_path):
+    """open_clip.add_model_config rescans every config, turning the tiny configs' folder names relative again
+    (read as hub ids, offline a failure); loading a backbone locates them again."""
+    open_clip.add_model_config(tmp_path)  # an empty folder: the rescan alone
+    assert tiny_backbone("tiny-hf-clip").name == "tiny-hf-clip"

@@ -19,9 +19,9 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import NoStartTokenizer, quick_config, tiny_backbone
+from helpers import quick_config, tiny_backbone
 
-from promptlearn.backbone import FrozenCLIP, load_backbone
+from promptlearn.backbone import load_backbone
 from promptlearn.checkpoint import save_checkpoint
 from promptlearn.config import BackboneConfig, load_config
 from promptlearn.errors import ConfigError
@@ -172,9 +172,7 @@ def test_novel_classes_get_tokens_from_their_own_hand_crafted_features(tmp_path,
 
 
 def test_towers_it_cannot_reach_and_bad_settings_are_refused(tmp_path):
-    model, _, preprocess = open_clip.create_model_and_transforms("tiny-hf-clip", pretrained=None, pretrained_text=False)
-    hf = FrozenCLIP(model, NoStartTokenizer(32), preprocess,
-                    BackboneConfig(model="tiny-hf-clip", pretrained="none", device="cpu"), torch.device("cpu"))
+    hf = tiny_backbone("tiny-hf-clip")  # after this module's add_model_config, which rescans every config
     with pytest.raises(ConfigError, match="text tower is a HFTextEncoder .*Hugging Face"):
         tcp_method(tmp_path, hf)
     with pytest.raises(ConfigError, match="tcp.layer=8: the text tower of tiny-clip has 2 blocks"):
