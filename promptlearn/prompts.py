@@ -9,6 +9,14 @@ END_OF_PROMPT = "."
 CLASS_AT_END = "{}" + END_OF_PROMPT  # the words after the context when the class is at the end
 
 
+def prompt_names(classnames: list[str], underscores: bool) -> list[str]:
+    """Class names as a prompt spells them: "_" read as a space (as every promptlearn prompt), or with
+    `underscores` every space written as "_" ("american bulldog" -> "american_bulldog": CLAP's and TaskRes's
+    code format the split files' names as they are)."""
+    spoken = [spoken_name(c) for c in classnames]
+    return [c.replace(" ", "_") for c in spoken] if underscores else spoken
+
+
 def spoken_name(name: str) -> str:
     """A class name as prompts spell it: underscores read as spaces (as the original CoOp and its
     zero-shot baseline do for every class list)."""

@@ -15,7 +15,8 @@ from promptlearn.config import load_config
 from promptlearn.errors import CheckpointError, ConfigError
 from promptlearn.features import PooledPasses, SplitFeatures, TrainingFeatures, batch_order
 from promptlearn.methods import build_method
-from promptlearn.methods.clap import prompt_names, raw_text_prototypes
+from promptlearn.methods.zeroshot import raw_text_classifier
+from promptlearn.prompts import prompt_names
 from promptlearn.runner import run_experiment
 from promptlearn.settings import effective
 from promptlearn.trainer import Trainer
@@ -140,17 +141,17 @@ def anchors(backbone, *overrides, names=NAMES):
 
 def test_the_published_prototypes_on_imagenet_average_the_authors_eight_templates():
     backbone = tiny_backbone()
-    torch.testing.assert_close(anchors(backbone, "data.name=imagenet"), raw_text_prototypes(backbone, NAMES, IMAGENET_8))
+    torch.testing.assert_close(anchors(backbone, "data.name=imagenet"), raw_text_classifier(backbone, NAMES, IMAGENET_8))
     torch.testing.assert_close(anchors(backbone, "data.name=imagenet", "recipe=promptlearn"),
-                               raw_text_prototypes(backbone, NAMES, ["a photo of a {}."]), atol=0, rtol=0)
+                               raw_text_classifier(backbone, NAMES, ["a photo of a {}."]), atol=0, rtol=0)
     # a template the run sets wins over the recipe's; clap.templates given is used as given
     torch.testing.assert_close(anchors(backbone, "data.name=imagenet", "data.template=a {} photo."),
-                               raw_text_prototypes(backbone, NAMES, ["a {} photo."]), atol=0, rtol=0)
+                               raw_text_classifier(backbone, NAMES, ["a {} photo."]), atol=0, rtol=0)
     torch.testing.assert_close(anchors(backbone, "data.name=imagenet", "data.template=a {} photo.",
                                        "clap.templates=art of the {}.,a {} sketch."),
-                               raw_text_prototypes(backbone, NAMES, ["art of the {}.", "a {} sketch."]), atol=0, rtol=0)
+                               raw_text_classifier(backbone, NAMES, ["art of the {}.", "a {} sketch."]), atol=0, rtol=0)
     # another dataset: its own template (the recipe gives ImageNet alone its templates)
-    torch.testing.assert_close(anchors(backbone, "data.name=dtd"), raw_text_prototypes(backbone, NAMES, ["{} texture."]),
+    torch.testing.assert_close(anchors(backbone, "data.name=dtd"), raw_text_classifier(backbone, NAMES, ["{} texture."]),
                                atol=0, rtol=0)
     with pytest.raises(ConfigError, match=r"clap.templates 'a photo' must contain \{\}"):
         load_config([], ["clap.templates=[a photo]"])
@@ -166,9 +167,9 @@ def test_underscores_spell_class_names_as_the_authors_datasets_do():
                                                                                    "pug"]
     backbone, pets = tiny_backbone(), ["a photo of a {}, a type of pet."]
     torch.testing.assert_close(anchors(backbone, "data.name=oxford_pets"),
-                               raw_text_prototypes(backbone, ["shirt", "ankle_boot", "bag"], pets), atol=0, rtol=0)
+                               raw_text_classifier(backbone, ["shirt", "ankle_boot", "bag"], pets), atol=0, rtol=0)
     for spaces in (["data.name=oxford_pets", "clap.underscores=false"], ["data.name=oxford_pets", "recipe=promptlearn"]):
-        torch.testing.assert_close(anchors(backbone, *spaces), raw_text_prototypes(backbone, NAMES, pets), atol=0, rtol=0)
+        torch.testing.assert_close(anchors(backbone, *spaces), raw_text_classifier(backbone, NAMES, pets), atol=0, rtol=0)
     assert not load_config([], ["methods=[clap]", "data.name=oxford_flowers"]).clap.underscores
     assert [load_config([], ["methods=[clap]", f"data.name={name}"]).clap.underscores
             for name in ("food101", "caltech101", "ucf101", "sun397", "imagenet", "stanford_cars")] == [

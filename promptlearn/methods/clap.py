@@ -32,7 +32,8 @@ from promptlearn.data import dataset_templates
 from promptlearn.errors import CheckpointError
 from promptlearn.features import PooledPasses, TrainingFeatures
 from promptlearn.methods.base import Capabilities, Method, register_method
-from promptlearn.prompts import spoken_name
+from promptlearn.methods.zeroshot import raw_text_classifier
+from promptlearn.prompts import prompt_names
 from promptlearn.trainer import StepLosses
 
 PROTOTYPE_NAMES = "prototype_classnames"  # in the trainable state: the class of each prototype row
@@ -60,22 +61,9 @@ class ClapConfig(TrainingKeys):
         return []
 
 
-def raw_text_prototypes(backbone, classnames: list[str], templates: list[str]) -> torch.Tensor:
-    """[C, D] text features averaged over templates, with their norms (CLAP's initialisation)."""
-    return torch.stack([backbone.encode_texts([t.format(c) for c in classnames], normalize=False)
-                        for t in templates]).mean(0)
-
-
 def prototype_templates(cfg) -> list[str]:
     """clap.templates as given; else the run's data.template(s), else the dataset's own."""
     return list(cfg.clap.templates) or dataset_templates(cfg.data)
-
-
-def prompt_names(classnames: list[str], underscores: bool) -> list[str]:
-    """Class names as the prototypes' prompts spell them: "_" read as a space (as every promptlearn prompt), or
-    with `underscores` every space written as "_" ("american bulldog" -> "american_bulldog")."""
-    spoken = [spoken_name(c) for c in classnames]
-    return [c.replace(" ", "_") for c in spoken] if underscores else spoken
 
 
 def class_adaptive_multipliers(zero_shot_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -98,7 +86,7 @@ class Clap(Method):
 
     def __init__(self, cfg, backbone, classnames):
         super().__init__(cfg, backbone, classnames)
-        anchors = raw_text_prototypes(backbone, prompt_names(classnames, cfg.clap.underscores),
+        anchors = raw_text_classifier(backbone, prompt_names(classnames, cfg.clap.underscores),
                                       prototype_templates(cfg))
         self.register_buffer("anchors", anchors, persistent=False)
         self.register_buffer("multipliers", torch.zeros(len(classnames), device=anchors.device), persistent=False)

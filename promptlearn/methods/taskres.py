@@ -28,7 +28,8 @@ from promptlearn.config import TRAINING_KEYS, TrainingKeys
 from promptlearn.data import dataset_templates
 from promptlearn.errors import ConfigError
 from promptlearn.methods.base import Capabilities, Method, register_method
-from promptlearn.methods.clap import prompt_names
+from promptlearn.methods.zeroshot import raw_text_classifier
+from promptlearn.prompts import prompt_names
 
 
 @dataclass
@@ -95,8 +96,7 @@ def base_classifier(backbone, names: list[str], templates: list[str], enhanced_b
         projection = enhanced_projection(enhanced_base)
         return torch.stack([projected_text_features(backbone, [t.format(c) for c in names], projection)
                             for t in templates]).mean(0)
-    return torch.stack([backbone.encode_texts([t.format(c) for c in names], normalize=False)
-                        for t in templates]).mean(0)
+    return raw_text_classifier(backbone, names, templates)
 
 
 @register_method("taskres", config=TaskResConfig)

@@ -18,6 +18,13 @@ def text_classifier(backbone: FrozenCLIP, classnames: list[str], templates: list
     return F.normalize(per_template.mean(dim=0), dim=-1)
 
 
+def raw_text_classifier(backbone: FrozenCLIP, names: list[str], templates: list[str]) -> torch.Tensor:
+    """[C, D] text features averaged over the templates, unnormalised, names used as given (CLAP's prototypes,
+    TaskRes's base)."""
+    return torch.stack([backbone.encode_texts([t.format(c) for c in names], normalize=False)
+                        for t in templates]).mean(0)
+
+
 @register_method("zeroshot")
 class ZeroShot(Method):
     capabilities = Capabilities(unseen_classes=True)
