@@ -65,6 +65,19 @@ def tiny_siglip_tokenizer() -> HFTokenizer:
     return HFTokenizer(str(MODEL_CONFIG_DIR / "hf-tiny-sentencepiece"), context_length=64, clean="canonicalize")
 
 
+def sample_bank(cfg: RunConfig, folder: Path, model: str = "tiny-clip"):
+    """(dataset, backbone, feature bank) of cfg's few-shot draw (saved under folder/fewshot), on a tiny backbone."""
+    from promptlearn.data import build_dataset
+    from promptlearn.data.fewshot import load_or_draw
+    from promptlearn.features import FeatureBank, FeatureCache
+
+    dataset = build_dataset(cfg.data)
+    fewshot = load_or_draw(dataset, cfg.data, folder / "fewshot")
+    backbone = tiny_backbone(model)
+    return dataset, backbone, FeatureBank(backbone, dataset, fewshot, cache=FeatureCache(cfg.cache_dir),
+                                          batch_size=128, num_workers=0, skip_bad=False, seed=cfg.data.seed)
+
+
 def quick_config(tmp_path: Path, *overrides: str) -> RunConfig:
     """The quickstart config, writing into tmp_path, with few epochs unless overridden."""
     return load_config([QUICKSTART], [f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",

@@ -6,13 +6,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import FAMILIES, quick_config, tiny_backbone
+from helpers import FAMILIES, quick_config, sample_bank
 
 from promptlearn.config import TrainConfig, load_config
 from promptlearn.data import build_dataset
-from promptlearn.data.fewshot import load_or_draw
 from promptlearn.errors import ConfigError, DataError
-from promptlearn.features import FeatureBank, FeatureCache, SplitFeatures, TrainingFeatures
+from promptlearn.features import SplitFeatures, TrainingFeatures
 from promptlearn.methods import build_method
 from promptlearn.methods.linear_probe import COARSE_C, bisected, search_c
 from promptlearn.methods.tip_adapter import search_grid
@@ -31,11 +30,7 @@ def setup(tmp_path, shared_cache, *overrides, model="tiny-clip"):
     """(cfg, backbone, bank, trainer) for a few-shot draw of the sample."""
     cfg = quick_config(tmp_path, "data.shots=4", "train.feature_passes=2", "train.augment=true",
                        f"backbone.model={model}", f"cache_dir={shared_cache}", *overrides)
-    dataset = build_dataset(cfg.data)
-    fewshot = load_or_draw(dataset, cfg.data, tmp_path / "fewshot")
-    backbone = tiny_backbone(model)
-    bank = FeatureBank(backbone, dataset, fewshot, cache=FeatureCache(cfg.cache_dir), batch_size=128,
-                       num_workers=0, skip_bad=False, seed=cfg.data.seed)
+    dataset, backbone, bank = sample_bank(cfg, tmp_path, model)
     return cfg, backbone, bank, Trainer(cfg.train, cfg.train.epochs, cfg.data.seed, backbone.precision)
 
 

@@ -8,16 +8,13 @@ run_utils.py, datasets/*.py of github.com/MaxZanella/CLIP-LoRA). The recipe stat
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SAMPLE, tiny_backbone
+from helpers import SAMPLE, sample_bank, tiny_backbone
 from test_baselines import NoTestBank, shared_cache  # noqa: F401 (a fixture)
 from test_trainer_schedule import cosine, record_steps
 
 from promptlearn.checkpoint import load_checkpoint
 from promptlearn.config import load_config
-from promptlearn.data import build_dataset
-from promptlearn.data.fewshot import load_or_draw
 from promptlearn.errors import ConfigError
-from promptlearn.features import FeatureBank, FeatureCache
 from promptlearn.methods import build_method
 from promptlearn.methods.clip_lora import ClipLora, ClipLoraConfig
 from promptlearn.settings import run_epochs
@@ -46,11 +43,7 @@ def lora_setup(tmp_path, shared_cache, *overrides, iterations: bool = True):  # 
     2) and 1 batch of a third; with it dropped, 2 batches an epoch. The method, its bank and a trainer."""
     cfg = lora_config(tmp_path, shared_cache, "clip_lora.batch_size=4",
                       *(["clip_lora.iterations_per_shot=7"] if iterations else []), *overrides)
-    dataset = build_dataset(cfg.data)
-    fewshot = load_or_draw(dataset, cfg.data, tmp_path / "fewshot")
-    backbone = tiny_backbone()
-    bank = FeatureBank(backbone, dataset, fewshot, cache=FeatureCache(cfg.cache_dir), batch_size=128,
-                       num_workers=0, skip_bad=False, seed=cfg.data.seed)
+    dataset, backbone, bank = sample_bank(cfg, tmp_path)
     assert len(bank.fewshot.train) == 10
     method = build_method("clip_lora", cfg, backbone, dataset.classnames)
     settings = method.train_config  # the runner's trainer for it

@@ -7,15 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FAMILIES, quick_config, tiny_backbone
+from helpers import FAMILIES, quick_config, sample_bank, tiny_backbone
 
 from promptlearn.benchmark_methods import MethodsBenchmarkSpec, measure
 from promptlearn.checkpoint import load_checkpoint
 from promptlearn.config import RunConfig, load_config
-from promptlearn.data import build_dataset
-from promptlearn.data.fewshot import load_or_draw
 from promptlearn.errors import ConfigError
-from promptlearn.features import FeatureBank, FeatureCache
+from promptlearn.features import FeatureBank
 from promptlearn.methods import build_method, method_class
 from promptlearn.methods.clap import class_adaptive_multipliers, prototype_penalty
 from promptlearn.methods.kgcoop import knowledge_guidance, teacher_templates
@@ -252,11 +250,7 @@ def shared_cache(tmp_path_factory):
 def test_every_method_on_every_family(tmp_path, shared_cache, model):
     cfg = quick_config(tmp_path, "data.shots=2", f"backbone.model={model}", f"cache_dir={shared_cache}", *QUICK,
                        "train.epochs=1", "cocoop.epochs=1", "kgcoop.epochs=1", "clap.epochs=1", "lp_pp.epochs=3")
-    dataset = build_dataset(cfg.data)
-    fewshot = load_or_draw(dataset, cfg.data, tmp_path / "fewshot")
-    backbone = tiny_backbone(model)
-    bank = FeatureBank(backbone, dataset, fewshot, cache=FeatureCache(cfg.cache_dir), batch_size=128,
-                       num_workers=0, skip_bad=False, seed=cfg.data.seed)
+    dataset, backbone, bank = sample_bank(cfg, tmp_path, model)
     trainer = Trainer(cfg.train, 1, cfg.data.seed, backbone.precision)
     for name in METHODS:
         torch.manual_seed(cfg.data.seed)
@@ -279,11 +273,7 @@ def test_methods_benchmark_measures_both_paths():
 
 def test_clap_restored_for_other_classes_keeps_zero_shot_prototypes_for_novel_ones(tmp_path):
     cfg = quick_config(tmp_path, "data.shots=2", "clap.epochs=2", "clap.feature_passes=1", "train.augment=false")
-    dataset = build_dataset(cfg.data)
-    fewshot = load_or_draw(dataset, cfg.data, tmp_path / "fewshot")
-    backbone = tiny_backbone()
-    bank = FeatureBank(backbone, dataset, fewshot, cache=FeatureCache(cfg.cache_dir), batch_size=128,
-                       num_workers=0, skip_bad=False, seed=cfg.data.seed)
+    dataset, backbone, bank = sample_bank(cfg, tmp_path)
     base = build_method("clap", cfg, backbone, dataset.classnames)
     base.fit(bank, Trainer(cfg.train, 5, cfg.data.seed), tmp_path / "clap.pt", resume=False)
     names = [dataset.classnames[2], "hot air balloon", dataset.classnames[0]]

@@ -14,15 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SAMPLE, quick_config, tiny_backbone
+from helpers import SAMPLE, quick_config, sample_bank, tiny_backbone
 from test_baselines import NoTestBank, shared_cache  # noqa: F401 (a fixture)
 from test_trainer_schedule import cosine, record_steps
 
 from promptlearn.config import load_config
-from promptlearn.data import build_dataset
-from promptlearn.data.fewshot import load_or_draw
 from promptlearn.errors import ConfigError, PromptlearnError
-from promptlearn.features import FeatureBank, FeatureCache
 from promptlearn.methods import build_method
 from promptlearn.methods.mma import MMA, MMAConfig
 from promptlearn.recipes import matching
@@ -199,11 +196,7 @@ def test_trains_with_the_authors_schedule_and_evaluates_new_classes_from_its_che
                            f"data.path={SAMPLE}", "data.shots=1", "data.num_workers=0", f"cache_dir={shared_cache}",
                            f"output_dir={tmp_path / 'run'}", "mma.adapter_start=1", "mma.adapter_end=2",
                            "mma.epochs=3", "mma.batch_size=4"])
-    dataset = build_dataset(cfg.data)
-    fewshot = load_or_draw(dataset, cfg.data, tmp_path / "fewshot")
-    backbone = tiny_backbone()
-    bank = FeatureBank(backbone, dataset, fewshot, cache=FeatureCache(cfg.cache_dir), batch_size=128,
-                       num_workers=0, skip_bad=False, seed=cfg.data.seed)
+    dataset, backbone, bank = sample_bank(cfg, tmp_path)
     method = build_method("mma", cfg, backbone, dataset.classnames)
     settings = method.train_config
     trainer = Trainer(settings, run_epochs(cfg, settings), cfg.data.seed, backbone.precision)
